@@ -1,0 +1,17 @@
+"""mgcl: retrieval-guided continual learning for medical vision-language models.
+
+The drop-in pieces for any PyTorch training loop:
+
+- :class:`mgcl.FisherGuard`: the Dynamic Fisher Guard (dfg | ewc | l2);
+- :mod:`mgcl.ops`: the fused ops (``fisher_guard``, ``contrastive_distill``,
+  ``similarity_topk``), each with a PyTorch reference and compiled fast paths.
+
+Importing mgcl never initialises CUDA and never fails for a missing compiled
+extension (see ``mgcl info``).
+"""
+from ._version import __version__
+from . import _native  # noqa: F401  (sets the extension flags, warns once if _C is missing)
+from .guard import FisherGuard
+from .ops.fisher_guard import fisher_guard
+
+__all__ = ["__version__", "FisherGuard", "fisher_guard"]

@@ -1,0 +1,218 @@
+"""Timing, memory and machine-description helpers shared by every bench.
+
+Rules (DESIGN.md, Benches): medians over repeats with min-max, the reference
+as the baseline, the GPU synchronised inside every timed call, peak memory,
+and results written as JSON with the machine and versions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], *, device="cpu", repeats: int = 5, warmup: int = 1,
+            setup: Optional[Callable[[], object]] = None, max_seconds: float = 120.0) -> dict:
+    """Run ``fn`` ``warmup`` + ``repeats`` times (``setup`` untimed before each);
+    seconds per call: median, min, max. Stops early past ``max_seconds``."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+        sync(device)
+    times: list[float] = []
+    t_start = time.perf_counter()
+    for _ in range(repeats):
+        if setup:
+            setup()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_seconds and len(times) >= 1:
+            break
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+# ---- peak memory -----------------------------------------------------------------
+
+def _read_status(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler:
+    """Fallback when VmHWM cannot be reset: sample RSS every millisecond."""
+
+    def __init__(self):
+        import psutil  # noqa: PLC0415
+
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+
+
+def peak_extra_memory(fn: Callable[[], object], device="cpu") -> int:
+    """Bytes allocated above the level before ``fn`` at its peak.
+
+    CUDA: torch's allocator statistics. CPU: the process's peak resident set
+    (VmHWM, reset before the call) minus the resident set before it.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del out
+        return int(peak - base)
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    base = _read_status("VmRSS")
+    if base is not None and _reset_hwm():
+        out = fn()
+        peak = _read_status("VmHWM")
+        del out
+        return int(max(0, peak - base))
+    with _RssSampler() as s:
+        base = s.peak
+        out = fn()
+    del out
+    return int(max(0, s.peak - base))
+
+
+# ---- bandwidth and machine ----------------------------------------------------------
+
+def copy_bandwidth(device="cpu", nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Measured device copy rate in GB/s (bytes read + bytes written per second)."""
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=1)
+    del src, dst
+    return 2 * nbytes / t["median"] / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device="cpu") -> dict:
+    info = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    try:
+        import triton  # noqa: PLC0415
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    from .. import __version__, _native  # noqa: PLC0415
+
+    info["mgcl"] = __version__
+    info["mgcl_C"] = _native.HAS_C
+    info["mgcl_C_cuda"] = _native.HAS_C_CUDA
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain-text table; ``columns`` = [(key, header)], floats printed compactly."""
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v != v:
+                return "nan"
+            a = abs(v)
+            if a == 0:
+                return "0"
+            if a >= 100:
+                return f"{v:.0f}"
+            if a >= 1:
+                return f"{v:.2f}"
+            return f"{v:.3g}"
+        return str(v)
+
+    cells = [[h for _, h in columns]] + [[fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1e3
