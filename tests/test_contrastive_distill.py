@@ -407,6 +407,18 @@ def test_torch_compile_sees_one_op(backend):
     def f(x, y, s):
         return contrastive_distill(x, y, feats[2], feats[3], s, 9.0, kd=1.0, cmc=0.25, backend=backend)
 
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=capture)(feats[0].requires_grad_(), feats[1], torch.tensor(8.0))
+    feats[0].requires_grad_(False)
+    calls = [n for g in graphs for n in g.graph.nodes if "contrastive_distill" in str(n.target)]
+    assert len(graphs) == 1 and len(calls) == 1, [str(n.target) for g in graphs for n in g.graph.nodes]
+
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     outs = []
     for fn in (f, compiled):
@@ -473,3 +485,15 @@ def test_gpu_triton_memory_is_linear_in_batch():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 64 * B * d  # a B x B fp32 matrix alone would be 1 GiB; this is 256 MiB
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+def test_return_parts(backend):
+    img, txt, img_t, txt_t = distill_batch(21, 13, seed=13)
+    w = weights(21, 3)
+    loss, ckt, cmc = contrastive_distill(img, txt, img_t, txt_t, 9.0, 11.0, kd=0.6, cmc=0.2, i2t=1.5, row_weight=w,
+                                         backend=backend, return_parts=True)
+    want_ckt, want_cmc = reference.parts(img, txt, img_t, txt_t, 9.0, 11.0, 1.5, 1.0, w, None)
+    assert rel_err(ckt, want_ckt) <= 1e-5 and rel_err(cmc, want_cmc) <= 1e-5
+    assert float(loss) == pytest.approx(0.6 * float(ckt) + 0.2 * float(cmc), rel=1e-6)
+    assert not ckt.requires_grad and not cmc.requires_grad

@@ -35,8 +35,8 @@ def _triton(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row
 
 
 # The dispatch table. "torch" is the differentiable reference (autograd through
-# the dense definition); the fused entries return (loss, d_img, d_txt, d_scale),
-# the gradients computed in the forward when need_grad (Liger-style).
+# the dense definition); the fused entries return (loss, d_img, d_txt, d_scale,
+# parts), the gradients computed in the forward when need_grad (Liger-style).
 BACKENDS = {
     "torch": reference.contrastive_distill,
     "chunked": _chunked,
@@ -132,27 +132,28 @@ def _contrastive_distill_op(
     t2i: float,
     need_grad: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, d_img, d_txt, d_scale = BACKENDS[backend](img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i,
-                                                    row_weight, col_weight, need_grad)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, d_img, d_txt, d_scale, parts = BACKENDS[backend](img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t,
+                                                           t2i, row_weight, col_weight, need_grad)
     if not need_grad:
         empty = img_s.new_empty(0)
-        return loss, empty, empty.clone(), scale_s.new_empty(0)
-    return loss, d_img, d_txt, d_scale.to(scale_s.dtype)
+        return loss, empty, empty.clone(), scale_s.new_empty(0), parts
+    return loss, d_img, d_txt, d_scale.to(scale_s.dtype), parts
 
 
 @_contrastive_distill_op.register_fake
 def _(img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight, kd, cmc, i2t, t2i, need_grad, backend):
-    loss = img_s.new_empty((), dtype=reference.compute_dtype(img_s.dtype))
+    ct = reference.compute_dtype(img_s.dtype)
+    loss, parts = img_s.new_empty((), dtype=ct), img_s.new_empty(2, dtype=ct)
     if not need_grad:
-        return loss, img_s.new_empty(0), img_s.new_empty(0), scale_s.new_empty(0)
-    return loss, torch.empty_like(img_s), torch.empty_like(txt_s), scale_s.new_empty(())
+        return loss, img_s.new_empty(0), img_s.new_empty(0), scale_s.new_empty(0), parts
+    return loss, torch.empty_like(img_s), torch.empty_like(txt_s), scale_s.new_empty(()), parts
 
 
 def _setup_context(ctx, inputs, output):
-    _, d_img, d_txt, d_scale = output
+    _, d_img, d_txt, d_scale, parts = output
     ctx.save_for_backward(d_img, d_txt, d_scale)
-    ctx.mark_non_differentiable(d_img, d_txt, d_scale)
+    ctx.mark_non_differentiable(d_img, d_txt, d_scale, parts)
 
 
 def _backward(ctx, grad, *_unused):
@@ -200,7 +201,8 @@ def contrastive_distill(
     backend: Optional[str] = None,
     gather: bool = False,
     process_group=None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+):
     """CKT + CMC loss of a reference batch (SPEC.md section 5); a 0-d tensor.
 
     With ``S = scale_s*img_s@txt_s.T`` and ``T = scale_t*img_t@txt_t.T``::
@@ -225,6 +227,10 @@ def contrastive_distill(
             no global B x B), the feature gradients are the global loss's
             gradients for the local rows, and ``scale_s`` gets this rank's share
             (see ``distributed.py``).
+
+        return_parts: also return the two unweighted terms as constants (for
+            logging): ``(loss, ckt, cmc)`` with ``loss = kd*ckt + cmc*cmc``,
+            ``ckt = (i2t*sum w r + t2i*sum v c)/B``, ``cmc = (sum p + sum q)/B``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs). NaN features give NaN.
@@ -254,16 +260,21 @@ def contrastive_distill(
         from . import distributed  # noqa: PLC0415
 
         if name == "torch":
-            return distributed.reference_loss(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i,
-                                              row_weight, col_weight, group)
-        return distributed.fused_loss(_engine(name), img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t,
-                                      t2i, row_weight, col_weight, group)
-    if name == "torch":
-        return reference.contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i,
-                                             row_weight, col_weight)
-    need_grad = torch.is_grad_enabled() and (img_s.requires_grad or txt_s.requires_grad or scale_s.requires_grad)
-    return _contrastive_distill_op(img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight,
-                                   kd, cmc, i2t, t2i, need_grad, name)[0]
+            loss, parts = distributed.reference_loss(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i,
+                                                     row_weight, col_weight, group)
+        else:
+            loss, parts = distributed.fused_loss(_engine(name), img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc,
+                                                 i2t, t2i, row_weight, col_weight, group)
+    elif name == "torch":
+        ckt, cmc_term = reference.parts(img_s, txt_s, img_t, txt_t, scale_s, scale_t, i2t, t2i, row_weight, col_weight)
+        loss, parts = kd * ckt + cmc * cmc_term, torch.stack([ckt, cmc_term]).detach()
+    else:
+        need_grad = torch.is_grad_enabled() and (img_s.requires_grad or txt_s.requires_grad or scale_s.requires_grad)
+        loss, _, _, _, parts = _contrastive_distill_op(img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight,
+                                                       col_weight, kd, cmc, i2t, t2i, need_grad, name)
+    if return_parts:
+        return loss, parts[0], parts[1]
+    return loss
 
 
 __all__ = ["contrastive_distill", "BACKENDS"]

@@ -65,14 +65,15 @@ class _FusedFn(torch.autograd.Function):
         kd, cmc, i2t, t2i = coefs
         need_grad = any(ctx.needs_input_grad[:3])
         comm = Comm(group, img_s.shape[0], img_s.device)
-        loss, d_img, d_txt, d_scale = fused.forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t,
-                                                    t2i, row_weight, col_weight, need_grad, comm)
+        loss, d_img, d_txt, d_scale, parts = fused.forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd,
+                                                           cmc, i2t, t2i, row_weight, col_weight, need_grad, comm)
         if need_grad:
             ctx.save_for_backward(d_img, d_txt, d_scale.to(scale_s.dtype))
-        return loss
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _parts_grad):
         d_img, d_txt, d_scale = ctx.saved_tensors
         return (d_img * grad, d_txt * grad, (d_scale * grad).to(d_scale.dtype)) + (None,) * 8
 
@@ -94,21 +95,24 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def fused_loss(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight,
                group):
+    """``(loss, parts)``: the global loss (differentiable) and its two terms [ckt, cmc] (constants)."""
     return _FusedFn.apply(img_s, txt_s, scale_s, img_t, txt_t, scale_t, row_weight, col_weight, (kd, cmc, i2t, t2i),
                           engine, group)
 
 
 def reference_loss(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight, group):
+    """``(loss, parts)`` like :func:`fused_loss`, from the dense reference on the gathered batch."""
     M = img_s.shape[0]
     comm = Comm(group, M, img_s.device)
     ct = reference.compute_dtype(img_s.dtype)
     ones = torch.ones(M, dtype=ct, device=img_s.device)
-    loss = reference.contrastive_distill(
+    ckt, cmc_term = reference.parts(
         _GatherWithGrad.apply(img_s, comm), _GatherWithGrad.apply(txt_s, comm),
-        comm.gather(img_t), comm.gather(txt_t), scale_s, scale_t, kd, cmc, i2t, t2i,
+        comm.gather(img_t), comm.gather(txt_t), scale_s, scale_t, i2t, t2i,
         comm.gather(ones if row_weight is None else row_weight.to(ct)),
         comm.gather(ones if col_weight is None else col_weight.to(ct)),
     )
+    loss = kd * ckt + cmc * cmc_term
     # every rank holds the same loss; the gather's backward sums the ranks' gradients
     share = loss / comm.world
-    return share + (loss - share).detach()
+    return share + (loss - share).detach(), torch.stack([ckt, cmc_term]).detach()

@@ -52,7 +52,8 @@ def merge_stats(lse_s: torch.Tensor, lse_t: torch.Tensor, e: torch.Tensor):
 
 def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight,
             need_grad: bool, comm=None):
-    """Loss and, if ``need_grad``, ``(d_img, d_txt, d_scale)`` (else ``None``s)."""
+    """``(loss, d_img, d_txt, d_scale, parts)``: the gradients are ``None`` unless
+    ``need_grad``; ``parts`` = [ckt, cmc], the two unweighted terms (loss = kd*ckt + cmc*cmc)."""
     ct = compute_dtype(img_s.dtype)
     dev = img_s.device
     M = img_s.shape[0]
@@ -79,11 +80,12 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
     c = col[2][loc] + col[0][loc] - col[1][loc]
     p = row[0] - diag
     q = col[0][loc] - diag
-    loss = (kd * (i2t * (w * r).sum() + t2i * (v * c).sum()) + cmc * (p.sum() + q.sum())) / B
+    parts = torch.stack([i2t * (w * r).sum() + t2i * (v * c).sum(), p.sum() + q.sum()]) / B
     if comm is not None:
-        loss = comm.all_reduce(loss)
+        parts = comm.all_reduce(parts)
+    loss = kd * parts[0] + cmc * parts[1]
     if not need_grad:
-        return loss, None, None, None
+        return loss, None, None, None, parts
 
     a, g = kd * i2t * w + cmc, kd * i2t * w
     b, e = kd * t2i * v_all + cmc, kd * t2i * v_all
@@ -99,4 +101,4 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
     d_scale = (U * img_s.detach().to(ct)).sum()
     d_img = (U.mul_(s)).to(img_s.dtype)
     d_txt = (V[loc] * s).to(txt_s.dtype)
-    return loss, d_img, d_txt, d_scale
+    return loss, d_img, d_txt, d_scale, parts

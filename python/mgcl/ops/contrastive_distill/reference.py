@@ -25,8 +25,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=1.0, cmc=0.0, i2t=1.0, t2i=1.0,
-                        row_weight=None, col_weight=None) -> torch.Tensor:
+def parts(img_s, txt_s, img_t, txt_t, scale_s, scale_t, i2t=1.0, t2i=1.0, row_weight=None, col_weight=None):
+    """The two unweighted terms ``(ckt, cmc)``:
+    ``ckt = (i2t * sum_i w_i r_i + t2i * sum_j v_j c_j) / B`` and ``cmc = (sum_i p_i + sum_j q_j) / B``."""
     ct = compute_dtype(img_s.dtype)
     with torch.autocast(img_s.device.type, enabled=False):
         img_s, txt_s = img_s.to(ct), txt_s.to(ct)
@@ -47,6 +48,13 @@ def contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=1.0, cm
 
         w = torch.ones(B, dtype=ct, device=S.device) if row_weight is None else row_weight.detach().to(ct)
         v = torch.ones(B, dtype=ct, device=S.device) if col_weight is None else col_weight.detach().to(ct)
-        kd_part = kd * (i2t * (w * r).sum() + t2i * (v * c).sum()) / B
-        cmc_part = cmc * (p.sum() + q.sum()) / B
-        return kd_part + cmc_part
+        ckt = (i2t * (w * r).sum() + t2i * (v * c).sum()) / B
+        cmc = (p.sum() + q.sum()) / B
+        return ckt, cmc
+
+
+def contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=1.0, cmc=0.0, i2t=1.0, t2i=1.0,
+                        row_weight=None, col_weight=None) -> torch.Tensor:
+    """``kd * ckt + cmc * cmc_term`` (see :func:`parts`)."""
+    ckt_term, cmc_term = parts(img_s, txt_s, img_t, txt_t, scale_s, scale_t, i2t, t2i, row_weight, col_weight)
+    return kd * ckt_term + cmc * cmc_term
