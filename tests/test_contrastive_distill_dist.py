@@ -12,6 +12,9 @@ from conftest import available_backends
 from mgcl.ops.contrastive_distill import BACKENDS, contrastive_distill
 from mgcl.testing import distill_batch
 
+# Triton warns about block pointers in every interpreted launch (see triton.py)
+pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
+
 BACKENDS_HERE = available_backends(BACKENDS, "cpu")  # torch, chunked (+ triton when interpreting)
 
 # name -> (sizes per rank, d, dt, kd, cmc, i2t, t2i, weighted, how the group is given)

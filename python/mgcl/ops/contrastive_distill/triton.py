@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import triton
@@ -48,17 +49,25 @@ from ... import _backend
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = _backend.triton_interpreting()
 
+# Block pointers keep per-element pointer and mask tensors out of registers and
+# zero-fill partial tiles; Triton's replacement (TMA tensor descriptors) needs
+# 16-byte aligned row strides, which features of odd dimension do not have.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+
 # The interpreter runs one small config (an interpreted tile costs milliseconds).
 _INTERP = dict(BM=64, BN=64, BK=32, BD=32)
 
 
+# GPU configs: checked to compile for sm_90 (wgmma) without register spills in
+# bf16, except the BD = 512 one (a few hundred bytes), kept because it avoids
+# recomputing S and T per output chunk at d = 512. The autotuner picks per shape.
 def _stats_configs():
     if INTERPRET:
         return [triton.Config({"BM": _INTERP["BM"], "BN": _INTERP["BN"], "BK": _INTERP["BK"]}, num_warps=4)]
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 4),
-                              (128, 64, 4, 4)]
+        for bm, bn, w, st in [(64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 4),
+                              (128, 64, 8, 4)]
     ]
 
 
@@ -66,24 +75,37 @@ def _grad_configs():
     if INTERPRET:
         return [triton.Config(dict(_INTERP), num_warps=4)]
     return [
-        triton.Config({"BM": 64, "BN": bn, "BK": 64, "BD": bd}, num_warps=w, num_stages=st)
-        for bn, bd, w, st in [(64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (64, 512, 8, 2), (32, 256, 4, 3),
-                              (128, 256, 8, 2)]
+        triton.Config({"BM": bm, "BN": bn, "BK": 64, "BD": bd}, num_warps=8, num_stages=3)
+        for bm, bn, bd in [(64, 64, 128), (64, 64, 256), (64, 32, 256), (64, 64, 512), (64, 32, 128), (128, 64, 64),
+                           (64, 64, 64)]
     ]
 
 
+def _prune_grad_configs(configs, named_args, **kwargs):
+    """Drop output chunks much wider than the feature dimension."""
+    widest = max(64, triton.next_power_of_2(int(named_args["K"])))
+    kept = [c for c in configs if c.kwargs["BD"] <= widest]
+    return kept or [min(configs, key=lambda c: c.kwargs["BD"])]
+
+
 @triton.jit
-def _logits_tile(X, Y, sxm, sxk, sym, syk, rows, cols, M, col_end, K, scale,
+def _logits_tile(X, Y, sxm, sxk, sym, syk, row0, col0, M, col_end, K, scale,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """scale * X[rows] @ Y[cols].T as a [BM, BN] fp32 tile (out-of-range entries are 0)."""
+    """scale * X[row0:row0+BM] @ Y[col0:col0+BN].T as a [BM, BN] fp32 tile.
+
+    Block pointers with boundary checks zero-fill rows >= M, columns >= col_end
+    and k >= K (no per-element pointer or mask tensors held in registers)."""
+    x_ptr = tl.make_block_ptr(X, shape=(M, K), strides=(sxm, sxk), offsets=(row0, 0), block_shape=(BM, BK),
+                              order=(1, 0))
+    y_ptr = tl.make_block_ptr(Y, shape=(K, col_end), strides=(syk, sym), offsets=(0, col0), block_shape=(BK, BN),
+                              order=(0, 1))
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        y = tl.load(Y + cols[None, :] * sym + ks[:, None] * syk,
-                    mask=(cols[None, :] < col_end) & (ks[:, None] < K), other=0.0)
+    for _ in range(0, K, BK):
+        x = tl.load(x_ptr, boundary_check=(0, 1), padding_option="zero")
+        y = tl.load(y_ptr, boundary_check=(0, 1), padding_option="zero")
         acc = tl.dot(x, y, acc, input_precision=PREC)
+        x_ptr = tl.advance(x_ptr, (0, BK))
+        y_ptr = tl.advance(y_ptr, (BK, 0))
     return acc * scale
 
 
@@ -107,8 +129,8 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
     for n0 in range(start, end, BN):
         cols = n0 + tl.arange(0, BN)
         valid = (cols < end)[None, :]
-        S = _logits_tile(X, Y, sxm, sxk, sym, syk, rows, cols, M, end, K, s, BM, BN, BK, PREC)
-        T = _logits_tile(XT, YT, stm, stk, sum_, suk, rows, cols, M, end, KT, t, BM, BN, BK, PREC_T)
+        S = _logits_tile(X, Y, sxm, sxk, sym, syk, pid_m * BM, n0, M, end, K, s, BM, BN, BK, PREC)
+        T = _logits_tile(XT, YT, stm, stk, sum_, suk, pid_m * BM, n0, M, end, KT, t, BM, BN, BK, PREC_T)
         diff = T - S
         S = tl.where(valid, S, float("-inf"))
         T = tl.where(valid, T, float("-inf"))
@@ -130,7 +152,8 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
     tl.store(base + 4 * out_stat, k_acc, mask=keep)
 
 
-@triton.autotune(configs=_grad_configs(), key=["M", "N", "K", "KT"])
+@triton.autotune(configs=_grad_configs(), key=["M", "N", "K", "KT"],
+                 prune_configs_by={"early_config_prune": _prune_grad_configs})
 @triton.jit
 def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROW, COL, OUT, M, N, K, KT, cols_per_split, gscale,
                  sxm, sxk, sym, syk, stm, stk, sum_, suk, so_split, so_m,
@@ -155,18 +178,19 @@ def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROW, COL, OUT, M, N, K, KT, col
     for n0 in range(start, end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < end
-        S = _logits_tile(X, Y, sxm, sxk, sym, syk, rows, cols, M, end, K, s, BM, BN, BK, PREC)
+        S = _logits_tile(X, Y, sxm, sxk, sym, syk, pid_m * BM, n0, M, end, K, s, BM, BN, BK, PREC)
         c_ls = tl.load(COL + cols, mask=col_ok, other=0.0)
         c_b = tl.load(COL + 2 * N + cols, mask=col_ok, other=0.0)
         G = r_a[:, None] * tl.exp(S - r_ls[:, None]) + c_b[None, :] * tl.exp(S - c_ls[None, :])
         if HAS_T:
-            T = _logits_tile(XT, YT, stm, stk, sum_, suk, rows, cols, M, end, KT, t, BM, BN, BK, PREC_T)
+            T = _logits_tile(XT, YT, stm, stk, sum_, suk, pid_m * BM, n0, M, end, KT, t, BM, BN, BK, PREC_T)
             c_lt = tl.load(COL + N + cols, mask=col_ok, other=0.0)
             c_e = tl.load(COL + 3 * N + cols, mask=col_ok, other=0.0)
             G -= r_g[:, None] * tl.exp(T - r_lt[:, None]) + c_e[None, :] * tl.exp(T - c_lt[None, :])
         G = tl.where(row_ok[:, None] & col_ok[None, :], G * gscale, 0.0)
-        y = tl.load(Y + cols[:, None] * sym + feats[None, :] * syk,
-                    mask=col_ok[:, None] & (feats[None, :] < K), other=0.0)
+        y_ptr = tl.make_block_ptr(Y, shape=(end, K), strides=(sym, syk), offsets=(n0, pid_d * BD),
+                                  block_shape=(BN, BD), order=(1, 0))
+        y = tl.load(y_ptr, boundary_check=(0, 1), padding_option="zero")
         acc = tl.dot(G.to(y.dtype), y, acc, input_precision=PREC)
     acc = acc / gscale
     out = OUT + pid_s * so_split + rows[:, None] * so_m + feats[None, :]
