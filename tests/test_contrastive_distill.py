@@ -547,3 +547,20 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     lines = r.stdout.split("\n")
     assert "_stats_kernel bf16 wgmma True" in lines and "_grad_kernel bf16 wgmma True" in lines, r.stdout
     assert "_stats_kernel fp32 no-wgmma True" in lines, r.stdout
+
+
+def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
+    from mgcl.bench import contrastive_distill as bench
+    from mgcl.bench import harness
+
+    rate = bench.matmul_rate
+    monkeypatch.setattr(bench, "matmul_rate", lambda dev, dt: rate(dev, dt, n=256))
+    result = bench.run("cpu", scale=1 / 32, repeats=1)
+    assert [r["B"] for r in result["rows"]] == [32, 32, 64, 64, 128, 128]
+    for r in result["rows"]:
+        assert r["status"] == "ok" and r["median"] > 0 and r["peak_bytes"] is not None
+        assert r["vs_torch"] > 0 and r["floor_ratio"] > 0
+    text = bench.table(result)
+    assert "chunked" in text and "x floor" in text
+    harness.write_json(str(tmp_path / "cd.json"), result)
+    assert (tmp_path / "cd.json").stat().st_size > 100
