@@ -20,8 +20,6 @@ free memory, and marked OOM on the GPU when it fails.
 """
 from __future__ import annotations
 
-import gc
-
 import torch
 from tqdm import tqdm
 
@@ -115,7 +113,6 @@ def _case(kind, backend, kd, cmc, feats):
 def _free(device: torch.device) -> None:
     """Release freed memory: the CUDA cache, and on the CPU glibc's free heap
     (else RSS stays high after a warm-up and a later peak reads as ~0)."""
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         return
