@@ -514,27 +514,33 @@ from triton.compiler import ASTSource
 from mgcl.ops.contrastive_distill import triton as tr
 
 PTRS = {"SCALE_S", "SCALE_T", "OUT", "ROW", "COL"}
+UNIT = {"sxk", "syk", "stk", "suk"}  # contiguous features: the JIT specialises unit strides to 1
 for kernel, extra in ((tr._stats_kernel, {}), (tr._grad_kernel, {"HAS_T": True})):
     fn, cfg = kernel.fn, kernel.configs[0]
     for dt in ("bf16", "fp32"):
-        consts = dict(cfg.kwargs, PREC="ieee" if dt == "fp32" else "tf32", PREC_T="ieee" if dt == "fp32" else "tf32",
-                      **extra)
+        prec = "ieee" if dt == "fp32" else "tf32"
+        consts = dict(cfg.kwargs, PREC=prec, PREC_T=prec, **extra, **{k: 1 for k in UNIT})
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in consts else f"*{dt}" if name in ("X", "Y", "XT", "YT")
                          else "*fp32" if name in PTRS else "fp32" if name == "gscale" else "i32")
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        # sizes and strides that are multiples of 16 (B, d = 512, ...) as the JIT would specialise them
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] not in ("constexpr", "fp32")}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = k.asm["ptx"]
-        print(fn.__name__, dt, "wgmma" if "wgmma" in ptx else "no-wgmma", len(k.asm["cubin"]) > 0)
+        print(fn.__name__, dt, "wgmma" if "wgmma" in ptx else "no-wgmma",
+              "pipelined" if "cp.async" in ptx else "not-pipelined", len(k.asm["cubin"]) > 0)
 """
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90_without_a_gpu():
     """The CUDA code path (not the interpreter): both kernels lower to PTX/cubin for
-    Hopper, bf16 tiles on wgmma tensor cores."""
+    Hopper, bf16 tiles on wgmma tensor cores with the K loop software-pipelined
+    (cp.async), fp32 (IEEE) on the CUDA cores."""
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -545,8 +551,9 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("no ptxas for the CUDA backend here")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert "_stats_kernel bf16 wgmma True" in lines and "_grad_kernel bf16 wgmma True" in lines, r.stdout
-    assert "_stats_kernel fp32 no-wgmma True" in lines, r.stdout
+    assert "_stats_kernel bf16 wgmma pipelined True" in lines, r.stdout
+    assert "_grad_kernel bf16 wgmma pipelined True" in lines, r.stdout
+    assert any(line.startswith("_stats_kernel fp32 no-wgmma") for line in lines), r.stdout
 
 
 def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
