@@ -43,8 +43,20 @@ def rows_per_block(n_cols: int, block: int | None = None) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, n_cols))
 
 
-def _logits(Xc, Y, scale):
-    return torch.mm(Xc, Y.T).mul_(scale)
+def _coef_shift(lse: torch.Tensor, coef: torch.Tensor):
+    """(shift, None) with coef * exp(x - lse) = exp(x - shift) when coef >= 0
+    (coef 0 gives shift +inf, so exactly 0); else (lse, coef) to multiply."""
+    if bool((coef >= 0).all()):
+        return lse - coef.log(), None
+    return lse, coef
+
+
+def _term(out, Z, shift, coef):
+    """out = coef * exp(Z - shift) (coef None: already folded into shift)."""
+    torch.sub(Z, shift, out=out).exp_()
+    if coef is not None:
+        out.mul_(coef)
+    return out
 
 
 def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None):
@@ -65,34 +77,32 @@ def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None):
     col_l_s = torch.zeros(N, dtype=ct, device=dev)
     col_l_t = torch.zeros(N, dtype=ct, device=dev)
     col_k = torch.zeros(N, dtype=ct, device=dev)
-    R = rows_per_block(N, block)
+    R = min(M, rows_per_block(N, block))
+    # four R x N slabs, reused by every chunk (no allocation, no fresh pages)
+    bS, bT, bD, bE = (torch.empty(R, N, dtype=ct, device=dev) for _ in range(4))
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
-        S = _logits(X[r0:r1].to(ct), Y, s)
-        T = _logits(Xt[r0:r1].to(ct), Yt, t)
-        diff = torch.sub(T, S)
+        S, T, diff, E = bS[: r1 - r0], bT[: r1 - r0], bD[: r1 - r0], bE[: r1 - r0]
+        torch.mm(X[r0:r1].to(ct) * s, Y.T, out=S)  # the scale on the R x d side: one pass fewer
+        torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=T)
+        torch.sub(T, S, out=diff)
         # rows: complete in this chunk
         m_s = S.amax(dim=1, keepdim=True)
         m_t = T.amax(dim=1, keepdim=True)
-        E = torch.sub(S, m_s).exp_()
-        l_s = E.sum(dim=1)
-        torch.sub(T, m_t, out=E).exp_()
-        l_t = E.sum(dim=1)
+        l_s = torch.sub(S, m_s, out=E).exp_().sum(dim=1)
+        l_t = torch.sub(T, m_t, out=E).exp_().sum(dim=1)
         row_e[r0:r1] = E.mul_(diff).sum(dim=1) / l_t
         row_lse_s[r0:r1] = m_s.squeeze(1) + l_s.log()
         row_lse_t[r0:r1] = m_t.squeeze(1) + l_t.log()
         # columns: online log-sum-exp across chunks
         new_m_s = torch.maximum(col_m_s, S.amax(dim=0))
-        torch.sub(S, new_m_s, out=E).exp_()
-        col_l_s = col_l_s * torch.exp(col_m_s - new_m_s) + E.sum(dim=0)
+        col_l_s = col_l_s * torch.exp(col_m_s - new_m_s) + torch.sub(S, new_m_s, out=E).exp_().sum(dim=0)
         col_m_s = new_m_s
         new_m_t = torch.maximum(col_m_t, T.amax(dim=0))
-        torch.sub(T, new_m_t, out=E).exp_()
         rescale = torch.exp(col_m_t - new_m_t)
-        col_l_t = col_l_t * rescale + E.sum(dim=0)
+        col_l_t = col_l_t * rescale + torch.sub(T, new_m_t, out=E).exp_().sum(dim=0)
         col_k = col_k * rescale + E.mul_(diff).sum(dim=0)
         col_m_t = new_m_t
-        del S, T, E, diff
     col = (col_m_s + col_l_s.log(), col_m_t + col_l_t.log(), col_k / col_l_t)
     return (row_lse_s, row_lse_t, row_e), col
 
@@ -106,29 +116,33 @@ def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher:
     """
     ct = compute_dtype(X.dtype)
     M, N = X.shape[0], Y.shape[0]
+    dev = X.device
     Y, Yt = Y.to(ct), Yt.to(ct)
     s, t = s.to(ct), t.to(ct)
-    r_lse_s, r_lse_t, r_a, r_g = (v.to(ct).unsqueeze(1) for v in row)
-    c_lse_s, c_lse_t, c_b, c_e = (v.to(ct).unsqueeze(0) for v in col)
-    U = torch.empty(M, X.shape[1], dtype=ct, device=X.device)
-    V = torch.zeros(N, X.shape[1], dtype=ct, device=X.device)
-    R = rows_per_block(N, block)
+    r_lse_s, r_lse_t, r_a, r_g = (v.to(ct) for v in row)
+    c_lse_s, c_lse_t, c_b, c_e = (v.to(ct) for v in col)
+    # coefficient * exp(Z - lse) as exp(Z - (lse - log coefficient)): one pass fewer per term
+    sh_a, k_a = _coef_shift(r_lse_s, r_a)
+    sh_g, k_g = _coef_shift(r_lse_t, r_g)
+    sh_b, k_b = _coef_shift(c_lse_s, c_b)
+    sh_e, k_e = _coef_shift(c_lse_t, c_e)
+    sh_a, sh_g = sh_a.unsqueeze(1), sh_g.unsqueeze(1)
+    k_a, k_g = (None if k is None else k.unsqueeze(1) for k in (k_a, k_g))
+    U = torch.empty(M, X.shape[1], dtype=ct, device=dev)
+    V = torch.zeros(N, X.shape[1], dtype=ct, device=dev)
+    R = min(M, rows_per_block(N, block))
+    bZ, bG, bW = (torch.empty(R, N, dtype=ct, device=dev) for _ in range(3))
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
+        Z, G, W = bZ[: r1 - r0], bG[: r1 - r0], bW[: r1 - r0]
         Xc = X[r0:r1].to(ct)
-        S = _logits(Xc, Y, s)
-        G = torch.sub(S, r_lse_s[r0:r1]).exp_().mul_(r_a[r0:r1])
-        tmp = torch.sub(S, c_lse_s).exp_().mul_(c_b)
-        G.add_(tmp)
+        torch.mm(Xc * s, Y.T, out=Z)  # S
+        _term(G, Z, sh_a[r0:r1], None if k_a is None else k_a[r0:r1])
+        G.add_(_term(W, Z, sh_b, k_b))
         if teacher:
-            T = _logits(Xt[r0:r1].to(ct), Yt, t)
-            torch.sub(T, r_lse_t[r0:r1], out=tmp).exp_().mul_(r_g[r0:r1])
-            G.sub_(tmp)
-            torch.sub(T, c_lse_t, out=tmp).exp_().mul_(c_e)
-            G.sub_(tmp)
-            del T
-        del S, tmp
+            torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=Z)  # T
+            G.sub_(_term(W, Z, sh_g[r0:r1], None if k_g is None else k_g[r0:r1]))
+            G.sub_(_term(W, Z, sh_e, k_e))
         torch.mm(G, Y, out=U[r0:r1])
         V.addmm_(G.T, Xc)
-        del G
     return U, V
