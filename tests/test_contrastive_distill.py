@@ -525,7 +525,8 @@ for kernel, extra in ((tr._stats_kernel, {}), (tr._grad_kernel, {"HAS_T": True})
             sig[name] = ("constexpr" if name in consts else f"*{dt}" if name in ("X", "Y", "XT", "YT")
                          else "*fp32" if name in PTRS else "fp32" if name == "gscale" else "i32")
         # sizes and strides that are multiples of 16 (B, d = 512, ...) as the JIT would specialise them
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] not in ("constexpr", "fp32")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if sig[n] not in ("constexpr", "fp32")}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                         attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -7,7 +7,16 @@ student features and the student logit scale.
 The definition is in ``reference.py``; ``mgcl.nn.ContrastiveDistillLoss`` and
 ``mgcl.nn.PrimedLoss`` are the training-loop API. The fused backends never
 hold a B x B matrix: ``chunked`` (CPU) works on R x B row slabs, ``triton``
-(CUDA) on on-chip tiles.
+(CUDA) on on-chip tiles; both share the driver in ``fused.py``.
+
+The fused backends run inside the custom op ``torch.ops.mgcl.contrastive_distill``
+(fake implementation + autograd registered), so ``torch.compile`` sees one
+node and ``opcheck`` tests it. Its forward computes the gradients when an input
+needs them and its backward only scales them (Liger-Kernel's trick). The
+``torch`` backend is not wrapped: it is the differentiable definition, and an
+opaque op would hide the autograd graph that makes it the oracle. The
+multi-GPU form (``distributed.py``) is a plain ``autograd.Function``, since a
+process group cannot be part of an op schema.
 """
 from __future__ import annotations
 
@@ -22,15 +31,22 @@ from . import chunked, fused, reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _engine(name: str):
+    """The module with the block primitives of a fused backend."""
+    if name == "triton":
+        from . import triton as engine  # noqa: PLC0415  (imports triton: only when used)
+
+        return engine
+    return chunked
+
+
 def _chunked(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight, need_grad):
     return fused.forward(chunked, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight,
                          col_weight, need_grad)
 
 
 def _triton(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight, need_grad):
-    from . import triton as engine  # noqa: PLC0415  (imports triton: only when used)
-
-    return fused.forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight,
+    return fused.forward(_engine("triton"), img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight,
                          col_weight, need_grad)
 
 
@@ -42,15 +58,6 @@ BACKENDS = {
     "chunked": _chunked,
     "triton": _triton,
 }
-
-
-def _engine(name: str):
-    """The block primitives of a fused backend (for the multi-GPU driver)."""
-    if name == "triton":
-        from . import triton as engine  # noqa: PLC0415
-
-        return engine
-    return chunked
 
 
 def _is_number(x) -> bool:

@@ -13,26 +13,31 @@ then updates per row, in fp32, the online log-sum-exp statistics
     m_t <- max(m_t, max_j T_ij)         l_t <- l_t exp(m_t_old - m_t) + sum_j exp(T_ij - m_t)
     k   <- k exp(m_t_old - m_t) + sum_j exp(T_ij - m_t) (T_ij - S_ij)
 
-Columns past the range are -inf in S and T (so exp gives 0) and masked out of k. The column range is split over a second grid axis when
-there are too few row blocks to fill the GPU; the partial (m, l, k) of the
-splits are merged on the host side (``merge_splits``).
+Columns past the range are -inf in S and T (so exp gives 0) and masked out of
+k. The column range is split over a second grid axis when there are too few
+row blocks to fill the GPU; the partial (m, l, k) of the splits are merged on
+the host side (``merge_splits``).
 
 ``_grad_kernel`` (flash-attention backward for one operand): with the final
 statistics known, a program owns BM rows and BD output features, recomputes
-each S and T tile, forms
+each S and T tile, forms in fp32
 
     G_ij = a_i exp(S_ij - lse_s_i) - g_i exp(T_ij - lse_t_i)
          + b_j exp(S_ij - cse_s_j) - e_j exp(T_ij - cse_t_j)
 
-(the T tiles are skipped when g = e = 0, i.e. kd = 0) in fp32 and accumulates ``U[rows, feats] += G @ Y[cols, feats]`` in fp32 with
-G rounded to the input dtype for the tensor cores. G is multiplied by GSCALE
-(a power of two near sqrt(N)) before the rounding so that fp16 keeps the
-typical entries (about 1/N) in its normal range, and the sum divided by it
-after. No B x B tensor exists: memory is O((M + N) d) for the outputs.
+(the T tiles are skipped when g = e = 0, i.e. kd = 0) and accumulates
+``U[rows, feats] += G @ Y[cols, feats]`` in fp32, G rounded to the input dtype
+for the tensor cores. G is multiplied by GSCALE (a power of two near sqrt(N))
+before the rounding so that fp16 keeps the typical entries (about 1/N) in its
+normal range, and the sum is divided by it after. No B x B tensor exists:
+memory is O((M + N) d) for the outputs.
 
-Every tile masks its last partial rows, columns and K steps on both operands
-(rows >= M, columns >= the range end, k >= K are loaded as 0 and the columns
-then excluded), so sizes need not be multiples of any tile.
+Operand tiles are loaded through block pointers whose boundary checks zero-fill
+the last partial rows, columns (past the split's end) and K steps of both
+operands, so no size needs to be a multiple of a tile, and no per-element
+pointer or mask tensors occupy registers. Work: 4 products of the B x B x d
+size in the statistics, 6 in the gradients (20 B^2 d flops; the recompute-free
+floor is 8 B^2 d, the least any method without a B x B buffer can do is 12 B^2 d).
 """
 from __future__ import annotations
 
