@@ -572,3 +572,52 @@ def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
     assert "chunked" in text and "x floor" in text
     harness.write_json(str(tmp_path / "cd.json"), result)
     assert (tmp_path / "cd.json").stat().st_size > 100
+
+
+def _gpu_configs():
+    """The CUDA autotune configs (the interpreter otherwise runs only its own)."""
+    if not HAS_TRITON_CPU:
+        return []
+    from mgcl.ops.contrastive_distill import triton as tr
+
+    saved = tr.INTERPRET
+    tr.INTERPRET = False
+    try:
+        stats, grads = tr._stats_configs(), tr._grad_configs()
+    finally:
+        tr.INTERPRET = saved
+    uniq = {tuple(sorted(c.kwargs.items())): c for c in stats}
+    return ([pytest.param("stats", c, id="stats-" + "-".join(f"{k}{v}" for k, v in key)) for key, c in uniq.items()]
+            + [pytest.param("grads", c, id="grads-" + "-".join(f"{k}{v}" for k, v in sorted(c.kwargs.items())))
+               for c in grads])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which,config", _gpu_configs())
+def test_triton_gpu_tile_configs_in_the_interpreter(which, config, monkeypatch):
+    """Every CUDA tile shape (BN = 128, BD = 512, BM = 128, ...) on sizes that leave
+    partial tiles in rows, columns, K and output features, with a column split."""
+    from mgcl.ops.contrastive_distill import triton as tr
+
+    kernel = tr._stats_kernel if which == "stats" else tr._grad_kernel
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    g = torch.Generator().manual_seed(1)
+    M, N, K, KT = 70, 200, 70, 20
+    X, Y = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    Xt, Yt = torch.randn(M, KT, generator=g), torch.randn(N, KT, generator=g)
+    s, t = torch.tensor(0.3), torch.tensor(0.5)
+    want_row, want_col = dense_stats(X, Y, Xt, Yt, 0.3, 0.5)
+    if which == "stats":
+        row, col = tr.block_stats(X, Y, Xt, Yt, s, t, split=2)
+        for a, b in zip(row + col, want_row + want_col):
+            assert rel_err(a, b) <= 2e-6
+        return
+    S, T = 0.3 * X.double() @ Y.double().T, 0.5 * Xt.double() @ Yt.double().T
+    a, gg, b, e = (torch.rand(n, generator=g) for n in (M, M, N, N))
+    G = (a.double()[:, None] * S.softmax(1) - gg.double()[:, None] * T.softmax(1) + b.double() * S.softmax(0)
+         - e.double() * T.softmax(0))
+    row = (want_row[0].float(), want_row[1].float(), a, gg)
+    col = (want_col[0].float(), want_col[1].float(), b, e)
+    U, V = tr.block_grads(X, Y, Xt, Yt, s, t, row, col, split=2)
+    assert rel_err(U, G @ Y.double()) <= 1e-5 and rel_err(V, G.T @ X.double()) <= 1e-5
