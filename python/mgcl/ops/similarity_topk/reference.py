@@ -45,7 +45,7 @@ NEG_INF = float("-inf")
 
 # The blocking that defines the scores: rows of queries x rows of keys per
 # matmul, by device type. Key blocks never cross a shard boundary.
-QUERY_BLOCK = {"cpu": 256, "cuda": 4096}
+QUERY_BLOCK = {"cpu": 1024, "cuda": 4096}
 KEY_BLOCK = {"cpu": 4096, "cuda": 16384}
 
 # Whether torch.mm(..., out_dtype=float32) works for 16-bit inputs on a device
