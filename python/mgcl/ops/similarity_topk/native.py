@@ -63,20 +63,21 @@ def assemble(lists_v, lists_i, count, collected, keep, cap):
     offsets = torch.zeros(nq + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(total, 0)
     m = int(offsets[-1])
+    # output slot p belongs to query owner[p], at rank p - offsets[owner[p]]
+    owner = torch.repeat_interleave(torch.arange(nq, device=dev), total, output_size=m)
+    rank = torch.arange(m, device=dev) - offsets[owner]
+    if not cq.numel():
+        return lists_v[owner, rank], lists_i[owner, rank], offsets, truncated
     values = torch.empty(m, dtype=torch.float32, device=dev)
     indices = torch.empty(m, dtype=torch.int64, device=dev)
-    if lists_v.shape[1] > 0:
-        j = torch.arange(lists_v.shape[1], device=dev)
-        sel = (j[None, :] < total[:, None]) & from_list[:, None]
-        pos = (offsets[:-1, None] + j[None, :])[sel]
-        values[pos] = lists_v[sel]
-        indices[pos] = lists_i[sel]
-    if cq.numel():
-        starts = torch.cumsum(raw, 0) - raw
-        rank = torch.arange(cq.numel(), device=dev) - starts[cq]
-        sel = rank < total[cq]
-        values[offsets[cq[sel]] + rank[sel]] = cv[sel]
-        indices[offsets[cq[sel]] + rank[sel]] = cn[sel]
+    mine = from_list[owner]
+    values[mine] = lists_v[owner[mine], rank[mine]]
+    indices[mine] = lists_i[owner[mine], rank[mine]]
+    starts = torch.cumsum(raw, 0) - raw  # first collected triple of each query
+    other = ~mine
+    src = starts[owner[other]] + rank[other]
+    values[other] = cv[src]
+    indices[other] = cn[src]
     return values, indices, offsets, truncated
 
 
