@@ -1,6 +1,10 @@
 """similarity_topk: the reference against a brute-force oracle, every backend
 against the reference, faiss as an external oracle, and bad input."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -442,3 +446,32 @@ def test_cuda_is_default_and_memory_is_bounded():
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 64 * 2_000_000 * 4 / 4, f"peak {extra} bytes: the Q x N score matrix must never exist"
     assert r.offsets[-1] == 640
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_callers_stream(small_tiles):
+    q, keys = _exact_case(12, nq=9, n=4000)
+    want = similarity_topk(q, keys, 5, backend="torch")
+    host = keys.pin_memory()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        qc = q.cuda()
+        got = similarity_topk(qc, keys.cuda(), 5)
+        got_host = similarity_topk(qc, host, 5)
+    s.synchronize()
+    assert_same(got, want, "device keys on a side stream")
+    assert_same(got_host, want, "host keys on a side stream")
+
+
+def test_cpu_use_does_not_initialise_cuda():
+    code = textwrap.dedent("""
+        import torch
+        from mgcl.ops.similarity_topk import similarity_topk
+        r = similarity_topk(torch.randn(4, 8), [torch.randn(50, 8), torch.randn(7, 8)], 3)
+        assert not torch.cuda.is_initialized()
+        print("ok", r.offsets.tolist())
+    """)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ok [0, 3, 6, 9, 12]" in out.stdout
