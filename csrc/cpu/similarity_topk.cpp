@@ -42,6 +42,7 @@ namespace {
 #endif
 
 constexpr int64_t kSkip = 64;
+constexpr int64_t kParallelScores = int64_t(1) << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Row {
@@ -183,7 +184,8 @@ void similarity_topk_update_cpu(const SimilarityTopkParams& p) {
   check_state(p, "update");
   if (p.rows > 0 && p.cols > 0 && p.scores == nullptr) throw Error("similarity_topk update: scores is null");
   if (p.ld < p.cols) throw Error("similarity_topk update: ld < cols");
-#pragma omp parallel for schedule(dynamic, 8)
+  // Small blocks run on the calling thread: waking the team costs more.
+#pragma omp parallel for schedule(dynamic, 8) if (p.rows * p.cols >= kParallelScores)
   for (int64_t r = 0; r < p.rows; ++r) update_row(p, p.row0 + r, p.scores + r * p.ld);
 }
 
@@ -191,7 +193,7 @@ void similarity_topk_finish_cpu(const SimilarityTopkParams& p) {
   check_state(p, "finish");
   if (!p.tau || !p.count) throw Error("similarity_topk finish: tau or count is null");
   if (p.k < 1 || p.k > p.best_cap) throw Error("similarity_topk finish: k must be in [1, best_cap]");
-#pragma omp parallel
+#pragma omp parallel if (p.n_queries >= 64)
   {
     std::vector<std::pair<float, int64_t>> tmp;
 #pragma omp for schedule(dynamic, 16)
