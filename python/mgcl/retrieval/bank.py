@@ -230,8 +230,7 @@ class MemoryBank:
             raise ValueError("search: queries must be a list of strings or a [Q, dim] tensor")
         return self.encode(queries)
 
-    def topk(self, queries, k: int, ties: bool = True, *, backend: str = "exact", max_bytes: int = 1 << 30,
-             overfetch: int = 4):
+    def topk(self, queries, k: int, ties: bool = True, *, backend: str = "exact", overfetch: int = 4):
         """Dense candidates per query as CSR ``(values, indices, offsets)`` (numpy),
         score desc then index asc. ``backend="exact"`` streams the shards through
         ``similarity_topk``; ``"faiss"`` asks the FAISS index and re-scores what it
@@ -241,7 +240,7 @@ class MemoryBank:
         if backend == "exact":
             from .search import exact_topk  # noqa: PLC0415
 
-            return exact_topk(q, self.shards, k, ties, device=self.device, max_bytes=max_bytes)
+            return exact_topk(q, self.shards, k, ties, device=self.device)
         if backend == "faiss":
             from .search import faiss_topk  # noqa: PLC0415
 

@@ -39,57 +39,21 @@ def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: 
     return values.astype(np.float32), indices.astype(np.int64), offsets
 
 
-def _groups(shards, max_bytes: int, elem: int):
-    group, size = [], 0
-    for i, s in enumerate(shards):
-        b = s.shape[0] * s.shape[1] * elem
-        if group and size + b > max_bytes:
-            yield group
-            group, size = [], 0
-        group.append(i)
-        size += b
-    if group:
-        yield group
-
-
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
-               max_bytes: int = 1 << 30, backend: str | None = None):
-    """Exact candidates of every query over ``shards`` (float16 [n_i, d] each).
-
-    Shards are moved to ``device`` in groups of at most ``max_bytes`` (CPU:
-    upcast to float32 for BLAS; GPU: kept float16 and the queries cast to
-    float16) and searched with ``similarity_topk``; group results are merged
-    with the tie rule."""
+               backend: str | None = None):
+    """Exact candidates of every query over ``shards`` (float16 [n_i, d] each,
+    memory-mapped) with ``similarity_topk``: on the CPU the float32 queries meet
+    each key block upcast to float32; on a GPU the queries are cast to float16
+    and the shards stream from host memory through the device in blocks."""
     from ..ops.similarity_topk import similarity_topk  # noqa: PLC0415
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    dt = torch.float32 if dev.type == "cpu" else torch.float16
     n_q = q.shape[0]
-    qd = q.to(device=dev, dtype=dt).contiguous()
-    offs = np.concatenate([[0], np.cumsum([s.shape[0] for s in shards])]).astype(np.int64)
-    parts = []
-    elem = torch.empty((), dtype=dt).element_size()
-    for group in _groups(shards, max_bytes, elem):
-        keys = [shards[i].to(device=dev, dtype=dt, non_blocking=True) for i in group]
-        keys = [kk for kk in keys if kk.shape[0]]
-        if not keys:
-            continue
-        r = similarity_topk(qd, keys if len(keys) > 1 else keys[0], k, ties=ties, backend=backend)
-        counts = (r.offsets[1:] - r.offsets[:-1]).cpu().numpy()
-        parts.append((np.repeat(np.arange(n_q), counts), r.values.float().cpu().numpy(),
-                      r.indices.cpu().numpy() + offs[group[0]]))
-        del keys
-    if not parts:
+    if not shards or not sum(s.shape[0] for s in shards) or n_q == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n_q + 1, np.int64)
-    if len(parts) == 1:
-        return parts[0][1].astype(np.float32), parts[0][2].astype(np.int64), _offsets(parts[0][0], n_q)
-    return select(*(np.concatenate(x) for x in zip(*parts)), n_q, k, ties)
-
-
-def _offsets(qid, n_q):
-    offsets = np.zeros(n_q + 1, dtype=np.int64)
-    np.cumsum(np.bincount(qid, minlength=n_q), out=offsets[1:])
-    return offsets
+    qd = q.to(device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.float16).contiguous()
+    r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend)
+    return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 
 
 # ---- FAISS --------------------------------------------------------------------------
