@@ -148,6 +148,7 @@ def faiss_topk(bank, q: torch.Tensor, k: int, ties: bool = True, *, overfetch: i
         if len(full):
             taus = v[off[full + 1] - 1]
             lims, _, J = index.range_search(qn[full], float(taus.min()) - 1e-3)
+            lims = lims.astype(np.int64)
             eq = np.repeat(full, np.diff(lims))
             ei = J.astype(np.int64)
             ev = _rescore(bank, q, eq, ei)
@@ -162,6 +163,14 @@ def _rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndar
     """Exact float32 cosine scores of (query, entry) pairs from the float16 rows."""
     if not len(idx):
         return np.zeros(0, np.float32)
-    rows = bank.embeddings(idx).float()
-    qs = q.float().cpu()[torch.from_numpy(np.asarray(qid, dtype=np.int64))]
-    return (rows * qs).sum(1).numpy().astype(np.float32)
+    qid = np.asarray(qid, dtype=np.int64)
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.empty(len(idx), dtype=np.float32)
+    qf = q.float().cpu()
+    order = np.argsort(qid, kind="stable")
+    bounds = np.searchsorted(qid[order], np.arange(qf.shape[0] + 1))
+    for j in np.nonzero(np.diff(bounds))[0]:  # one matmul per query, as the exact path scores
+        sel = order[bounds[j]:bounds[j + 1]]
+        rows = bank.embeddings(idx[sel]).float()
+        out[sel] = torch.mm(qf[j:j + 1], rows.t())[0].numpy()
+    return out
