@@ -120,10 +120,10 @@ def _word_id(w: str, vocab: int) -> int:
 
 class FixtureVLM(torch.nn.Module):
     """A deterministic CLIP-shaped test fixture, not a model: the image feature
-    is ``[mean red, 0.1 * fixed projection of the other pixel statistics]``;
-    the text feature is ``[1, 0.1 * mean of fixed word vectors]``. So S_v
-    grows with an image's red level for every query, which makes the rerank
-    order predictable in tests."""
+    is ``[4 (mean red - 0.5), fixed projection of the other pixel statistics]``;
+    the text feature is ``[1, 0.5 * mean of fixed word vectors]``: S_v favours
+    red images for every query, with a query-dependent part, and spreads
+    widely enough that near-equal scores are rare."""
 
     def __init__(self, dim: int = 8, vocab: int = 997, seed: int = 0):
         super().__init__()
@@ -143,7 +143,7 @@ class FixtureVLM(torch.nn.Module):
         red = images[:, 0].mean((1, 2))
         stats = torch.stack([images[:, 1].mean((1, 2)), images[:, 2].mean((1, 2)), images[:, 1].std((1, 2)),
                              images[:, 2].std((1, 2)), images[:, 0].std((1, 2))], 1)
-        return torch.cat([red[:, None] * 10, 0.1 * stats @ self.proj], 1)
+        return torch.cat([(red[:, None] - 0.5) * 4, stats @ self.proj], 1)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         out = torch.zeros(len(texts), 16, dtype=torch.int64)
@@ -155,4 +155,4 @@ class FixtureVLM(torch.nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = (tokens > 0).float()
         v = (self.words[tokens] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return torch.cat([torch.ones(tokens.shape[0], 1), 0.1 * v], 1)
+        return torch.cat([torch.ones(tokens.shape[0], 1), 0.5 * v], 1)
