@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from ... import _backend
-from . import reference
+from . import native, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -24,6 +24,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (queries, shards: list[Tensor], k, ties, max_per_query) -> 4 tensors.
 BACKENDS = {
     "torch": reference.similarity_topk,
+    "cpp": native.similarity_topk_cpu,
+    "cuda": native.similarity_topk_cuda,
 }
 
 

@@ -45,7 +45,7 @@ NEG_INF = float("-inf")
 
 # The blocking that defines the scores: rows of queries x rows of keys per
 # matmul, by device type. Key blocks never cross a shard boundary.
-QUERY_BLOCK = {"cpu": 256, "cuda": 4096}
+QUERY_BLOCK = {"cpu": 1024, "cuda": 4096}
 KEY_BLOCK = {"cpu": 4096, "cuda": 16384}
 
 # Whether torch.mm(..., out_dtype=float32) works for 16-bit inputs on a device
@@ -94,18 +94,24 @@ def key_blocks(shards: Sequence[torch.Tensor], block: int) -> Iterator[tuple[int
         base += n
 
 
-def score_blocks(queries: torch.Tensor, shards: Sequence[torch.Tensor]):
-    """The fixed blocking: yields (q0, n0, scores [q1-q0, cols] float32) in key
-    order (outer) then query order (inner), on the queries' device."""
+def score_blocks(queries: torch.Tensor, shards: Sequence[torch.Tensor], only: set | None = None):
+    """The fixed blocking: yields (q0, n0, scores [rows, cols] float32) in key
+    order (outer) then query order (inner), on the queries' device. The scores
+    live in one reused buffer: use them before asking for the next block.
+    ``only``: the query-block starts q0 to compute (default: all)."""
     dev = queries.device
     kdtype = shards[0].dtype if shards else queries.dtype
-    gdt = gemm_dtype(queries.dtype, kdtype, dev)
-    qg = queries.to(gdt)
+    qg = queries.to(gemm_dtype(queries.dtype, kdtype, dev))
     qblock, kblock = QUERY_BLOCK.get(dev.type, 256), KEY_BLOCK.get(dev.type, 4096)
+    buf = torch.empty(min(qblock, qg.shape[0]) * kblock, dtype=torch.float32, device=dev)
     for n0, kb in key_blocks(shards, kblock):
         kg = kb.to(device=dev, dtype=qg.dtype)
         for q0 in range(0, qg.shape[0], qblock):
-            yield q0, n0, block_scores(qg[q0:q0 + qblock], kg)
+            if only is not None and q0 not in only:
+                continue
+            qb = qg[q0:q0 + qblock]
+            out = buf[:qb.shape[0] * kg.shape[0]].view(qb.shape[0], kg.shape[0])
+            yield q0, n0, block_scores(qb, kg, out)
 
 
 def _drop_repeats(v: torch.Tensor) -> torch.Tensor:
