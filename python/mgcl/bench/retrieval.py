@@ -39,11 +39,12 @@ def _captions(n: int, seed: int) -> list[str]:
     pool = [q.text for q in load_pool()]
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    for i in range(n):
         if out and rng.random() < 0.2:
-            out.append(rng.choice(out))
+            out.append(rng.choice(out))  # a caption reused verbatim (subfigures, reprints)
         else:
-            out.append(rng.choice(pool) + rng.choice(SUFFIXES))
+            out.append(f"Figure {i % 7 + 1}{'ABCDEF'[i % 6]}. " + rng.choice(pool) + rng.choice(SUFFIXES)
+                       + f" [PMC{1_000_000 + i}]")
     return out
 
 
