@@ -154,7 +154,9 @@ class ContinualTrainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.t, self.step = 0, 0
         model.logit_scale.requires_grad_(False)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("ContinualTrainer: the model has no trainable parameters")
         strategy.check(self)
@@ -266,7 +268,7 @@ class ContinualTrainer:
         t0 = time.time()
         if state is not None:
             z, z_auc, R, A, start = state["z"], state["z_auc"], state["R"], state["auc"], state["finished"] + 1
-            self._log(f"resuming after task {start}/{T} ({self.tasks[start - 1].name})")
+            self.log(f"resuming after task {start}/{T} ({self.tasks[start - 1].name})")
         else:
             z, z_auc = self._zero_shot_row()
             R, A, start = [], [], 0
@@ -283,7 +285,7 @@ class ContinualTrainer:
                 acc, auc = list(z), list(z_auc)
             R.append(acc)
             A.append(auc)
-            self._log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
+            self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
                       + " ".join(f"{n}={a:.2f}" for n, a in zip((x.name for x in self.tasks), acc)))
             self._save_checkpoint(t, z, z_auc, R, A)
         results = {
@@ -305,7 +307,7 @@ class ContinualTrainer:
         z, z_auc = self._evaluate()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _atomic_json(path, {"tasks": [t.name for t in self.tasks], "z": z, "z_auc": z_auc})
-        self._log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
+        self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
         return z, z_auc
 
     def _train_task(self, t: int) -> None:
@@ -352,11 +354,11 @@ class ContinualTrainer:
                 line = {"task": t, "task_name": task.name, "step": step + 1, "lr": lr, **terms}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
-                self._log(f"task {t + 1}/{T} {task.name} step {step + 1}/{self.iters_per_task} lr {lr:.3g} "
+                self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{self.iters_per_task} lr {lr:.3g} "
                           + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
         bar.close()
 
-    def _log(self, msg: str) -> None:
+    def log(self, msg: str) -> None:
         if self.progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -412,7 +414,7 @@ class ContinualTrainer:
         root = self._ckpt_root()
         latest = os.path.join(root, "latest.json")
         if not os.path.isfile(latest):
-            self._log(f"resume: no checkpoint in {root}; starting from the beginning")
+            self.log(f"resume: no checkpoint in {root}; starting from the beginning")
             return None
         with open(latest) as fh:
             d = os.path.join(root, json.load(fh)["dir"])
@@ -425,7 +427,7 @@ class ContinualTrainer:
         if diff:
             raise ValueError(f"resume: the checkpoint in {d} was made with other settings (saved, now): {diff}")
         if state["finished"] >= len(self.tasks) - 1:
-            self._log("resume: every task is already finished; recomputing nothing but the results")
+            self.log("resume: every task is already finished; recomputing nothing but the results")
         self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors"), device=str(self.device)))
         opt_tensors = load_file(os.path.join(d, "optimizer.safetensors"), device=str(self.device))
         if state["optimizer"] is not None:
