@@ -46,7 +46,7 @@ class Primed(Strategy):
     name = "primed"
 
     def __init__(self, siphon=None, bank: str | None = None, siphon_options: dict | None = None,
-                 retrieval: str = "dynamic", uniform_size: int = 10000, ref_batch_size: int | None = None,
+                 retrieval: str = "dynamic", uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None,
                  level_weights: dict | None = None, alpha: float = 1.0, beta: float = 0.25, ckt: bool = True,
                  cmc: bool = True, direction: str = "both", teacher: str = "last", regularizer: str = "dfg",
                  lam: float = 1.0, normalize: str | None = "mean", ema: float = 0.0, fisher_batches: int = 10,
@@ -70,6 +70,7 @@ class Primed(Strategy):
         if self.regularizer == "dfg" and not self.distills:
             raise ValueError("primed: regularizer 'dfg' needs a distillation loss (ckt or cmc on, weight > 0)")
         self.uniform_size, self.ref_batch_size, self.level_weights = int(uniform_size), ref_batch_size, level_weights
+        self.uniform_keywords = uniform_keywords
         self.ema, self.fisher_batches, self.prefetch, self.backend = float(ema), int(fisher_batches), prefetch, backend
         self.guard = None
         self.initial = None
@@ -103,7 +104,7 @@ class Primed(Strategy):
         if self.teacher in ("initial", "avg"):
             self.initial = [p.detach().clone() for p in trainer.params]
         if self.distills and self.retrieval == "uniform":
-            self.refset = self.siphon.uniform_set(self.uniform_size)
+            self.refset = self.siphon.uniform_set(self.uniform_size, self.uniform_keywords)
 
     @torch.no_grad()
     def before_task(self, trainer, t):
