@@ -90,6 +90,15 @@ def test_macro_auc_skips_absent_classes():
     assert np.isnan(macro_auc(probs, torch.zeros(4, dtype=torch.long)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     tasks = toy_tasks(2, n_train=4, n_test=10, image_size=32)
