@@ -131,7 +131,8 @@ def test_evaluate_scores_among_the_tasks_own_classes(tiny):
     with torch.no_grad():
         x = torch.stack([tf(task.test[i][0]) for i in range(len(task.test))])
         y = torch.tensor([task.test[i][1] for i in range(len(task.test))])
-        p = (m.logit_scale.exp() * F.normalize(m.encode_image(x), dim=-1) @ zero_shot_head(m, task, "cpu").T).softmax(-1)
+        head = zero_shot_head(m, task, "cpu")
+        p = (m.logit_scale.exp() * F.normalize(m.encode_image(x), dim=-1) @ head.T).softmax(-1)
     assert out["n"] == len(task.test)
     assert out["acc"] == pytest.approx(100 * float((p.argmax(1) == y).float().mean()))
     assert out["auc"] == pytest.approx(100 * roc_auc_score(y.numpy(), p.numpy(), multi_class="ovr"), abs=1e-6)

@@ -149,7 +149,8 @@ def test_primed_order_distill_then_guard_then_ce(tasks, bank, tmp_path):
     for s in seen:
         n_kd = 0
         for i in range(len(s["theta"])):
-            g_kd, g_ce, at, after, fin = s["g_kd"][i], s["g_ce"][i], s["at_guard"][i], s["after_guard"][i], s["final"][i]
+            g_kd, g_ce, at = s["g_kd"][i], s["g_ce"][i], s["at_guard"][i]
+            after, fin = s["after_guard"][i], s["final"][i]
             if g_kd is None:
                 assert at is None  # a weight the distillation does not reach: the guard leaves it alone
                 continue

@@ -26,6 +26,15 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _forward_backward(m, image_size, text_len=None):
     tokens = m.tokenize(["a chest x-ray showing pneumonia", "a fundus photograph"])
     assert tokens.dtype == torch.int64 and tokens.device.type == "cpu" and tokens.ndim == 2
@@ -217,7 +226,7 @@ def test_word_tokenizer():
 
 
 @pytest.mark.parametrize("vision", ["vit", "cnn"])
-def test_tinyclip_forward_backward_save_load(tmp_path, vision):
+def test_tinyclip_forward_backward_save_load(tmp_path, vision, one_thread):
     torch.manual_seed(0)
     tok = WordTokenizer.build(["a photo of a red circle", "a blue square"], context_length=10)
     m = TinyCLIP(tok, vision=vision, image_size=32, patch_size=8, vision_width=32, vision_heads=2, text_width=32,
@@ -236,12 +245,12 @@ def test_tinyclip_forward_backward_save_load(tmp_path, vision):
         assert torch.equal(loaded.encode_image(x), m.encode_image(x))
         assert torch.equal(loaded.encode_text(t), m.encode_text(t))
     # padding does not change a text feature (mean over non-pad tokens, masked attention)
-    longer = WordTokenizer(tok.words, context_length=16)
+    full = tok(["a red circle"])  # <sot> a red circle <eot> + 5 pads
     with torch.no_grad():
-        torch.testing.assert_close(m.encode_text(longer(["a red circle"])[:, :10]), m.encode_text(tok(["a red circle"])))
+        torch.testing.assert_close(m.encode_text(full[:, :6]), m.encode_text(full))
 
 
-def test_tinyclip_learns_on_cpu():
+def test_tinyclip_learns_on_cpu(one_thread):
     """Twenty CLIP-loss steps on coloured shapes pull matching pairs together."""
     from mgcl.cl.toy import toy_tasks
 

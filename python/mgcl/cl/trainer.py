@@ -96,13 +96,15 @@ class ContinualTrainer:
         log_every: a log line (every loss term) every N steps.
         reset_optimizer: a fresh AdamW for each task (ZSCL's protocol); False
             keeps the moments across tasks.
+        num_workers: DataLoader workers for decoding images (None: 0 on the
+            CPU, up to 8 with a GPU); batches and augmentation stay seeded.
     """
 
     def __init__(self, model, strategy, tasks: Sequence[Task], *, iters_per_task: int = 1000, batch_size: int = 64,
                  lr: float = 1e-5, weight_decay: float = 0.0, warmup: int = 100, schedule: str = "cosine",
                  label_smoothing: float = 0.2, amp=None, device, seed: int = 42, out_dir: str,
-                 resume: bool = False, log_every: int = 50, eval_batch_size: int = 256, num_workers: int = 0,
-                 reset_optimizer: bool = True, progress: bool = True):
+                 resume: bool = False, log_every: int = 50, eval_batch_size: int = 256,
+                 num_workers: Optional[int] = None, reset_optimizer: bool = True, progress: bool = True):
         tasks = list(tasks) if tasks is not None else []
         if not tasks:
             raise ValueError("ContinualTrainer: the task list is empty")
@@ -123,6 +125,8 @@ class ContinualTrainer:
             strategy = create_strategy(strategy)
         if not isinstance(strategy, Strategy):
             raise ValueError(f"ContinualTrainer: strategy must be a Strategy or a name, got {type(strategy).__name__}")
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
         for name, v, lo in (("iters_per_task", iters_per_task, 1), ("batch_size", batch_size, 1),
                             ("warmup", warmup, 0), ("log_every", log_every, 1), ("eval_batch_size", eval_batch_size, 1),
                             ("num_workers", num_workers, 0)):
@@ -246,7 +250,8 @@ class ContinualTrainer:
         return 0.5 * (1.0 + math.cos(math.pi * (step - self.warmup) / span)) * self.lr
 
     def _new_optimizer(self):
-        return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay,
+                                 fused=self.device.type == "cuda")
 
     def _seed_all(self, s: int) -> None:
         random.seed(s)
@@ -261,9 +266,7 @@ class ContinualTrainer:
         """Train on every task in order; returns (and writes results.json) R, z, AUC, metrics, config, versions."""
         os.makedirs(self.out_dir, exist_ok=True)
         T = len(self.tasks)
-        self.model.to(self.device)
-        self._seed_all(self.seed)
-        self.strategy.setup(self)
+        self.start()
         state = self._load_checkpoint() if self.resume else None
         t0 = time.time()
         if state is not None:
@@ -273,9 +276,7 @@ class ContinualTrainer:
             z, z_auc = self._zero_shot_row()
             R, A, start = [], [], 0
         for t in range(start, T):
-            self.t = t
-            self._seed_all(self.task_seed(t))
-            self.strategy.before_task(self, t)
+            self.begin_task(t)
             if self.strategy.trains:
                 self._train_task(t)
             self.strategy.after_task(self, t)
@@ -310,39 +311,56 @@ class ContinualTrainer:
         self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
         return z, z_auc
 
+    def start(self) -> None:
+        """Move the model, seed, ``strategy.setup`` (``run`` calls it; a bench may call it directly)."""
+        self.model.to(self.device)
+        self._seed_all(self.seed)
+        self.strategy.setup(self)
+
+    def begin_task(self, t: int) -> None:
+        """Seed task t, ``strategy.before_task``, the optimizer for the task."""
+        self.t = t
+        self._seed_all(self.task_seed(t))
+        self.strategy.before_task(self, t)
+        if self.strategy.trains and (self.optimizer is None or self.reset_optimizer):
+            self.optimizer = self._new_optimizer()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, t: int, step: int = 0) -> Loss:
+        """One optimisation step on a task batch (already on the device): the
+        strategy's loss, its parts backwarded in order with ``after_backward``
+        after each, the optimizer step, ``after_step``. Returns the Loss."""
+        lr = self.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.step = step
+        self.optimizer.zero_grad(set_to_none=True)
+        self._terms = {}
+        with self.autocast():
+            loss = self.strategy.training_loss(self, TaskBatch(images, labels, t))
+        if not isinstance(loss, Loss) or not loss.parts:
+            raise RuntimeError(f"strategy {self.strategy.name!r}: training_loss must return a Loss with parts")
+        last = len(loss.parts) - 1
+        for k, part in enumerate(loss.parts):
+            if part.requires_grad:
+                part.backward(retain_graph=k < last)
+            self.strategy.after_backward(self, k)
+        self.optimizer.step()
+        self.strategy.after_step(self, step)
+        return loss
+
     def _train_task(self, t: int) -> None:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         task, T = self.tasks[t], len(self.tasks)
-        if self.optimizer is None or self.reset_optimizer:
-            self.optimizer = self._new_optimizer()
-        opt = self.optimizer
         batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=self.iters_per_task)
         self.model.train()
         bar = tqdm(total=self.iters_per_task, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         log_path = os.path.join(self.out_dir, "train_log.jsonl")
         for step in range(self.iters_per_task):
-            self.step = step
             images, labels = next(batches)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            lr = self.lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            self._terms = {}
-            with self.autocast():
-                loss = self.strategy.training_loss(self, TaskBatch(images, labels, t))
-            if not isinstance(loss, Loss) or not loss.parts:
-                raise RuntimeError(f"strategy {self.strategy.name!r}: training_loss must return a Loss with parts")
-            last = len(loss.parts) - 1
-            for k, part in enumerate(loss.parts):
-                if part.requires_grad:
-                    part.backward(retain_graph=k < last)
-                self.strategy.after_backward(self, k)
-            opt.step()
-            self.strategy.after_step(self, step)
+            loss = self.train_step(images.to(self.device, non_blocking=True),
+                                   labels.to(self.device, non_blocking=True), t, step)
             bar.update(1)
             if (step + 1) % self.log_every == 0 or step == self.iters_per_task - 1:
                 terms = {"loss": float(sum(p.detach().float() for p in loss.parts))}
@@ -351,11 +369,12 @@ class ContinualTrainer:
                 if not all(math.isfinite(v) for v in terms.values()):
                     raise FloatingPointError(f"task {task.name!r} step {step + 1}: non-finite loss {terms}")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
+                lr = self.lr_at(step)
                 line = {"task": t, "task_name": task.name, "step": step + 1, "lr": lr, **terms}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
                 self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{self.iters_per_task} lr {lr:.3g} "
-                          + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+                         + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
         bar.close()
 
     def log(self, msg: str) -> None:
@@ -445,7 +464,8 @@ class ContinualTrainer:
         rng = load_file(os.path.join(d, "rng.safetensors"))
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+            states = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
+            torch.cuda.set_rng_state_all(states)
         py = state["rng"]["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         npn = state["rng"]["numpy"]

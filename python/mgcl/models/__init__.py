@@ -31,7 +31,8 @@ def create(name: str, pretrained: Optional[str] = None, **kwargs):
         tok = kwargs.pop("tokenizer", None)
         texts = kwargs.pop("texts", None)
         if tok is None and texts is None:
-            raise ValueError("create('tinyclip'): pass tokenizer=WordTokenizer(...) or texts=[...] to build a vocabulary")
+            raise ValueError("create('tinyclip'): pass tokenizer=WordTokenizer(...) or texts=[...] "
+                             "to build a vocabulary")
         if tok is None:
             tok = WordTokenizer.build(texts)
         return TinyCLIP(tok, **kwargs)

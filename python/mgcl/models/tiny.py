@@ -108,7 +108,8 @@ class TinyCLIPConfig:
         if self.vision not in ("vit", "cnn"):
             raise ValueError(f"TinyCLIPConfig: vision must be 'vit' or 'cnn', got {self.vision!r}")
         if self.vision == "vit" and self.image_size % self.patch_size:
-            raise ValueError(f"TinyCLIPConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(f"TinyCLIPConfig: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
         for name in ("vision_width", "text_width"):
             heads = self.vision_heads if name == "vision_width" else self.text_heads
             if getattr(self, name) % heads:

@@ -92,22 +92,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return t
 
 
-def param_state(prefix: str, tensors: list[torch.Tensor]) -> dict:
-    return {f"{prefix}.{i}": t.detach() for i, t in enumerate(tensors)}
-
-
-def read_param_state(sd: dict, prefix: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out = []
-    for i, p in enumerate(like):
-        key = f"{prefix}.{i}"
-        if key not in sd:
-            raise ValueError(f"strategy state: missing {key}")
-        if tuple(sd[key].shape) != tuple(p.shape):
-            raise ValueError(f"strategy state: {key} has shape {tuple(sd[key].shape)}, expected {tuple(p.shape)}")
-        out.append(sd[key].to(device=p.device, dtype=p.dtype).clone())
-    return out
-
-
 def check_lam(name: str, lam) -> float:
     if not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"{name}: lam must be a number >= 0, got {lam!r}")

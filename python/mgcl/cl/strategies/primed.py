@@ -46,7 +46,8 @@ class Primed(Strategy):
     name = "primed"
 
     def __init__(self, siphon=None, bank: str | None = None, siphon_options: dict | None = None,
-                 retrieval: str = "dynamic", uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None,
+                 retrieval: str = "dynamic", uniform_size: int = 10000, uniform_keywords: list | None = None,
+                 ref_batch_size: int | None = None,
                  level_weights: dict | None = None, alpha: float = 1.0, beta: float = 0.25, ckt: bool = True,
                  cmc: bool = True, direction: str = "both", teacher: str = "last", regularizer: str = "dfg",
                  lam: float = 1.0, normalize: str | None = "mean", ema: float = 0.0, fisher_batches: int = 10,

@@ -22,7 +22,8 @@ class ZSCL(Strategy):
     name = "zscl"
 
     def __init__(self, siphon=None, bank: str | None = None, siphon_options: dict | None = None,
-                 uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None, kd: float = 1.0, lam: float = 1.0,
+                 uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None,
+                 kd: float = 1.0, lam: float = 1.0,
                  we_every: int = 100, prefetch: int = 2, backend: str | None = None):
         if kd < 0 or uniform_size < 1 or we_every < 1 or prefetch < 0:
             raise ValueError("zscl: need kd >= 0, uniform_size >= 1, we_every >= 1, prefetch >= 0")
@@ -31,7 +32,8 @@ class ZSCL(Strategy):
         self.siphon, self.bank, self.siphon_options = siphon, bank, siphon_options
         self.uniform_size, self.ref_batch_size, self.kd = int(uniform_size), ref_batch_size, float(kd)
         self.uniform_keywords = uniform_keywords
-        self.lam, self.we_every, self.prefetch, self.backend = check_lam(self.name, lam), int(we_every), prefetch, backend
+        self.lam, self.we_every = check_lam(self.name, lam), int(we_every)
+        self.prefetch, self.backend = prefetch, backend
         self.guard = self.teacher = self.refset = self.refs = self.loss = None
         self.avg, self.n_avg = None, 0
 
