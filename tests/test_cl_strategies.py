@@ -374,3 +374,21 @@ def test_bad_configs_fail_before_training(tasks, tmp_path):
         ContinualTrainer(tiny_model(tasks), S.create("zscl", bank="unused", we_every=100), tasks,
                          iters_per_task=10, device="cpu", out_dir=str(tmp_path))
     assert calls == []
+
+
+def test_primed_under_bf16_autocast(tasks, bank, tmp_path):
+    """The model runs in bf16 under autocast; logits, losses and the guard stay float32."""
+    seen = []
+
+    class Spy(S.get("primed")):
+        def training_loss(self, trainer, batch):
+            loss = super().training_loss(trainer, batch)
+            seen.append({k: v.dtype for k, v in loss.terms.items()})
+            return loss
+
+    res = run(tiny_model(tasks), Spy(siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path, amp="bf16",
+              iters_per_task=2)
+    assert res["config"]["amp"] == "bf16"
+    assert seen and all(d == torch.float32 for s in seen for d in s.values())
+    log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
+    assert all(all(v == v for v in x.values() if isinstance(v, float)) for x in log)

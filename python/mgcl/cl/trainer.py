@@ -190,21 +190,31 @@ class ContinualTrainer:
             self._tokens[t] = self.model.tokenize(self.tasks[t].prompts(0))
         return self._tokens[t]
 
+    def fp32(self):
+        """Autocast off: losses, similarities and normalisation run in float32."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def image_features(self, images: torch.Tensor, model=None) -> torch.Tensor:
-        return F.normalize((model or self.model).encode_image(images).float(), dim=-1)
+        f = (model or self.model).encode_image(images)
+        with self.fp32():
+            return F.normalize(f.float(), dim=-1)
 
     def text_features(self, tokens: torch.Tensor, model=None) -> torch.Tensor:
-        return F.normalize((model or self.model).encode_text(tokens.to(self.device)).float(), dim=-1)
+        f = (model or self.model).encode_text(tokens.to(self.device))
+        with self.fp32():
+            return F.normalize(f.float(), dim=-1)
 
     def logits(self, img: torch.Tensor, txt: torch.Tensor, model=None) -> torch.Tensor:
-        return (model or self.model).logit_scale.exp().float() * img @ txt.T
+        with self.fp32():
+            return (model or self.model).logit_scale.exp().float() * img.float() @ txt.float().T
 
     def task_logits(self, images: torch.Tensor, t: int, model=None) -> torch.Tensor:
         """Scaled cosine logits of ``images`` against task t's class prompts (with gradient)."""
         return self.logits(self.image_features(images, model), self.text_features(self.class_tokens(t), model), model)
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        with self.fp32():
+            return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     def record(self, name: str, value) -> None:
         """Log a term from a hook (e.g. the guard penalty)."""

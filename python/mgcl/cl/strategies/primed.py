@@ -135,8 +135,9 @@ class Primed(Strategy):
         img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
         with torch.no_grad():
             img_t, txt_t = tm.encode_image(images).float(), tm.encode_text(tokens).float()
-        out = self.loss(logits.float(), batch.labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
-                        tm.logit_scale.exp().float(), ref.weights.to(dev))
+        with trainer.fp32():
+            out = self.loss(logits.float(), batch.labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
+                            tm.logit_scale.exp().float(), ref.weights.to(dev))
         terms = {"ce": out.ce, "ckt": out.ckt, "cmc": out.cmc, "distill": out.distill}
         if self.regularizer == "dfg":
             return Loss([out.distill, out.ce], terms)

@@ -72,7 +72,8 @@ class ZSCL(Strategy):
         img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
         with torch.no_grad():
             img_t, txt_t = tm.encode_image(images).float(), tm.encode_text(tokens).float()
-        kd = self.loss(img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(), tm.logit_scale.exp().float())
+        with trainer.fp32():
+            kd = self.loss(img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(), tm.logit_scale.exp().float())
         return Loss([ce + kd], {"ce": ce, "kd": kd})
 
     def after_backward(self, trainer, part):
