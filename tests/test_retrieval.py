@@ -260,6 +260,26 @@ def test_resume_after_sigkill(corpus, tmp_path):
     assert file_hashes(str(out)) == file_hashes(str(ref))
 
 
+def test_resume_redoes_a_damaged_committed_shard(corpus, tmp_path):
+    _, _, files = corpus
+    ref = tmp_path / "ref"
+    build_bank(files, str(ref), embedder=EMB, shard_size=32, batch_size=7, progress=False)
+    out = tmp_path / "b"
+
+    def hook(s, j):
+        if s == "committed" and j == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(files, str(out), embedder=EMB, shard_size=32, batch_size=7, progress=False, _hook=hook)
+    p = out / "embeddings/shard-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    build_bank(files, str(out), embedder=EMB, shard_size=32, batch_size=7, progress=False)
+    assert file_hashes(str(out)) == file_hashes(str(ref))
+
+
 def test_resume_refuses_other_settings(corpus, tmp_path):
     _, _, files = corpus
     out = tmp_path / "b"

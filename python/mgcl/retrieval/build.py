@@ -128,14 +128,18 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         nonlocal image_failures
         rel = bank_mod.shard_name(j)
         part = os.path.join(work, f"meta-{j:05d}.json")
-        if j < done:  # committed by an earlier run
+        if j < done:  # committed by an earlier run: reuse it if its files are intact
             with open(part) as fh:
                 info = json.load(fh)
-            shards.append(info["shard"])
-            if info.get("vlm"):
-                vshards.append(info["vlm"])
-            image_failures += info.get("image_failures", 0)
-            return
+            files_ok = all(os.path.exists(os.path.join(out, e["path"]))
+                           and store.sha256_file(os.path.join(out, e["path"])) == e["sha256"]
+                           for e in (info["shard"], info.get("vlm")) if e)
+            if files_ok and info["rows"] == len(recs):
+                shards.append(info["shard"])
+                if info.get("vlm"):
+                    vshards.append(info["vlm"])
+                image_failures += info.get("image_failures", 0)
+                return
         caps = [r.caption for r in recs]
         vecs = np.concatenate([emb.encode(caps[s:s + batch_size], batch_size)
                                for s in range(0, len(caps), batch_size)])
@@ -156,7 +160,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         store.atomic_write_json(part, info)
         shards.append(entry)
         hook("part_written", j)
-        store.atomic_write_json(spath, {"config": config, "done": j + 1})
+        store.atomic_write_json(spath, {"config": config, "done": max(done, j + 1)})
         hook("committed", j)
 
     ids, caps, imgs, doms = [], [], [], []

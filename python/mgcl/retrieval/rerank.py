@@ -86,12 +86,14 @@ def vlm_image_features(bank, vlm, indices: np.ndarray, cache: dict | None, batch
 
 def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: float = 1.5, b: float = 0.75,
              query_embeddings=None, backend: str = "exact", image_cache: dict | None = None,
-             timings: dict | None = None, vlm_text: torch.Tensor | None = None) -> list[list[Hit]]:
+             timings: dict | None = None, vlm_text: torch.Tensor | None = None,
+             stats: dict | None = None) -> list[list[Hit]]:
     """The multi-stage candidates of every query (module doc); one list per query.
 
     ``query_embeddings`` (float [Q, dim], unit rows) skips the text embedder;
     ``vlm_text`` (float [Q, d_v], unit rows) skips the VLM text encoder;
-    ``timings`` accumulates seconds per stage (``STAGES``)."""
+    ``timings`` accumulates seconds per stage (``STAGES``); ``stats`` accumulates
+    candidate counts (``dense``, ``usable``, ``grouped``, ``gated_queries``, ``final``)."""
     from .bank import _check_k  # noqa: PLC0415
 
     _check_k(k)
@@ -140,6 +142,11 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
         in_group = np.zeros(len(order), dtype=bool)
         in_group[order] = kept_order & (rank <= k_v)
         keep &= in_group
+    if stats is not None:
+        stats["dense"] = stats.get("dense", 0) + int(len(di))
+        stats["usable"] = stats.get("usable", 0) + int(usable[inv].sum()) if vlm is not None and len(di) else \
+            stats.get("usable", 0) + int(len(di))
+        stats["grouped"] = stats.get("grouped", 0) + int(keep.sum())
     out: list[list[Hit]] = []
     bm = None
     meta = bank.meta
@@ -147,6 +154,8 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
         sel = np.nonzero(keep[off[j]:off[j + 1]])[0] + off[j]
         bscore = None
         if len(sel) > k:
+            if stats is not None:
+                stats["gated_queries"] = stats.get("gated_queries", 0) + 1
             with _timed(timings, "bm25"):
                 bm = bm or bank.bm25(k1=k1, b=b)
                 bscore = bm.scores(queries[j], di[sel])
@@ -162,6 +171,8 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
                                 visual=float(sv[sel[t_]]) if vlm is not None else None,
                                 bm25=float(bscore[t_]) if bscore is not None else None))
             out.append(hits)
+    if stats is not None:
+        stats["final"] = stats.get("final", 0) + sum(len(h) for h in out)
     return out
 
 

@@ -97,11 +97,12 @@ def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None):
     return (row_lse_s, row_lse_t, row_e), col
 
 
-def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None):
+def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher: bool = True):
     """``U = G @ Y`` and ``V = G.T @ X`` for the block (see the module doc).
 
     ``row = (lse_s, lse_t, a, g)`` (length M), ``col = (lse_s, lse_t, b, e)``
     (length N); returns float32 (float64 for float64 inputs) tensors.
+    ``teacher=False`` promises g = e = 0: the T products are skipped.
     """
     ct = compute_dtype(X.dtype)
     M, N = X.shape[0], Y.shape[0]
@@ -116,15 +117,17 @@ def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None):
         r1 = min(M, r0 + R)
         Xc = X[r0:r1].to(ct)
         S = _logits(Xc, Y, s)
-        T = _logits(Xt[r0:r1].to(ct), Yt, t)
         G = torch.sub(S, r_lse_s[r0:r1]).exp_().mul_(r_a[r0:r1])
-        tmp = torch.sub(T, r_lse_t[r0:r1]).exp_().mul_(r_g[r0:r1])
-        G.sub_(tmp)
-        torch.sub(S, c_lse_s, out=tmp).exp_().mul_(c_b)
+        tmp = torch.sub(S, c_lse_s).exp_().mul_(c_b)
         G.add_(tmp)
-        torch.sub(T, c_lse_t, out=tmp).exp_().mul_(c_e)
-        G.sub_(tmp)
-        del S, T, tmp
+        if teacher:
+            T = _logits(Xt[r0:r1].to(ct), Yt, t)
+            torch.sub(T, r_lse_t[r0:r1], out=tmp).exp_().mul_(r_g[r0:r1])
+            G.sub_(tmp)
+            torch.sub(T, c_lse_t, out=tmp).exp_().mul_(c_e)
+            G.sub_(tmp)
+            del T
+        del S, tmp
         torch.mm(G, Y, out=U[r0:r1])
         V.addmm_(G.T, Xc)
         del G

@@ -89,7 +89,9 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
 
     a, g = kd * i2t * w + cmc, kd * i2t * w
     b, e = kd * t2i * v_all + cmc, kd * t2i * v_all
-    U, V = engine.block_grads(img_s.detach(), Y, img_t, Yt, s, t, (row[0], row[1], a, g), (col[0], col[1], b, e))
+    teacher = kd * i2t != 0.0 or kd * t2i != 0.0  # else g = e = 0 and the T products are skipped
+    U, V = engine.block_grads(img_s.detach(), Y, img_t, Yt, s, t, (row[0], row[1], a, g), (col[0], col[1], b, e),
+                              teacher=teacher)
     U = U.to(ct).div_(B)
     V = V.to(ct).div_(B)
     zeta = 2.0 * cmc / B

@@ -24,7 +24,7 @@ each S and T tile, forms
     G_ij = a_i exp(S_ij - lse_s_i) - g_i exp(T_ij - lse_t_i)
          + b_j exp(S_ij - cse_s_j) - e_j exp(T_ij - cse_t_j)
 
-in fp32 and accumulates ``U[rows, feats] += G @ Y[cols, feats]`` in fp32 with
+(the T tiles are skipped when g = e = 0, i.e. kd = 0) in fp32 and accumulates ``U[rows, feats] += G @ Y[cols, feats]`` in fp32 with
 G rounded to the input dtype for the tensor cores. G is multiplied by GSCALE
 (a power of two near sqrt(N)) before the rounding so that fp16 keeps the
 typical entries (about 1/N) in its normal range, and the sum divided by it
@@ -135,7 +135,7 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
 def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROW, COL, OUT, M, N, K, KT, cols_per_split, gscale,
                  sxm, sxk, sym, syk, stm, stk, sum_, suk, so_split, so_m,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                 PREC_T: tl.constexpr):
+                 PREC_T: tl.constexpr, HAS_T: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -156,13 +156,14 @@ def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROW, COL, OUT, M, N, K, KT, col
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < end
         S = _logits_tile(X, Y, sxm, sxk, sym, syk, rows, cols, M, end, K, s, BM, BN, BK, PREC)
-        T = _logits_tile(XT, YT, stm, stk, sum_, suk, rows, cols, M, end, KT, t, BM, BN, BK, PREC_T)
         c_ls = tl.load(COL + cols, mask=col_ok, other=0.0)
-        c_lt = tl.load(COL + N + cols, mask=col_ok, other=0.0)
         c_b = tl.load(COL + 2 * N + cols, mask=col_ok, other=0.0)
-        c_e = tl.load(COL + 3 * N + cols, mask=col_ok, other=0.0)
-        G = r_a[:, None] * tl.exp(S - r_ls[:, None]) - r_g[:, None] * tl.exp(T - r_lt[:, None])
-        G += c_b[None, :] * tl.exp(S - c_ls[None, :]) - c_e[None, :] * tl.exp(T - c_lt[None, :])
+        G = r_a[:, None] * tl.exp(S - r_ls[:, None]) + c_b[None, :] * tl.exp(S - c_ls[None, :])
+        if HAS_T:
+            T = _logits_tile(XT, YT, stm, stk, sum_, suk, rows, cols, M, end, KT, t, BM, BN, BK, PREC_T)
+            c_lt = tl.load(COL + N + cols, mask=col_ok, other=0.0)
+            c_e = tl.load(COL + 3 * N + cols, mask=col_ok, other=0.0)
+            G -= r_g[:, None] * tl.exp(T - r_lt[:, None]) + c_e[None, :] * tl.exp(T - c_lt[None, :])
         G = tl.where(row_ok[:, None] & col_ok[None, :], G * gscale, 0.0)
         y = tl.load(Y + cols[:, None] * sym + feats[None, :] * syk,
                     mask=col_ok[:, None] & (feats[None, :] < K), other=0.0)
@@ -239,8 +240,9 @@ def row_stats(X, Y, Xt, Yt, s, t, split: int | None = None):
     return merge_splits(out)
 
 
-def row_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None):
-    """U = G @ Y (float32, [M, K]) for the rows of the block (module doc)."""
+def row_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None, teacher: bool = True):
+    """U = G @ Y (float32, [M, K]) for the rows of the block (module doc);
+    ``teacher=False`` promises g = e = 0 and skips the T tiles."""
     _check(X, Y, Xt, Yt)
     M, K = X.shape
     N, KT = Y.shape[0], Xt.shape[1]
@@ -253,7 +255,7 @@ def row_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None):
     _grad_kernel[grid](
         X, Y, Xt, Yt, _scalar(s), _scalar(t), row_v, col_v, out, M, N, K, KT, per, gscale,
         X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), Xt.stride(0), Xt.stride(1), Yt.stride(0), Yt.stride(1),
-        out.stride(0), out.stride(1), PREC=_prec(X.dtype), PREC_T=_prec(Xt.dtype),
+        out.stride(0), out.stride(1), PREC=_prec(X.dtype), PREC_T=_prec(Xt.dtype), HAS_T=teacher,
     )
     return out[0] if n_split == 1 else out.sum(dim=0)
 
@@ -263,6 +265,7 @@ def block_stats(X, Y, Xt, Yt, s, t, split: int | None = None):
     return row_stats(X, Y, Xt, Yt, s, t, split), row_stats(Y, X, Yt, Xt, s, t, split)
 
 
-def block_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None):
+def block_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None, teacher: bool = True):
     """``U = G @ Y`` and ``V = G.T @ X``: two launches (rows of G, rows of G.T)."""
-    return row_grads(X, Y, Xt, Yt, s, t, row, col, split), row_grads(Y, X, Yt, Xt, s, t, col, row, split)
+    return (row_grads(X, Y, Xt, Yt, s, t, row, col, split, teacher),
+            row_grads(Y, X, Yt, Xt, s, t, col, row, split, teacher))
