@@ -26,3 +26,13 @@ def available_backends(table: dict, device_type: str) -> list[str]:
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if HAS_GPU else [])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and it keeps them immune
+    to a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,6 +8,8 @@ from mgcl.cl import evaluate, macro_auc, summarize, zero_shot_head
 from mgcl.cl.toy import toy_tasks
 from mgcl.models import TinyCLIP, WordTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLE = [[80, 45, 35], [70, 85, 32], [60, 75, 90]]
 
 
@@ -88,15 +90,6 @@ def test_macro_auc_skips_absent_classes():
     expect = np.mean([roc_auc_score(labels.numpy() == c, probs[:, c].numpy()) for c in (0, 1)])
     assert macro_auc(probs, labels) == pytest.approx(expect)
     assert np.isnan(macro_auc(probs, torch.zeros(4, dtype=torch.long)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ from mgcl.cl.strategies.replay import herding
 from mgcl.cl.toy import COLOURS, SHAPES, SIDES, SIZES, ToyImages, toy_tasks, toy_vocabulary
 from mgcl.models import TinyCLIP, WordTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ITERS, BS = 4, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

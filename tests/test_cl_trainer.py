@@ -12,13 +12,7 @@ from mgcl.cl.evaluate import evaluate_all
 from mgcl.cl.toy import toy_tasks, toy_vocabulary
 from mgcl.models import TinyCLIP, WordTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_GPU, available_backends
+from conftest import available_backends
 from mgcl.ops import contrastive_distill as cd_mod
 from mgcl.ops.contrastive_distill import BACKENDS, chunked, contrastive_distill, reference
 from mgcl.testing import TOLERANCES, distill_batch

@@ -1,5 +1,4 @@
 """fisher_guard: every available backend against the reference."""
-import itertools
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HAS_GPU, available_backends
+from conftest import available_backends
 from mgcl.ops.similarity_topk import BACKENDS, TopK, native, reference, similarity_topk
 
 CPU_FAST = [b for b in available_backends(BACKENDS, "cpu") if b != "torch"]

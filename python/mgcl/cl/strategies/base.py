@@ -116,3 +116,28 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     s = torch.log_softmax(student_logits.float() / T, dim=-1)
     t = torch.softmax(teacher_logits.float() / T, dim=-1)
     return torch.nn.functional.kl_div(s, t, reduction="batchmean") * (T * T)
+
+
+def estimate_task_fisher(trainer, guard, t: int, n_batches: int) -> None:
+    """EWC's Fisher from CE gradients on task ``t``'s training data, added to ``guard``'s."""
+    batches = trainer.loader(trainer.tasks[t].train, train=False, seed=trainer.task_seed(t) + 1, iters=n_batches)
+
+    def ce(batch):
+        images, labels = batch
+        with trainer.autocast():
+            logits = trainer.task_logits(images.to(trainer.device), t)
+        return trainer.ce(logits, labels.to(trainer.device))
+
+    guard.estimate_fisher(ce, batches, accumulate=True)
+
+
+def reference_features(trainer, ref, teacher: torch.nn.Module):
+    """Student and (no-grad) teacher features of a reference batch, float32:
+    ``(img_s, txt_s, img_t, txt_t, scale_s, scale_t)``."""
+    dev = trainer.device
+    images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
+    m = trainer.model
+    img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
+    with torch.no_grad():
+        img_t, txt_t = teacher.encode_image(images).float(), teacher.encode_text(tokens).float()
+    return img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(), teacher.logit_scale.exp().float()

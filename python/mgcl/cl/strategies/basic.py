@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...guard import FisherGuard
-from .base import Loss, Strategy, TaskBatch, check_lam, check_normalize
+from .base import Loss, Strategy, TaskBatch, check_lam, check_normalize, estimate_task_fisher
 
 
 class ZeroShot(Strategy):
@@ -80,16 +80,7 @@ class EWC(_Guarded):
         self.fisher_batches = int(fisher_batches)
 
     def after_task(self, trainer, t):
-        batches = trainer.loader(trainer.tasks[t].train, train=False, seed=trainer.task_seed(t) + 1,
-                                 iters=self.fisher_batches)
-
-        def ce(batch):
-            images, labels = batch
-            with trainer.autocast():
-                logits = trainer.task_logits(images.to(trainer.device), t)
-            return trainer.ce(logits, labels.to(trainer.device))
-
-        self.guard.estimate_fisher(ce, batches, accumulate=True)
+        estimate_task_fisher(trainer, self.guard, t, self.fisher_batches)
         self.guard.consolidate()
 
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from ...guard import FisherGuard
-from .base import Loss, Strategy, TaskBatch, check_choice, check_lam, check_normalize, frozen_copy
+from .base import (Loss, Strategy, TaskBatch, check_choice, check_lam, check_normalize, estimate_task_fisher,
+                   frozen_copy, reference_features)
 from .refdata import Prefetch, endless, open_siphon
 
 TEACHERS = ("last", "initial", "avg")
@@ -129,15 +130,9 @@ class Primed(Strategy):
             ce = trainer.ce(logits, batch.labels)
             return Loss([ce], {"ce": ce})
         ref = next(self.refs)
-        dev = trainer.device
-        images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
-        m, tm = trainer.model, self.teacher_model
-        img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
-        with torch.no_grad():
-            img_t, txt_t = tm.encode_image(images).float(), tm.encode_text(tokens).float()
+        feats = reference_features(trainer, ref, self.teacher_model)
         with trainer.fp32():
-            out = self.loss(logits.float(), batch.labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
-                            tm.logit_scale.exp().float(), ref.weights.to(dev))
+            out = self.loss(logits.float(), batch.labels, *feats, ref.weights.to(trainer.device))
         terms = {"ce": out.ce, "ckt": out.ckt, "cmc": out.cmc, "distill": out.distill}
         if self.regularizer == "dfg":
             return Loss([out.distill, out.ce], terms)
@@ -157,16 +152,7 @@ class Primed(Strategy):
         if self.guard is None:
             return
         if self.regularizer == "ewc":
-            batches = trainer.loader(trainer.tasks[t].train, train=False, seed=trainer.task_seed(t) + 1,
-                                     iters=self.fisher_batches)
-
-            def ce(batch):
-                images, labels = batch
-                with trainer.autocast():
-                    logits = trainer.task_logits(images.to(trainer.device), t)
-                return trainer.ce(logits, labels.to(trainer.device))
-
-            self.guard.estimate_fisher(ce, batches, accumulate=True)
+            estimate_task_fisher(trainer, self.guard, t, self.fisher_batches)
         self.guard.consolidate()
 
     def state_dict(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...guard import FisherGuard
-from .base import Loss, Strategy, TaskBatch, check_lam, frozen_copy
+from .base import Loss, Strategy, TaskBatch, check_lam, frozen_copy, reference_features
 from .refdata import Prefetch, endless, open_siphon
 
 
@@ -65,15 +65,9 @@ class ZSCL(Strategy):
 
     def training_loss(self, trainer, batch: TaskBatch) -> Loss:
         ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)
-        ref = next(self.refs)
-        dev = trainer.device
-        images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
-        m, tm = trainer.model, self.teacher
-        img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
-        with torch.no_grad():
-            img_t, txt_t = tm.encode_image(images).float(), tm.encode_text(tokens).float()
+        feats = reference_features(trainer, next(self.refs), self.teacher)
         with trainer.fp32():
-            kd = self.loss(img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(), tm.logit_scale.exp().float())
+            kd = self.loss(*feats)
         return Loss([ce + kd], {"ce": ce, "kd": kd})
 
     def after_backward(self, trainer, part):
