@@ -136,7 +136,7 @@ def scan_split(ds: DatasetDef, ddir: Path, split: str, problems: list[Problem]) 
         scan.layout = "csv"
         bad, missing = [], []
         try:
-            with open(csv_path, newline="", encoding="utf-8") as fh:
+            with open(csv_path, newline="", encoding="utf-8-sig") as fh:   # tolerates a BOM
                 reader = csv.DictReader(fh)
                 cols = [c.strip() for c in (reader.fieldnames or [])]
                 if "path" not in cols or "label" not in cols:
