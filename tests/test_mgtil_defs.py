@@ -225,6 +225,7 @@ def test_real_definitions_on_miniature_root_and_cli(tmp_path, capsys):
     assert rep.ok and [r.dataset.name for r in rep.datasets] == B.MEDX_ORDER2.names
     assert {(p.dataset, p.kind) for p in rep.problems} == {(n, "count") for n in MEDX}   # a miniature root
     out = tmp_path / "report.json"
+    (tmp_path / "ranzcr").mkdir()
     assert main(["mgtil", "check", "--root", str(tmp_path), "--benchmark", "medx-2", "--json", str(out)]) == 0
     assert main(["mgtil", "check", "--root", str(tmp_path), "--benchmark", "medx-2", "--strict"]) == 1
     printed = capsys.readouterr().out
@@ -233,7 +234,7 @@ def test_real_definitions_on_miniature_root_and_cli(tmp_path, capsys):
     # every real dataset by default: the HMT ones are missing here
     assert main(["mgtil", "check", "--root", str(tmp_path)]) == 1
     printed = capsys.readouterr().out
-    assert "RANZCR" in printed and "missing-dataset" in printed
+    assert "RANZCR" in printed and "missing-dataset" in printed and "found 'ranzcr': rename it to 'RANZCR'" in printed
     assert main(["mgtil", "check", "--root", str(tmp_path / "nope")]) == 2
     assert main(["mgtil", "check", "--root", str(tmp_path), "--benchmark", "nope"]) == 2
     assert main(["mgtil", "list", "--benchmark", "mgtil-synth"]) == 0

@@ -152,6 +152,28 @@ def test_corpus_shards_are_webdataset(quick, tmp_path):
     assert len(set(c.ids)) == len(c)
 
 
+def test_class_prompts_retrieve_relevant_pairs(quick):
+    """Lexical retrieval (BM25) for each task's class prompts: the top captions come from the
+    task's domain, and mostly describe that class's finding."""
+    from rank_bm25 import BM25Okapi
+
+    c = quick.corpus()
+
+    def tok(s):
+        return re.findall(r"[a-z0-9]+", s.lower())
+
+    bm25 = BM25Okapi([tok(x) for x in c.captions])
+    doms, finds = np.array(c.domains), np.array(c.findings)
+    precision = []
+    for t in synth.TASKS:
+        for (cname, key), prompt in zip(t.classes, quick.class_prompts[t.name]):
+            top = np.argsort(-bm25.get_scores(tok(prompt)), kind="stable")[:20]
+            assert (doms[top] == t.domain).all(), prompt
+            precision.append((finds[top] == key).mean())
+            assert precision[-1] >= 0.5, (prompt, precision[-1])
+    assert np.mean(precision) >= 0.8
+
+
 def test_full_corpus_plan_captions():
     """The plan fixes every caption, domain and figure group of the full corpus (rendering only draws it)."""
     plan = _full_plan()

@@ -449,14 +449,14 @@ def _generate(out: Path, seed: int, quick: bool, progress: bool) -> dict:
                           "n_train": sz["train"] * len(t.classes), "n_test": sz["test"] * len(t.classes),
                           "style": t.style})
     plan = _corpus_plan(np.random.default_rng([seed, _stream("corpus-plan")]), sz["corpus"])
-    images = np.empty((len(plan), H, W, 3), np.uint8)
+    pngs: list[bytes] = [b""] * len(plan)
     for d in DOMAINS:
-        idx = np.array([i for i, rec in enumerate(plan) if rec[0] == d], np.int64)
-        if len(idx):
-            images[idx] = render(d, np.array([plan[i][1] for i in idx]), (seed, _stream("corpus:" + d)),
-                                 workers=workers)
+        idx = [i for i, rec in enumerate(plan) if rec[0] == d]
+        if idx:
+            imgs = render(d, np.array([plan[i][1] for i in idx]), (seed, _stream("corpus:" + d)), workers=workers)
+            for i, png in zip(idx, _pngs(imgs, workers)):
+                pngs[i] = png
         bar.update(1)
-    pngs = _pngs(images, workers)
     (out / "corpus").mkdir()
     shards = []
     for s0 in range(0, len(plan), sz["shard"]):
