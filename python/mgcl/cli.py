@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = s.add_subparsers(dest="mgtil_command", required=True)
     m = msub.add_parser("check", help="report what a data root holds for a benchmark, without loading images")
     m.add_argument("--root", required=True,
-                   help="data root: ROOT/<dataset>/{train,test}/<class>/* or ROOT/<dataset>/{train,test}.csv (path,label)")
+                   help="data root: ROOT/<dataset>/{train,test}/<class>/* or "
+                        "ROOT/<dataset>/{train,test}.csv (columns path,label)")
     m.add_argument("--benchmark", default=None,
                    help="hmt-order1 | hmt-order2 | medxtreme-order1 | medxtreme-order2 | mgtil-synth | "
                         "mgtil-synth-quick (default: every real dataset)")

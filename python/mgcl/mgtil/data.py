@@ -252,17 +252,20 @@ class CheckReport:
         label = self.benchmark + (" (SYNTHETIC data)" if self.synthetic else "")
         lines = [f"mgtil check: root {self.root}, benchmark {label}, {len(self.datasets)} datasets", ""]
         w = max([18] + [len(r.dataset.name) + 1 for r in self.datasets])
-        head = f"{'dataset':<{w}} {'domain':<15} {'layout':<8} {'train':>8} {'test':>8} {'expected':>9} {'classes':>8}  status"
+        head = (f"{'dataset':<{w}} {'domain':<15} {'layout':<8} {'train':>8} {'test':>8} {'expected':>9} "
+                f"{'classes':>8}  status")
         lines += [head, "-" * len(head)]
         for r in self.datasets:
             d = r.dataset
             tr, te = r.splits.get("train"), r.splits.get("test")
             layouts = sorted({s.layout for s in r.splits.values() if s.layout})
+            n_tr = f"{tr.total:,}" if tr and tr.layout else "-"
+            n_te = f"{te.total:,}" if te and te.layout else "-"
             seen = sum(1 for i in range(d.num_classes) if any(s.counts and s.counts[i] for s in r.splits.values()))
             expected = d.n_images if d.n_train is None else d.n_train + (d.n_test or 0)
             lines.append(
                 f"{d.name:<{w}} {d.domain:<15} {'/'.join(layouts) or '-':<8} "
-                f"{(f'{tr.total:,}' if tr and tr.layout else '-'):>8} {(f'{te.total:,}' if te and te.layout else '-'):>8} "
+                f"{n_tr:>8} {n_te:>8} "
                 f"{expected:>9,} {f'{seen}/{d.num_classes}':>8}  {r.status}")
         if self.problems:
             lines += ["", "problems:"] + [f"  {p}" for p in self.problems]
@@ -290,7 +293,8 @@ def _resolve(benchmark) -> tuple[str, bool, tuple[DatasetDef, ...]]:
 def check_dataset(ds: DatasetDef, root) -> DatasetReport:
     ddir = Path(root) / ds.name
     if not ddir.is_dir():
-        near = [e.name for e in os.scandir(root) if e.is_dir() and normalise_label(e.name) == normalise_label(ds.name)] \
+        key = normalise_label(ds.name)
+        near = [e.name for e in os.scandir(root) if e.is_dir() and normalise_label(e.name) == key] \
             if Path(root).is_dir() else []
         hint = f" (found {near[0]!r}: rename it to {ds.name!r})" if near else ""
         return DatasetReport(ds, False, {}, [Problem(ds.name, None, "missing-dataset", f"no directory {ddir}{hint}")])

@@ -498,11 +498,13 @@ def render_endoscopy(rng, f) -> np.ndarray:
     Y, X = _YY[None], _XX[None]
     ly, lx = u(0.3, 0.7), u(0.3, 0.7)
     d = np.sqrt((Y - _col(ly)) ** 2 + (X - _col(lx)) ** 2)
-    bright = (1 - 0.85 * np.exp(-0.5 * (d / _col(u(0.08, 0.14))) ** 2)) * (1 + 0.1 * np.cos(2 * np.pi * (d * 9 + _col(u(0, 1)))))
+    bright = ((1 - 0.85 * np.exp(-0.5 * (d / _col(u(0.08, 0.14))) ** 2))
+              * (1 + 0.1 * np.cos(2 * np.pi * (d * 9 + _col(u(0, 1))))))          # dark lumen, mucosal folds
     rgb = (bright * (1 + 0.06 * _lowfreq(rng, n, 6)))[..., None] * np.array([0.86, 0.43, 0.38], np.float32)
     py, px = u(0.2, 0.8), u(0.2, 0.8)
     pol = np.exp(-0.5 * ((Y - _col(py)) ** 2 + (X - _col(px)) ** 2) / _col(u(0.06, 0.1)) ** 2)
-    rgb = rgb * (1 + 0.5 * _col(f == "polyp") * pol)[..., None] - 0.15 * (_col(f == "polyp") * pol * (_YY[None] - _col(py)) * 8)[..., None]
+    rgb = (rgb * (1 + 0.5 * _col(f == "polyp") * pol)[..., None]
+           - 0.15 * (_col(f == "polyp") * pol * (_YY[None] - _col(py)) * 8)[..., None])   # a shaded bulge
     ulc = _sig((0.7 - (((Y - _col(py)) ** 2 + (X - _col(px)) ** 2) / 0.06 ** 2)) * 4) * _col(f == "ulcer")
     rgb = rgb * (1 - ulc[..., None]) + ulc[..., None] * np.array([0.93, 0.88, 0.7], np.float32)
     blood = _sig(_lowfreq(rng, n, 4) * 3 - 1.5) * _col(f == "bleeding")
@@ -540,7 +542,8 @@ def render_cytology(rng, f) -> np.ndarray:
     rgb = rgb * (1 - nucm[..., None] * np.array([0.55, 0.7, 0.3], np.float32))
     G = 30
     gr = rng.normal(0, 3.0 / (H - 1), (n, G, 2))
-    gran = _blobs(n, cy[:, None] + gr[..., 0], cx[:, None] + gr[..., 1], _active(np.where(f == "eosinophil", G, 0), G), 0.6)
+    gran = _blobs(n, cy[:, None] + gr[..., 0], cx[:, None] + gr[..., 1],
+                  _active(np.where(f == "eosinophil", G, 0), G), 0.6)
     rgb = rgb * (1 - np.clip(gran, 0, 1)[..., None] * np.array([0.05, 0.5, 0.6], np.float32))
     return rgb + 0.01 * rng.standard_normal(rgb.shape, dtype=np.float32)
 
