@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mgcl/fisher_guard.h"
+#include "mgcl/similarity_topk.h"
 
 namespace py = pybind11;
 
@@ -46,6 +47,48 @@ void fisher_guard(const std::vector<uintptr_t>& grad, const std::vector<uintptr_
   mgcl::fisher_guard_cpu(p);
 }
 
+mgcl::SimilarityTopkParams topk_state(int64_t best_cap, bool distinct, uintptr_t best_v, uintptr_t best_n,
+                                      uintptr_t cand_v, uintptr_t cand_i, uintptr_t cand_n, int64_t cand_cap,
+                                      uintptr_t overflow) {
+  mgcl::SimilarityTopkParams p;
+  p.best_cap = best_cap;
+  p.distinct = distinct ? 1 : 0;
+  p.best_v = reinterpret_cast<float*>(best_v);
+  p.best_n = reinterpret_cast<int64_t*>(best_n);
+  p.cand_v = reinterpret_cast<float*>(cand_v);
+  p.cand_i = reinterpret_cast<int64_t*>(cand_i);
+  p.cand_n = reinterpret_cast<int64_t*>(cand_n);
+  p.cand_cap = cand_cap;
+  p.overflow = reinterpret_cast<uint8_t*>(overflow);
+  return p;
+}
+
+void similarity_topk_update(uintptr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+                            int64_t best_cap, bool distinct, uintptr_t best_v, uintptr_t best_n, uintptr_t cand_v,
+                            uintptr_t cand_i, uintptr_t cand_n, int64_t cand_cap, uintptr_t overflow) {
+  auto p = topk_state(best_cap, distinct, best_v, best_n, cand_v, cand_i, cand_n, cand_cap, overflow);
+  p.scores = reinterpret_cast<const float*>(scores);
+  p.ld = ld;
+  p.rows = rows;
+  p.cols = cols;
+  p.row0 = row0;
+  p.col0 = col0;
+  py::gil_scoped_release release;
+  mgcl::similarity_topk_update_cpu(p);
+}
+
+void similarity_topk_finish(int64_t n_queries, int64_t k, int64_t best_cap, bool distinct, uintptr_t best_v,
+                            uintptr_t best_n, uintptr_t cand_v, uintptr_t cand_i, uintptr_t cand_n, int64_t cand_cap,
+                            uintptr_t overflow, uintptr_t tau, uintptr_t count) {
+  auto p = topk_state(best_cap, distinct, best_v, best_n, cand_v, cand_i, cand_n, cand_cap, overflow);
+  p.n_queries = n_queries;
+  p.k = k;
+  p.tau = reinterpret_cast<float*>(tau);
+  p.count = reinterpret_cast<int64_t*>(count);
+  py::gil_scoped_release release;
+  mgcl::similarity_topk_finish_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -53,6 +96,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("fisher_guard", &fisher_guard, py::arg("grad"), py::arg("param"), py::arg("anchor"),
         py::arg("fisher"), py::arg("numel"), py::arg("dtype"), py::arg("fisher_dtype"),
         py::arg("mode"), py::arg("lam"), py::arg("ema"), py::arg("normalize"), py::arg("penalty"));
+  m.def("similarity_topk_update", &similarity_topk_update, py::arg("scores"), py::arg("ld"), py::arg("rows"),
+        py::arg("cols"), py::arg("row0"), py::arg("col0"), py::arg("best_cap"), py::arg("distinct"),
+        py::arg("best_v"), py::arg("best_n"), py::arg("cand_v"), py::arg("cand_i"), py::arg("cand_n"),
+        py::arg("cand_cap"), py::arg("overflow"));
+  m.def("similarity_topk_finish", &similarity_topk_finish, py::arg("n_queries"), py::arg("k"), py::arg("best_cap"),
+        py::arg("distinct"), py::arg("best_v"), py::arg("best_n"), py::arg("cand_v"), py::arg("cand_i"),
+        py::arg("cand_n"), py::arg("cand_cap"), py::arg("overflow"), py::arg("tau"), py::arg("count"));
   m.attr("openmp") = py::bool_(
 #ifdef MGCL_OPENMP
       true

@@ -7,6 +7,7 @@
 
 #define MGCL_WITH_CUDA_DECLS
 #include "mgcl/fisher_guard.h"
+#include "mgcl/similarity_topk.h"
 
 namespace py = pybind11;
 
@@ -48,6 +49,26 @@ void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t c
   mgcl::fisher_guard_cuda(p, as_stream(stream));
 }
 
+// One score tile (rows x cols float32, row stride ld) folded into the per-row
+// best lists; all addresses are device memory.
+void similarity_topk_select(uintptr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0,
+                            int64_t best_cap, bool distinct, uintptr_t best_v, uintptr_t best_i, uintptr_t best_n,
+                            uintptr_t stream) {
+  mgcl::SimilarityTopkParams p;
+  p.scores = reinterpret_cast<const float*>(scores);
+  p.ld = ld;
+  p.rows = rows;
+  p.cols = cols;
+  p.col0 = col0;
+  p.best_cap = best_cap;
+  p.distinct = distinct ? 1 : 0;
+  p.best_v = reinterpret_cast<float*>(best_v);
+  p.best_i = reinterpret_cast<int64_t*>(best_i);
+  p.best_n = reinterpret_cast<int64_t*>(best_n);
+  py::gil_scoped_release release;
+  mgcl::similarity_topk_select_cuda(p, as_stream(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -56,6 +77,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("chunk_size"), py::arg("has_fisher"), py::arg("dtype"), py::arg("fisher_dtype"),
         py::arg("mode"), py::arg("lam"), py::arg("ema"), py::arg("normalize"), py::arg("workspace"),
         py::arg("penalty"), py::arg("stream"));
+  m.def("similarity_topk_select", &similarity_topk_select, py::arg("scores"), py::arg("ld"), py::arg("rows"),
+        py::arg("cols"), py::arg("col0"), py::arg("best_cap"), py::arg("distinct"), py::arg("best_v"),
+        py::arg("best_i"), py::arg("best_n"), py::arg("stream"));
+  m.attr("max_best_cap") = mgcl::kMaxBestCap;
   m.attr("archs") = MGCL_CUDA_ARCHS;
   m.attr("cuda_version") = CUDART_VERSION;
 }

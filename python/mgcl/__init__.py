@@ -3,6 +3,11 @@
 The drop-in pieces for any PyTorch training loop:
 
 - :class:`mgcl.FisherGuard`: the Dynamic Fisher Guard (dfg | ewc | l2);
+- :class:`mgcl.nn.ContrastiveDistillLoss` and :class:`mgcl.nn.PrimedLoss`
+  (also ``mgcl.ContrastiveDistillLoss``, ``mgcl.PrimedLoss``): the losses;
+- :class:`mgcl.ContinualTrainer` (:mod:`mgcl.cl`): whole continual-learning
+  runs with the strategies of :mod:`mgcl.cl.strategies`; VLM adapters in
+  :mod:`mgcl.models`;
 - :mod:`mgcl.ops`: the fused ops (``fisher_guard``, ``contrastive_distill``,
   ``similarity_topk``), each with a PyTorch reference and compiled fast paths.
 
@@ -12,6 +17,10 @@ extension (see ``mgcl info``).
 from ._version import __version__
 from . import _native  # noqa: F401  (sets the extension flags, warns once if _C is missing)
 from .guard import FisherGuard
+from .cl import ContinualTrainer, Task
+from .nn import ContrastiveDistillLoss, PrimedLoss
+from .ops.contrastive_distill import contrastive_distill
 from .ops.fisher_guard import fisher_guard
 
-__all__ = ["__version__", "FisherGuard", "fisher_guard"]
+__all__ = ["__version__", "FisherGuard", "fisher_guard", "contrastive_distill", "ContrastiveDistillLoss", "PrimedLoss",
+           "ContinualTrainer", "Task"]

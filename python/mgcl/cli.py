@@ -82,6 +82,126 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---- mgcl db -----------------------------------------------------------------------------
+
+def _load_vlm(name: str, device: str | None):
+    """A VLM by name through mgcl.models (imported only here: retrieval never imports models)."""
+    try:
+        from .models import load  # noqa: PLC0415
+    except ImportError as exc:
+        raise SystemExit(f"mgcl db: --vlm needs mgcl.models.load, which is not available here ({exc})") from None
+    model = load(name)
+    if device and hasattr(model, "to"):
+        model = model.to(device)
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
+
+
+def cmd_db_build(args) -> int:
+    from .retrieval.build import build_bank, report
+
+    vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
+    try:
+        manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
+                              shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                              image_root=args.image_root)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mgcl db build: {exc}", file=sys.stderr)
+        return 2
+    print(report(manifest))
+    if args.index:
+        from .retrieval import MemoryBank
+
+        entry = MemoryBank.open(args.out).build_index(args.index)
+        print(f"FAISS {entry['kind']} index: {entry['path']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_db_index(args) -> int:
+    from .retrieval import MemoryBank
+
+    entry = MemoryBank.open(args.bank).build_index(args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
+    print(f"FAISS {entry['kind']} index written: {entry['path']}")
+    return 0
+
+
+def cmd_db_query(args) -> int:
+    from .retrieval import BankError, MemoryBank
+
+    try:
+        bank = MemoryBank.open(args.bank, embedder=args.embedder, device=args.device)
+        hits = bank.search(args.text, k=args.k, ties=not args.no_ties,
+                           backend="faiss" if args.index else "exact")
+    except (BankError, ValueError) as exc:
+        print(f"mgcl db query: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    for text, hs in zip(args.text, hits):
+        if args.json:
+            rows.append({"query": text, "hits": [h.__dict__ for h in hs]})
+            continue
+        print(f"query: {text}  ({len(hs)} hit(s))")
+        for h in hs:
+            cap = h.caption if len(h.caption) <= 100 else h.caption[:97] + "..."
+            print(f"  {h.score:7.4f}  [{h.domain or '-'}]  {cap}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_db_info(args) -> int:
+    from .retrieval import BankError, MemoryBank
+    from .retrieval.build import report
+
+    try:
+        bank = MemoryBank.open(args.bank, verify=args.verify)
+    except BankError as exc:
+        print(f"mgcl db info: {exc}", file=sys.stderr)
+        return 2
+    print(report(bank.manifest))
+    if args.verify:
+        print("checksums: all files match the manifest")
+    return 0
+
+
+def _add_db(sub) -> None:
+    db = sub.add_parser("db", help="build and query a retrieval bank").add_subparsers(dest="db_command", required=True)
+    s = db.add_parser("build", help="embed a corpus into a bank (resumes an interrupted build)")
+    s.add_argument("corpus", nargs="+", help="jsonl / parquet / WebDataset .tar files or folders")
+    s.add_argument("--out", required=True, help="bank directory")
+    s.add_argument("--embedder", default="minilm", help="minilm (default) | hashing[:DIM] | a sentence-transformers name or path")
+    s.add_argument("--vlm", help="store this VLM's image embeddings for reranking (mgcl.models name)")
+    s.add_argument("--shard-size", type=int, default=100_000)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    s.add_argument("--image-root", help="folder that relative image paths in jsonl/parquet refer to")
+    s.add_argument("--index", choices=["flat", "ivfpq"], help="also build a FAISS index")
+    s.set_defaults(func=cmd_db_build)
+    s = db.add_parser("index", help="build a FAISS index for a bank")
+    s.add_argument("bank")
+    s.add_argument("--index", choices=["flat", "ivfpq"], default="flat")
+    s.add_argument("--nlist", type=int)
+    s.add_argument("--m", type=int, help="ivfpq sub-quantizers (must divide the dimension)")
+    s.add_argument("--nbits", type=int, default=8)
+    s.set_defaults(func=cmd_db_index)
+    s = db.add_parser("query", help="print the nearest captions of one or more texts")
+    s.add_argument("bank")
+    s.add_argument("text", nargs="+")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--no-ties", action="store_true", help="exactly k hits (ties broken by index)")
+    s.add_argument("--index", action="store_true", help="search the bank's FAISS index (re-scored exactly)")
+    s.add_argument("--embedder", help="override the embedder named in the manifest")
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_db_query)
+    s = db.add_parser("info", help="summary of a bank; --verify checks every sha256")
+    s.add_argument("bank")
+    s.add_argument("--verify", action="store_true")
+    s.set_defaults(func=cmd_db_info)
+
+
 # ---- mgcl mgtil -----------------------------------------------------------------------
 
 def cmd_mgtil_check(args) -> int:
@@ -118,22 +238,7 @@ def cmd_mgtil_list(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("info", help="versions, native modules, GPU and the backend each op uses")
-    s.add_argument("--json", action="store_true", help="print as JSON")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
-    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
-    s.add_argument("--repeats", type=int, default=5)
-    s.add_argument("--json", metavar="FILE", help="write the result (with machine and versions) as JSON")
-    s.set_defaults(func=cmd_bench)
-
+def _add_mgtil(sub) -> None:
     s = sub.add_parser("mgtil", help="MGTIL benchmarks: the definitions, and checking a data root")
     msub = s.add_subparsers(dest="mgtil_command", required=True)
     m = msub.add_parser("check", help="report what a data root holds for a benchmark, without loading images")
@@ -151,6 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--benchmark", default=None, help="one benchmark (default: all)")
     m.add_argument("--classes", action="store_true", help="also print each dataset's class labels")
     m.set_defaults(func=cmd_mgtil_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="versions, native modules, GPU and the backend each op uses")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
+    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--json", metavar="FILE", help="write the result (with machine and versions) as JSON")
+    s.set_defaults(func=cmd_bench)
+
+    _add_db(sub)
+    _add_mgtil(sub)
     return p
 
 

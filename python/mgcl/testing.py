@@ -68,3 +68,25 @@ def assert_matches_reference(actual, expected, *, dtype=None, rtol=None, atol=No
         rtol=rtol, atol=atol, equal_nan=True,
         msg=lambda m: f"{name} differs from the reference ({dt}, rtol={rtol}, atol={atol}):\n{m}",
     )
+
+
+def distill_batch(B: int, d: int, dt: int | None = None, *, dtype=torch.float32, device="cpu", seed: int = 0,
+                  teacher_noise: float = 0.5):
+    """A reference batch for contrastive_distill: unit-norm student image/text
+    features [B, d] whose pairs are correlated, and teacher features: a noisy
+    copy of the student's (``dt`` None or d) or independent ones [B, dt]."""
+    g = make_generator(seed)
+    norm = torch.nn.functional.normalize
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    img = norm(rn(B, d), dim=1)
+    txt = norm(img + 0.8 * rn(B, d), dim=1)
+    if dt is None or dt == d:
+        img_t = norm(img + teacher_noise * rn(B, d), dim=1)
+        txt_t = norm(txt + teacher_noise * rn(B, d), dim=1)
+    else:
+        img_t = norm(rn(B, dt), dim=1)
+        txt_t = norm(img_t + 0.8 * rn(B, dt), dim=1)
+    return tuple(x.to(device=device, dtype=dtype) for x in (img, txt, img_t, txt_t))

@@ -1,0 +1,173 @@
+"""Drop-in loss modules for any training loop (SPEC.md section 5).
+
+- :class:`ContrastiveDistillLoss`: CKT + CMC on a reference batch, the fused
+  :func:`mgcl.ops.contrastive_distill.contrastive_distill` behind an ``nn.Module``;
+- :class:`PrimedLoss`: the whole PRIMED training loss, task cross-entropy plus
+  ``alpha * CKT + beta * CMC``, returned as named parts so that the Fisher
+  guard can see the distillation gradient first.
+
+Example (any trainer; ``model`` is a CLIP-like student, ``teacher`` a frozen copy)::
+
+    import torch, mgcl
+    from mgcl.nn import PrimedLoss
+
+    loss_fn = PrimedLoss(alpha=1.0, beta=0.25, label_smoothing=0.2)
+    guard = mgcl.FisherGuard(model.parameters(), lam=1e3, mode="dfg")
+    for (images, labels), (ref_images, ref_tokens) in zip(task_loader, ref_loader):
+        logits = model.classify(images)                      # [n, classes]
+        img_s, txt_s = model.encode_image(ref_images), model.encode_text(ref_tokens)
+        with torch.no_grad():
+            img_t, txt_t = teacher.encode_image(ref_images), teacher.encode_text(ref_tokens)
+        out = loss_fn(logits, labels, img_s, txt_s, img_t, txt_t,
+                      model.logit_scale.exp(), teacher.logit_scale.exp())
+        opt.zero_grad()
+        out.distill.backward(retain_graph=True)   # p.grad = d(alpha*CKT + beta*CMC)/dp
+        guard.apply()                             # Fisher guard from that gradient
+        out.ce.backward()                         # then the task gradient on top
+        opt.step()
+        print(f"ce {out.ce:.3f} ckt {out.ckt:.3f} cmc {out.cmc:.3f}")
+
+Without a guard, ``out.total.backward()`` is the plain step.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .ops.contrastive_distill import contrastive_distill
+
+Scale = Union[float, torch.Tensor]
+
+
+def _weights(weight, row_weight, col_weight):
+    return (row_weight if row_weight is not None else weight), (col_weight if col_weight is not None else weight)
+
+
+class ContrastiveDistillLoss(torch.nn.Module):
+    """``kd * CKT + cmc * CMC`` of a reference batch (a 0-d tensor).
+
+    CKT is the row (image -> text, weight ``i2t``) and column (text -> image,
+    weight ``t2i``) KL divergence between the teacher's and the student's
+    similarity softmaxes; CMC is the CLIP loss of the student (both CE
+    directions summed); both are averaged over the B pairs. With
+    ``normalize=True`` the four feature sets are L2-normalised first.
+
+    ``forward(img_s, txt_s, img_t, txt_t, scale_s, scale_t, weight=None, *,
+    row_weight=None, col_weight=None)``: features [B, d] (teacher [B, dt]),
+    logit scales (float or 0-d tensor, e.g. ``model.logit_scale.exp()``),
+    optional per-pair weights (``weight`` applies to both directions;
+    ``row_weight`` / ``col_weight`` override one). The teacher is a constant.
+
+    ``backend``, ``gather`` and ``process_group`` are passed to the op
+    (``gather=True`` under DDP: the global-batch loss from each rank's pairs).
+
+    Example::
+
+        loss_fn = ContrastiveDistillLoss(kd=1.0, cmc=0.25)
+        loss = loss_fn(img_s, txt_s, img_t, txt_t, model.logit_scale.exp(), 100.0)
+        loss.backward()
+    """
+
+    def __init__(self, kd: float = 1.0, cmc: float = 0.25, i2t: float = 1.0, t2i: float = 1.0, normalize: bool = True,
+                 *, backend: Optional[str] = None, gather: bool = False, process_group=None):
+        super().__init__()
+        self.kd, self.cmc, self.i2t, self.t2i = float(kd), float(cmc), float(i2t), float(t2i)
+        self.normalize = bool(normalize)
+        self.backend, self.gather, self.process_group = backend, gather, process_group
+
+    def extra_repr(self) -> str:
+        return f"kd={self.kd}, cmc={self.cmc}, i2t={self.i2t}, t2i={self.t2i}, normalize={self.normalize}"
+
+    def forward(self, img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Tensor, txt_t: torch.Tensor,
+                scale_s: Scale, scale_t: Scale, weight: Optional[torch.Tensor] = None, *,
+                row_weight: Optional[torch.Tensor] = None, col_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.normalize:
+            img_s, txt_s = F.normalize(img_s, dim=-1), F.normalize(txt_s, dim=-1)
+            img_t, txt_t = F.normalize(img_t.detach(), dim=-1), F.normalize(txt_t.detach(), dim=-1)
+        row_weight, col_weight = _weights(weight, row_weight, col_weight)
+        return contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.kd, cmc=self.cmc,
+                                   i2t=self.i2t, t2i=self.t2i, row_weight=row_weight, col_weight=col_weight,
+                                   backend=self.backend, gather=self.gather, process_group=self.process_group)
+
+
+class PrimedLossOutput(NamedTuple):
+    """The parts of one PRIMED step's loss.
+
+    ``total = ce + distill`` and ``distill = alpha * ckt + beta * cmc`` carry
+    gradients; ``ckt`` and ``cmc`` (the unweighted terms, from the same fused
+    pass) are constants for logging.
+    """
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    ckt: torch.Tensor
+    cmc: torch.Tensor
+    distill: torch.Tensor
+
+
+class PrimedLoss(torch.nn.Module):
+    """Task CE (with label smoothing) + ``alpha * CKT + beta * CMC`` on a reference batch.
+
+    ``forward(logits, labels, img_s, txt_s, img_t, txt_t, scale_s, scale_t,
+    weight=None, *, row_weight=None, col_weight=None) -> PrimedLossOutput``
+    with ``total, ce, ckt, cmc, distill``. ``distill`` is the part the Fisher
+    guard must see first (backward it, ``guard.apply()``, then backward ``ce``;
+    see the module example). ``i2t``, ``t2i``, ``normalize``, ``backend``,
+    ``gather`` and ``process_group`` are as in :class:`ContrastiveDistillLoss`.
+
+    Example:
+        >>> import torch
+        >>> from mgcl.nn import PrimedLoss
+        >>> _ = torch.manual_seed(0)
+        >>> loss_fn = PrimedLoss(alpha=1.0, beta=0.25, label_smoothing=0.2)
+        >>> logits = torch.randn(8, 5, requires_grad=True)          # task batch
+        >>> labels = torch.randint(0, 5, (8,))
+        >>> img_s = torch.randn(16, 32, requires_grad=True)         # reference batch, student
+        >>> txt_s = torch.randn(16, 32, requires_grad=True)
+        >>> img_t, txt_t = img_s.detach() + 0.1, txt_s.detach()     # teacher
+        >>> scale = torch.tensor(14.0, requires_grad=True)
+        >>> out = loss_fn(logits, labels, img_s, txt_s, img_t, txt_t, scale, 14.0)
+        >>> out._fields
+        ('total', 'ce', 'ckt', 'cmc', 'distill')
+        >>> bool(torch.isclose(out.distill, 1.0 * out.ckt + 0.25 * out.cmc))
+        True
+        >>> out.distill.backward(retain_graph=True)  # the Fisher guard would read the grads here
+        >>> out.ce.backward()
+        >>> img_s.grad.shape, logits.grad.shape
+        (torch.Size([16, 32]), torch.Size([8, 5]))
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.25, label_smoothing: float = 0.2, *, i2t: float = 1.0,
+                 t2i: float = 1.0, normalize: bool = True, backend: Optional[str] = None, gather: bool = False,
+                 process_group=None):
+        super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"PrimedLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.alpha, self.beta, self.label_smoothing = float(alpha), float(beta), float(label_smoothing)
+        self.i2t, self.t2i, self.normalize = float(i2t), float(t2i), bool(normalize)
+        self.backend, self.gather, self.process_group = backend, gather, process_group
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, label_smoothing={self.label_smoothing}, i2t={self.i2t}, "
+                f"t2i={self.t2i}, normalize={self.normalize}")
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, img_s: torch.Tensor, txt_s: torch.Tensor,
+                img_t: torch.Tensor, txt_t: torch.Tensor, scale_s: Scale, scale_t: Scale,
+                weight: Optional[torch.Tensor] = None, *, row_weight: Optional[torch.Tensor] = None,
+                col_weight: Optional[torch.Tensor] = None) -> PrimedLossOutput:
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if self.normalize:
+            img_s, txt_s = F.normalize(img_s, dim=-1), F.normalize(txt_s, dim=-1)
+            img_t, txt_t = F.normalize(img_t.detach(), dim=-1), F.normalize(txt_t.detach(), dim=-1)
+        row_weight, col_weight = _weights(weight, row_weight, col_weight)
+        distill, ckt, cmc = contrastive_distill(
+            img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.alpha, cmc=self.beta, i2t=self.i2t, t2i=self.t2i,
+            row_weight=row_weight, col_weight=col_weight, backend=self.backend, gather=self.gather,
+            process_group=self.process_group, return_parts=True,
+        )
+        return PrimedLossOutput(total=ce + distill, ce=ce, ckt=ckt, cmc=cmc, distill=distill)
+
+
+__all__ = ["ContrastiveDistillLoss", "PrimedLoss", "PrimedLossOutput"]

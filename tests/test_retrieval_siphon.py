@@ -1,0 +1,352 @@
+"""mgcl.retrieval: multi-stage rerank / group / BM25 gate against an
+independent re-implementation, the question pool, the Dynamic Siphon
+(levels, de-duplication, determinism, Phi_D, uniform mode) and ReferenceSet."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mgcl.retrieval import (MemoryBank, Question, ReferenceSet, Siphon, build_bank, get_embedder, load_pool,
+                            open_image, retrieve)
+from mgcl.retrieval.bm25 import tokenize
+from mgcl.retrieval.pool import domains as pool_domains
+from retrieval_fixtures import DOMAINS, FINDINGS, FixtureVLM, make_records, write_corpus
+
+EMB = "hashing:64"
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return FixtureVLM()
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory, vlm):
+    """The same corpus built twice: without and with stored VLM image embeddings."""
+    root = str(tmp_path_factory.mktemp("corpus"))
+    files = write_corpus(root, make_records(180, seed=7))
+    plain = str(tmp_path_factory.mktemp("b") / "plain")
+    withv = str(tmp_path_factory.mktemp("b") / "vlm")
+    build_bank(files, plain, embedder=EMB, shard_size=50, progress=False)
+    build_bank(files, withv, embedder=EMB, vlm=vlm, vlm_name="fixture", shard_size=50, batch_size=16, progress=False)
+    return MemoryBank.open(plain), MemoryBank.open(withv, verify=True)
+
+
+@pytest.fixture(scope="module")
+def small_pool():
+    qs = []
+    for dom, temps in DOMAINS.items():
+        for f in FINDINGS[dom]:
+            for t in temps:
+                qs.append(Question(t.format(f=f), dom, "site", f))
+    return qs
+
+
+# ---- the independent oracle -------------------------------------------------------------------
+
+def oracle(bank, vlm, queries: list[str], j: int, k: int, k_v: int, k1=1.5, b=0.75, use_vlm=True):
+    """SPEC.md section 3 written out directly for ``queries[j]``: dense with ties
+    over the full float32 score matrix of all the queries (one matmul), S_v
+    from freshly encoded images, group by caption string, BM25 gate with
+    rank_bm25, sort by S_v."""
+    from rank_bm25 import BM25Okapi
+
+    query = queries[j]
+    keys = torch.cat([s.float() for s in bank.shards])
+    q = torch.from_numpy(get_embedder(EMB).encode(queries))
+    s = torch.mm(q, keys.t())[j].numpy()
+    u = np.unique(s)[::-1]
+    tau = u[min(k, len(u)) - 1]
+    cand = np.nonzero(s >= tau)[0]
+    caps, imgs = bank.meta["caption"], bank.meta["image"]
+    if use_vlm:
+        with torch.no_grad():
+            t = torch.nn.functional.normalize(vlm.encode_text(vlm.tokenize([query])), dim=1)[0]
+            tf = vlm.transform(False)
+            x = torch.stack([tf(open_image(imgs[i])) for i in cand])
+            f = torch.nn.functional.normalize(vlm.encode_image(x), dim=1)
+        sv = dict(zip(cand.tolist(), (f @ t).tolist()))
+    else:
+        sv = {int(i): float(s[i]) for i in cand}
+    groups: dict[str, list[int]] = {}
+    for i in cand.tolist():
+        groups.setdefault(caps[i], []).append(i)
+    kept = [i for g in groups.values() for i in sorted(g, key=lambda i: (-sv[i], i))[:k_v]]
+    if len(kept) > k:
+        bm = BM25Okapi([tokenize(c) for c in caps], k1=k1, b=b).get_scores(tokenize(query))
+        kept = sorted(kept, key=lambda i: (-bm[i], -sv[i], i))[:k]
+    return sorted(kept, key=lambda i: (-sv[i], i)), sv
+
+
+QUERIES = ["chest x-ray with pneumothorax", "fundus photograph of the retina with glaucoma",
+           "histology of fibroadenoma", "dermoscopy image of melanoma", "endoscopic view of esophagitis",
+           "colonoscopy image of adenomatous polyp (case 12)"]
+
+
+@pytest.mark.parametrize("k,k_v", [(3, 1), (5, 2), (12, 1), (40, 3)])
+def test_rerank_group_gate_matches_oracle(banks, vlm, k, k_v):
+    plain, _ = banks
+    got = retrieve(plain, QUERIES, k, vlm=vlm, k_v=k_v)  # images encoded on the fly
+    for j, (query, hits) in enumerate(zip(QUERIES, got)):
+        want, sv = oracle(plain, vlm, QUERIES, j, k, k_v)
+        assert [h.index for h in hits] == want, query
+        assert np.allclose([h.score for h in hits], [sv[i] for i in want], atol=1e-5)
+        assert len(hits) <= k
+        caps = [h.caption for h in hits]
+        assert all(caps.count(c) <= k_v for c in caps)
+        assert all(h.visual == h.score and h.dense is not None for h in hits)
+
+
+def test_rerank_without_vlm_uses_dense_score(banks):
+    plain, _ = banks
+    for k, k_v in ((4, 1), (10, 2)):
+        got = retrieve(plain, QUERIES, k, k_v=k_v)
+        for j, hits in enumerate(got):
+            want, _ = oracle(plain, None, QUERIES, j, k, k_v, use_vlm=False)
+            assert [h.index for h in hits] == want
+            assert all(h.visual is None and h.score == h.dense for h in hits)
+
+
+def test_gate_bm25_parameters_matter(banks, vlm):
+    plain, _ = banks
+    for k1, b in ((0.5, 0.1), (3.0, 1.0)):
+        got = retrieve(plain, QUERIES, 3, vlm=vlm, k_v=1, k1=k1, b=b)
+        for j, hits in enumerate(got):
+            want, _ = oracle(plain, vlm, QUERIES, j, 3, 1, k1=k1, b=b)
+            assert [h.index for h in hits] == want
+
+
+def test_stored_vlm_embeddings_match_on_the_fly(banks, vlm):
+    plain, withv = banks
+    assert withv.has_vlm and withv.manifest["vlm"]["name"] == "fixture" and withv.manifest["vlm"]["dim"] == 8
+    stored = withv.image_embeddings(np.arange(withv.count)).float()
+    from mgcl.retrieval.rerank import vlm_image_features
+
+    fresh = vlm_image_features(plain, vlm, np.arange(plain.count), {})
+    assert torch.allclose(stored, fresh, atol=2e-3)
+    a = retrieve(plain, QUERIES, 6, vlm=vlm, k_v=1)
+    b = retrieve(withv, QUERIES, 6, vlm=vlm, k_v=1)
+    for x, y in zip(a, b):
+        assert [h.index for h in x] == [h.index for h in y]
+        assert np.allclose([h.score for h in x], [h.score for h in y], atol=3e-3)
+
+
+def test_unreadable_images_are_dropped_and_counted(tmp_path, vlm):
+    recs = make_records(30, seed=2)
+    files = write_corpus(str(tmp_path), recs)
+    os.remove(os.path.join(str(tmp_path), "images", f"{recs[0]['id']}.png"))
+    out = str(tmp_path / "bank")
+    m = build_bank(files, out, embedder=EMB, vlm=vlm, shard_size=16, progress=False)
+    assert m["build"]["image_failures"] == 1
+    bank = MemoryBank.open(out)
+    assert not bank.image_embeddings([0]).any()
+    hits = retrieve(bank, [recs[0]["caption"]], 50, vlm=vlm)[0]
+    assert 0 not in {h.index for h in hits} and len(hits) > 0
+
+
+def test_retrieve_bad_inputs(banks, vlm):
+    plain, _ = banks
+    with pytest.raises(ValueError, match="k must be"):
+        retrieve(plain, ["x"], 0)
+    with pytest.raises(ValueError, match="k_v"):
+        retrieve(plain, ["x"], 3, k_v=0)
+    assert retrieve(plain, [], 3) == []
+
+
+# ---- the question pool ------------------------------------------------------------------------
+
+def test_shipped_pool():
+    pool = load_pool()
+    assert len(pool) >= 3000
+    assert len({q.text for q in pool}) == len(pool)
+    doms = pool_domains(pool)
+    assert len(doms) >= 12
+    for d in ("x-ray", "ct", "mri", "ultrasound", "histopathology", "cytology", "fundus", "oct", "dermoscopy",
+              "endoscopy"):
+        assert d in doms
+    assert len({q.finding.lower() for q in pool}) >= 300
+    assert all(q.text and q.domain and q.site and q.finding and q.finding in q.text for q in pool)
+    assert load_pool() == pool  # deterministic
+    by_dom = {d: sum(q.domain == d for q in pool) for d in doms}
+    assert min(by_dom.values()) >= 50
+
+
+def test_pool_extension(tmp_path):
+    base = load_pool()
+    p = tmp_path / "mine.yaml"
+    p.write_text(
+        "extends: builtin\n"
+        "domains:\n"
+        "  capillaroscopy:\n"
+        "    description: nailfold capillaroscopy image\n"
+        "    templates: ['nailfold capillaroscopy of the {site} showing {finding}']\n"
+        "    sites:\n"
+        "      finger: [giant capillaries of systemic sclerosis, capillary dropout]\n"
+        "  fundus:\n"
+        "    templates: ['a fundus photograph of the {site} showing {finding}']\n"
+        "    sites:\n"
+        "      retina: [Coats disease]\n")
+    ext = load_pool(str(p))
+    assert len(ext) == len(base) + 2 + 8  # Coats disease gets every fundus template
+    assert Question("nailfold capillaroscopy of the finger showing capillary dropout", "capillaroscopy", "finger",
+                    "capillary dropout") in ext
+    assert any(q.finding == "Coats disease" for q in ext)
+    only = tmp_path / "only.yaml"
+    only.write_text("domains:\n  capillaroscopy:\n    templates: ['{finding}']\n    sites:\n      finger: [a, b]\n")
+    assert [q.text for q in load_pool(str(only))] == ["a", "b"]
+    jl = tmp_path / "q.jsonl"
+    jl.write_text(json.dumps({"text": "my question", "domain": "x-ray"}) + "\n")
+    assert load_pool(str(jl)) == [Question("my question", "x-ray", "", "")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domains:\n  d:\n    templates: ['no placeholder']\n    sites: {s: [f]}\n")
+    with pytest.raises(ValueError, match="finding"):
+        load_pool(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_pool(str(tmp_path / "missing.yaml"))
+
+
+# ---- the Dynamic Siphon --------------------------------------------------------------------------
+
+class FinishedTask:
+    def __init__(self, name, domain, classnames, template="{}", train=None):
+        self.name, self.domain, self.classnames, self.template, self.train = name, domain, classnames, template, train
+
+    def prompts(self):
+        return [self.template.format(c) for c in self.classnames]
+
+
+HISTORY = [FinishedTask("pd", "x-ray", ["pneumothorax", "pleural effusion", "cardiomegaly"], "chest x-ray with {}"),
+           FinishedTask("breakhis", "pathology", ["fibroadenoma", "invasive ductal carcinoma"], "histology of {}")]
+
+
+def test_siphon_levels_dedup_and_priority(banks, small_pool, vlm):
+    _, withv = banks
+    s = Siphon(withv, small_pool, EMB, vlm=vlm, a=4, b=3, c=2, n_general=6, k_v=1, seed=0)
+    ref = s.reference_set(HISTORY)
+    counts = ref.level_counts()
+    assert counts["task"] > 0 and counts["domain"] > 0 and counts["general"] > 0
+    assert sum(counts.values()) == len(ref)
+    idx = ref.indices()
+    assert len(idx) == len(set(idx))  # de-duplicated by bank entry
+    assert s.last_domains == {"pd": "x-ray", "breakhis": "histopathology"}  # Phi_D via names and aliases
+    qs = s.queries(HISTORY)
+    assert qs["task"] == [p for t in HISTORY for p in t.prompts()]
+    assert {q.domain for q in small_pool if q.text in qs["domain"]} == {"x-ray", "histopathology"}
+    assert len(qs["general"]) == 6 and not {q.domain for q in small_pool if q.text in qs["general"]} & {
+        "x-ray", "histopathology"}
+    # every level's own retrieval, recomputed: an entry takes the highest level that found it
+    found = {}
+    for level, k in (("general", 2), ("domain", 3), ("task", 4)):
+        for hits in retrieve(withv, qs[level], k, vlm=vlm, k_v=1):
+            for h in hits:
+                found[h.index] = level
+    assert {r["index"]: r["level"] for r in ref} == found
+    for r in ref:
+        assert r["caption"] == withv.meta["caption"][r["index"]] and r["query"] in qs[r["level"]]
+
+
+def test_siphon_is_deterministic(banks, small_pool):
+    plain, _ = banks
+    a = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=5, k_v=1, seed=11).reference_set(HISTORY)
+    b = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=5, k_v=1, seed=11).reference_set(HISTORY)
+    assert a.rows == b.rows
+    s1 = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=5, k_v=1, seed=11)
+    s2 = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=5, k_v=1, seed=12)
+    assert s1.queries(HISTORY)["general"] != s2.queries(HISTORY)["general"]
+    # first task: nothing finished yet, general level only
+    first = s1.reference_set([])
+    assert set(first.level_counts()) <= {"task", "domain", "general"} and first.level_counts()["task"] == 0
+    assert first.level_counts()["domain"] == 0 and first.level_counts()["general"] > 0
+
+
+def test_siphon_domain_mapper(banks, small_pool, vlm):
+    plain, _ = banks
+    # undeclared domain, no VLM: the text embedder on the class prompts
+    s = Siphon(plain, small_pool, EMB, a=2, b=2, c=2, n_general=2, k_v=1, seed=0)
+    t = FinishedTask("mystery", "retina-cam", ["glaucoma", "drusen"], "fundus photograph of the retina with {}")
+    assert s.map_domain(t) in pool_domains(small_pool)
+    # with a VLM and training images: zero-shot over the pool's domains, a deterministic answer
+    imgs = [(open_image(p), 0) for p in plain.meta["image"][:10]]
+    sv = Siphon(plain, small_pool, EMB, vlm=vlm, a=2, b=2, c=2, n_general=2, k_v=1, seed=0)
+    t2 = FinishedTask("mystery2", "unknown", ["a", "b"], train=imgs)
+    d = sv.map_domain(t2)
+    assert d in pool_domains(small_pool) and sv.map_domain(t2) == d
+    # declared domains resolve by name, case and alias
+    for declared, want in (("Fundus", "fundus"), ("xray", "x-ray"), ("colonoscopy", "endoscopy")):
+        assert s.map_domain(FinishedTask("t", declared, ["a", "b"])) == want
+
+
+def test_siphon_accepts_cl_task(banks, small_pool):
+    from mgcl.cl.tasks import Task
+
+    plain, _ = banks
+    task = Task("chexchonet", "x-ray", ["normal", "pneumothorax"], ["chest x-ray with {}"], train=[], test=[])
+    s = Siphon(plain, small_pool, EMB, a=2, b=2, c=2, n_general=3, k_v=1, seed=0)
+    ref = s.reference_set([task])
+    assert ref.level_counts()["task"] > 0 and s.last_domains == {"chexchonet": "x-ray"}
+
+
+def test_siphon_bad_args(banks, small_pool):
+    plain, _ = banks
+    with pytest.raises(ValueError, match="a must be"):
+        Siphon(plain, small_pool, EMB, a=0, b=1, c=1, n_general=1, k_v=1, seed=0)
+    with pytest.raises(ValueError, match="k_v"):
+        Siphon(plain, small_pool, EMB, a=1, b=1, c=1, n_general=1, k_v=0, seed=0)
+    with pytest.raises(ValueError, match="dim 64"):
+        Siphon(plain, small_pool, "hashing:32", a=1, b=1, c=1, n_general=1, k_v=1, seed=0)
+    with pytest.raises(ValueError, match="empty question pool"):
+        Siphon(plain, [], EMB, a=1, b=1, c=1, n_general=1, k_v=1, seed=0)
+
+
+def test_uniform_set(banks, small_pool):
+    plain, _ = banks
+    s = Siphon(plain, small_pool, EMB, a=1, b=1, c=1, n_general=1, k_v=2, seed=0)
+    kws = ["chest x-ray", "histology", "fundus photograph", "dermoscopy", "colonoscopy"]
+    u = s.uniform_set(20, keywords=kws)
+    assert len(u) == 20 and len(set(u.indices())) == 20
+    assert u.level_counts() == {"task": 0, "domain": 0, "general": 0, "uniform": 20}
+    per = {k: sum(r["query"] == k for r in u) for k in kws}
+    assert per == {k: 4 for k in kws}
+    assert s.uniform_set(20, keywords=kws).rows == u.rows
+    default = s.uniform_set(60)  # the taxonomy's ~30 keywords
+    assert len(default) == 60 and len({r["query"] for r in default}) >= 25
+    assert len(s.uniform_set(10_000, keywords=kws)) <= plain.count
+
+
+# ---- ReferenceSet --------------------------------------------------------------------------------
+
+def test_reference_set_save_load_and_batches(banks, small_pool, vlm, tmp_path):
+    plain, _ = banks
+    ref = Siphon(plain, small_pool, EMB, vlm=vlm, a=4, b=3, c=2, n_general=6, k_v=1, seed=0).reference_set(HISTORY)
+    p = tmp_path / "ref.parquet"
+    ref.save(str(p))
+    back = ReferenceSet.load(str(p))
+    assert len(back) == len(ref)
+    for x, y in zip(ref.rows, back.rows):
+        assert {k: v for k, v in x.items() if k != "score"} == {k: v for k, v in y.items() if k != "score"}
+        assert abs(x["score"] - y["score"]) < 1e-6
+    weights = {"task": 3.0, "domain": 2.0, "general": 0.5}
+    batches = list(ref.batches(vlm, 7, level_weights=weights, seed=3))
+    assert sum(len(b.levels) for b in batches) == len(ref)
+    b0 = batches[0]
+    assert b0.images.shape == (7, 3, 12, 12) and b0.images.dtype == torch.float32
+    assert b0.tokens.shape == (7, 16) and b0.weights.dtype == torch.float32
+    assert b0.weights.tolist() == [weights[lvl] for lvl in b0.levels]
+    again = list(ref.batches(vlm, 7, level_weights=weights, seed=3))
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(batches, again))
+    assert len(list(ref.batches(vlm, 7, drop_last=True))) == len(ref) // 7
+    plain_order = next(iter(ref.batches(vlm, len(ref), shuffle=False)))
+    assert plain_order.levels == [r["level"] for r in ref] and bool((plain_order.weights == 1).all())
+    with pytest.raises(ValueError, match="unknown level"):
+        next(iter(ref.batches(vlm, 4, level_weights={"tsak": 1.0})))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter(ref.batches(vlm, 0)))
+    with pytest.raises(ValueError, match="not a reference set"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
+        ReferenceSet.load(str(tmp_path / "bad.parquet"))
