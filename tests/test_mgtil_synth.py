@@ -152,6 +152,22 @@ def test_corpus_shards_are_webdataset(quick, tmp_path):
     assert len(set(c.ids)) == len(c)
 
 
+def test_image_refs_match_the_bank_builder(quick, monkeypatch):
+    """The retrieval builder stores "<absolute tar path>::<member>"; so does the corpus, even when
+    the cache is opened through a relative path."""
+    from mgcl.retrieval.corpus import Record, read_corpus
+
+    monkeypatch.chdir(quick.root.parent)
+    rel = synth.load(quick.root.name)
+    assert rel.root.is_absolute() and rel.root == quick.root
+    c = rel.corpus()
+    records = [r for r in read_corpus(rel.corpus_shards[:1])]
+    assert all(isinstance(r, Record) for r in records) and len(records) == synth.SIZES[True]["shard"]
+    for i in (0, 17, len(records) - 1):
+        r = records[i]
+        assert (r.id, r.caption, r.domain, r.image) == (c.ids[i], c.captions[i], c.domains[i], c.image_ref(i))
+
+
 def test_class_prompts_retrieve_relevant_pairs(quick):
     """Lexical retrieval (BM25) for each task's class prompts: the top captions come from the
     task's domain, and mostly describe that class's finding."""

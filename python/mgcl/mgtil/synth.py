@@ -638,7 +638,7 @@ def load(root, seed: int | None = None, quick: bool | None = None) -> SynthData:
     """Open a built mgtil-synth directory; ``seed`` / ``quick``, when given, must match it."""
     from .data import load_benchmark
 
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().absolute()      # image refs are "<absolute tar path>::<member>"
     try:
         m = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError) as e:
