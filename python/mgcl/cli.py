@@ -202,6 +202,62 @@ def _add_db(sub) -> None:
     s.set_defaults(func=cmd_db_info)
 
 
+# ---- mgcl mgtil -----------------------------------------------------------------------
+
+def cmd_mgtil_check(args) -> int:
+    from .mgtil import data
+
+    try:
+        report = data.check(args.root, args.benchmark)
+    except ValueError as e:
+        print(f"mgcl mgtil check: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 1 if report.errors or (args.strict and report.warnings) else 0
+
+
+def cmd_mgtil_list(args) -> int:
+    from .mgtil.benchmarks import benchmark_names, get_benchmark
+
+    try:
+        benches = [get_benchmark(n) for n in ([args.benchmark] if args.benchmark else benchmark_names())]
+    except ValueError as e:
+        print(f"mgcl mgtil list: {e}", file=sys.stderr)
+        return 2
+    for b in benches:
+        print(f"{b.display_name}: {b.title}; order: {b.order}")
+        for i, d in enumerate(b.datasets, 1):
+            tag = "  [SYNTHETIC]" if d.synthetic else ""
+            print(f"  {i:>2}. {d.name:<24} {d.domain:<15} {d.num_classes:>3} classes {d.n_images:>9,} images{tag}")
+            if args.classes:
+                print("      " + " | ".join(d.classes))
+        print()
+    return 0
+
+
+def _add_mgtil(sub) -> None:
+    s = sub.add_parser("mgtil", help="MGTIL benchmarks: the definitions, and checking a data root")
+    msub = s.add_subparsers(dest="mgtil_command", required=True)
+    m = msub.add_parser("check", help="report what a data root holds for a benchmark, without loading images")
+    m.add_argument("--root", required=True,
+                   help="data root: ROOT/<dataset>/{train,test}/<class>/* or "
+                        "ROOT/<dataset>/{train,test}.csv (columns path,label)")
+    m.add_argument("--benchmark", default=None,
+                   help="hmt-order1 | hmt-order2 | medxtreme-order1 | medxtreme-order2 | mgtil-synth | "
+                        "mgtil-synth-quick (default: every real dataset)")
+    m.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    m.add_argument("--strict", action="store_true",
+                   help="exit 1 on warnings too (image counts, classes without images)")
+    m.set_defaults(func=cmd_mgtil_check)
+    m = msub.add_parser("list", help="the benchmarks, their task order and datasets")
+    m.add_argument("--benchmark", default=None, help="one benchmark (default: all)")
+    m.add_argument("--classes", action="store_true", help="also print each dataset's class labels")
+    m.set_defaults(func=cmd_mgtil_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     _add_db(sub)
+    _add_mgtil(sub)
     return p
 
 

@@ -1,0 +1,363 @@
+"""The MGTIL benchmark definitions (SPEC.md section 7): every dataset's name,
+domain, class labels, prompt templates and expected size, and the task orders
+of HieraMedTransfer (HMT) and MedXtreme.
+
+Nothing here touches the disk: ``mgcl.mgtil.data`` reads a user's data root
+against these definitions (``check`` and ``load_benchmark``).
+
+Class labels. ``DatasetDef.classes`` are the labels as the dataset itself
+spells them (the names a data root's class folders or csv labels are matched
+against, see ``mgcl.mgtil.data``); ``DatasetDef.prompt_names`` are the same
+classes in plain words, the text that goes into the prompt templates
+(``Task.classnames``). Class index i is the i-th entry of both.
+
+Sizes. ``n_images`` is the total image count of SPEC.md. The paper's train /
+test split sizes are not in SPEC.md, so ``n_train`` / ``n_test`` are None for
+the real datasets and ``mgcl mgtil check`` compares the total only.
+
+Where a label set is reconstructed from memory rather than from the dataset's
+own files, ``DatasetDef.notes`` says so; ``mgcl mgtil check`` on a user's root
+is the way to catch a mismatch (it reports class folders / labels it does not
+know).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+# Domain tags, shared with the synthetic benchmark; lower case, one per imaging modality.
+DOMAINS = ("x-ray", "histopathology", "fundus", "cytology", "dermoscopy", "endoscopy")
+
+
+@dataclass(frozen=True)
+class DatasetDef:
+    """One dataset of a benchmark (one task of a sequence)."""
+
+    name: str                       # folder name under a data root, e.g. "RANZCR"
+    domain: str                     # imaging domain tag (DOMAINS for the real datasets)
+    site: str                       # anatomical site / subject, e.g. "chest", "retina"
+    classes: tuple[str, ...]        # the dataset's own labels, index order
+    prompt_names: tuple[str, ...]   # the same classes in words, for prompts
+    templates: tuple[str, ...]      # prompt formats with one "{}"; index 0 is the canonical one
+    n_images: int                   # total images (train + test), SPEC.md
+    n_train: int | None = None      # expected train / test sizes where known
+    n_test: int | None = None
+    aliases: tuple[tuple[str, str], ...] = ()  # (other spelling, class label) pairs a root may use
+    source: str = ""                # where the dataset comes from
+    notes: str = ""                 # uncertainty about the label set, choices made by mgcl
+    synthetic: bool = False         # True for mgtil-synth: generated data, not medical images
+
+    def __post_init__(self):
+        if len(self.classes) != len(self.prompt_names):
+            raise ValueError(f"{self.name}: {len(self.classes)} classes but {len(self.prompt_names)} prompt names")
+        if len(set(self.classes)) != len(self.classes) or len(set(self.prompt_names)) != len(self.prompt_names):
+            raise ValueError(f"{self.name}: duplicated class labels or prompt names")
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"{self.name}: template {t!r} must contain exactly one '{{}}'")
+        for alias, label in self.aliases:
+            if label not in self.classes:
+                raise ValueError(f"{self.name}: alias {alias!r} names unknown class {label!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prompts(self, template: int = 0) -> list[str]:
+        return [self.templates[template].format(c) for c in self.prompt_names]
+
+
+@dataclass(frozen=True)
+class BenchmarkDef:
+    """A task sequence: ``datasets`` in training order."""
+
+    name: str
+    title: str
+    datasets: tuple[DatasetDef, ...]
+    order: str                      # how the order was made, in words
+    seed: int | None = None         # the seed of a seeded permutation
+    synthetic: bool = False
+    aliases: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    def dataset(self, name: str) -> DatasetDef:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(f"{self.name}: no dataset {name!r}; datasets: {', '.join(self.names)}")
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name} (SYNTHETIC data)" if self.synthetic else self.name
+
+
+# ---- prompt templates per domain ---------------------------------------------------------
+
+_XRAY = ("a chest x-ray showing {}.", "a chest radiograph with {}.", "a frontal chest x-ray demonstrating {}.")
+_XRAY_DEVICE = ("a chest x-ray with {}.", "a chest radiograph showing {}.", "a portable chest x-ray with {}.")
+_PATH = ("a histopathology image of {}.", "an H&E stained tissue section showing {}.",
+         "a microscopy image of {} tissue.")
+_NUCLEI = ("a histopathology image of {}.", "an H&E stained image patch showing {}.",
+           "a microscopy image of {} in breast cancer tissue.")
+_FUNDUS = ("a fundus photograph of {}.", "a retinal fundus image showing {}.", "a color fundus photo with {}.")
+_CELL = ("a microscopy image of a bone marrow {}.", "a bone marrow smear showing a {}.",
+         "a May-Grunwald-Giemsa stained {} from bone marrow.")
+_DERM = ("a dermoscopy image of {}.", "a dermoscopic photograph showing {}.", "a skin lesion image of {}.")
+_ENDO = ("an endoscopic pituitary surgery frame during {}.", "an endoscopic video frame showing {}.",
+         "a surgical endoscopy image of the {} step.")
+
+
+# ---- HieraMedTransfer datasets (SPEC order) ------------------------------------------
+
+RANZCR = DatasetDef(
+    name="RANZCR", domain="x-ray", site="chest (catheters and tubes)",
+    classes=("ETT - Abnormal", "ETT - Borderline", "ETT - Normal",
+             "NGT - Abnormal", "NGT - Borderline", "NGT - Incompletely Imaged", "NGT - Normal",
+             "CVC - Abnormal", "CVC - Borderline", "CVC - Normal", "Swan Ganz Catheter Present"),
+    prompt_names=("endotracheal tube in abnormal position", "endotracheal tube in borderline position",
+                  "endotracheal tube in normal position",
+                  "nasogastric tube in abnormal position", "nasogastric tube in borderline position",
+                  "incompletely imaged nasogastric tube", "nasogastric tube in normal position",
+                  "central venous catheter in abnormal position", "central venous catheter in borderline position",
+                  "central venous catheter in normal position", "Swan-Ganz catheter"),
+    templates=_XRAY_DEVICE, n_images=33_665,
+    source="RANZCR CLiP - Catheter and Line Position Challenge (Kaggle 2021)",
+    notes="The 11 labels are the competition's target columns. RANZCR is multi-label; a single-label "
+          "task needs one label per image (how the paper resolved this is not in SPEC.md).",
+)
+
+CHEXCHONET = DatasetDef(
+    name="CheXchoNet", domain="x-ray", site="chest (heart)",
+    classes=("No SLVH or DLV", "SLVH", "DLV", "SLVH and DLV"),
+    prompt_names=("no left ventricular abnormality", "severe left ventricular hypertrophy",
+                  "dilated left ventricle", "severe left ventricular hypertrophy and dilated left ventricle"),
+    templates=_XRAY, n_images=71_589,
+    source="CheXchoNet, PhysioNet 2024 (Bhave et al., Eur Heart J 2024)",
+    notes="UNCERTAIN: CheXchoNet ships two binary echo labels (SLVH, DLV) and their composite; the 4 "
+          "classes here are mgcl's reading of '4 classes' as the four SLVH x DLV combinations.",
+)
+
+PD = DatasetDef(
+    name="PD", domain="x-ray", site="lung",
+    classes=("COVID-19", "Pneumonia", "Normal"),
+    prompt_names=("COVID-19", "pneumonia", "normal lungs"),
+    templates=_XRAY, n_images=4_575,
+    source="chest x-ray pneumonia / COVID-19 collection ('PD' in the paper)",
+    notes="Class order (COVID-19, Pneumonia, Normal) is mgcl's choice.",
+)
+
+BREAKHIS = DatasetDef(
+    name="BreakHis", domain="histopathology", site="breast",
+    classes=("benign", "malignant"),
+    prompt_names=("benign breast tumor", "malignant breast tumor"),
+    templates=_PATH, n_images=7_909,
+    source="BreakHis (Spanhol et al., 2016)",
+)
+
+CHAOYANG = DatasetDef(
+    name="Chaoyang", domain="histopathology", site="colon",
+    classes=("normal", "serrated", "adenocarcinoma", "adenoma"),
+    prompt_names=("normal colonic mucosa", "serrated colorectal lesion", "colorectal adenocarcinoma",
+                  "colorectal adenoma"),
+    templates=_PATH, n_images=6_160,
+    source="Chaoyang colon pathology dataset (Zhu et al., ICCV 2021); label indices 0-3 as in its json files",
+)
+
+NUCLS = DatasetDef(
+    name="NuCLS", domain="histopathology", site="breast (nuclei)",
+    classes=("tumor", "non-tumor"),
+    prompt_names=("tumor cell nuclei", "non-tumor cell nuclei"),
+    templates=_NUCLEI, n_images=33_284,
+    source="NuCLS nucleus classification dataset (Amgad et al., 2022)",
+    notes="UNCERTAIN: NuCLS has ~13 nucleus classes grouped into super-classes; the binary split "
+          "tumor / non-tumor is mgcl's reading of '2 classes'.",
+)
+
+EYEPACS = DatasetDef(
+    name="EyePACS", domain="fundus", site="retina",
+    classes=("No DR", "Mild", "Moderate", "Severe", "Proliferative DR"),
+    prompt_names=("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
+                  "severe diabetic retinopathy", "proliferative diabetic retinopathy"),
+    templates=_FUNDUS, n_images=35_126,
+    source="EyePACS / Kaggle Diabetic Retinopathy Detection (2015), levels 0-4 (folders 0-4 also resolve)",
+)
+
+AIROGS = DatasetDef(
+    name="AIROGS", domain="fundus", site="retina (optic disc)",
+    classes=("NRG", "RG"),
+    prompt_names=("no referable glaucoma", "referable glaucoma"),
+    templates=_FUNDUS, n_images=101_442,
+    source="Rotterdam EyePACS AIROGS challenge (2022): labels NRG / RG",
+)
+
+FARFUM_ROP = DatasetDef(
+    name="FARFUM-RoP", domain="fundus", site="retina (infant)",
+    classes=("Normal", "Pre-Plus", "Plus"),
+    prompt_names=("normal retinal vessels", "pre-plus disease of retinopathy of prematurity",
+                  "plus disease of retinopathy of prematurity"),
+    templates=_FUNDUS, n_images=1_533,
+    source="FARFUM-RoP (Farabi hospital retinopathy of prematurity dataset)",
+    notes="Plus-disease grading Normal / Pre-Plus / Plus, from memory of the dataset description.",
+)
+
+# ---- MedXtreme datasets ---------------------------------------------------------------------
+
+AOD = DatasetDef(
+    name="AOD", domain="fundus", site="retina",
+    classes=("Normal", "Diabetes", "Glaucoma", "Cataract", "AMD", "Hypertension", "Myopia", "Other"),
+    prompt_names=("normal fundus", "diabetic retinopathy", "glaucoma", "cataract",
+                  "age-related macular degeneration", "hypertensive retinopathy", "pathological myopia",
+                  "other fundus abnormality"),
+    templates=_FUNDUS, n_images=10_000,
+    source="ocular disease fundus set, 10,000 images",
+    aliases=(("N", "Normal"), ("D", "Diabetes"), ("G", "Glaucoma"), ("C", "Cataract"), ("A", "AMD"),
+             ("H", "Hypertension"), ("M", "Myopia"), ("O", "Other")),
+    notes="UNCERTAIN: mgcl reads 'AOD' as the ODIR-5K ocular disease set (5,000 patients x 2 eyes = "
+          "10,000 images, 8 labels N/D/G/C/A/H/M/O; the single letters resolve as aliases).",
+)
+
+BMC = DatasetDef(
+    name="BMC", domain="cytology", site="bone marrow",
+    classes=("ABE", "ART", "BAS", "BLA", "EBO", "EOS", "FGC", "HAC", "KSC", "LYI", "LYT",
+             "MMZ", "MON", "MYB", "NGB", "NGS", "NIF", "OTH", "PEB", "PLM", "PMO"),
+    prompt_names=("abnormal eosinophil", "artefact", "basophil", "blast", "erythroblast", "eosinophil",
+                  "faggot cell", "hairy cell", "smudge cell", "immature lymphocyte", "lymphocyte",
+                  "metamyelocyte", "monocyte", "myelocyte", "band neutrophil", "segmented neutrophil",
+                  "not identifiable cell", "other cell", "proerythroblast", "plasma cell", "promyelocyte"),
+    templates=_CELL, n_images=171_375,
+    source="Bone marrow cytomorphology (Matek et al., Blood 2021), 21 class folders",
+)
+
+ISIC2024 = DatasetDef(
+    name="ISIC2024", domain="dermoscopy", site="skin",
+    classes=("AIMP", "acrochordon", "actinic keratosis", "angiofibroma or fibrous papule", "angiokeratoma",
+             "angioma", "atypical melanocytic proliferation", "atypical spitz tumor", "basal cell carcinoma",
+             "cafe-au-lait macule", "clear cell acanthoma", "dermatofibroma", "lentigo NOS", "lentigo simplex",
+             "lichenoid keratosis", "melanoma", "melanoma metastasis", "mucosal melanosis", "neurofibroma",
+             "nevus", "nevus spilus", "other", "pigmented benign keratosis", "porokeratosis",
+             "pyogenic granuloma", "scar", "sebaceous adenoma", "sebaceous hyperplasia", "seborrheic keratosis",
+             "solar lentigo", "squamous cell carcinoma", "vascular lesion", "verruca"),
+    prompt_names=("atypical intraepidermal melanocytic proliferation", "acrochordon", "actinic keratosis",
+                  "angiofibroma or fibrous papule", "angiokeratoma", "angioma",
+                  "atypical melanocytic proliferation", "atypical Spitz tumor", "basal cell carcinoma",
+                  "cafe-au-lait macule", "clear cell acanthoma", "dermatofibroma", "lentigo",
+                  "lentigo simplex", "lichenoid keratosis", "melanoma", "melanoma metastasis",
+                  "mucosal melanosis", "neurofibroma", "melanocytic nevus", "nevus spilus", "other skin lesion",
+                  "pigmented benign keratosis", "porokeratosis", "pyogenic granuloma", "scar",
+                  "sebaceous adenoma", "sebaceous hyperplasia", "seborrheic keratosis", "solar lentigo",
+                  "squamous cell carcinoma", "vascular lesion", "verruca"),
+    templates=_DERM, n_images=81_722,
+    source="ISIC archive, 2024 release",
+    notes="UNCERTAIN: 33 ISIC-archive 'diagnosis' values reconstructed from memory; the exact 33 used by "
+          "MedXtreme (and how the 2024 hierarchical iddx labels were flattened) are not in SPEC.md.",
+)
+
+NCT_CRC = DatasetDef(
+    name="NCT-CRC-HE-100K", domain="histopathology", site="colon",
+    classes=("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"),
+    prompt_names=("adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    templates=_PATH, n_images=100_000,
+    source="NCT-CRC-HE-100K (Kather et al., 2018), 9 tissue class folders",
+)
+
+NIH_CXR = DatasetDef(
+    name="NIH-ChestX-ray", domain="x-ray", site="chest",
+    classes=("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+             "No Finding"),
+    prompt_names=("atelectasis", "cardiomegaly", "pleural effusion", "infiltration", "lung mass",
+                  "lung nodule", "pneumonia", "pneumothorax", "consolidation", "pulmonary edema", "emphysema",
+                  "pulmonary fibrosis", "pleural thickening", "hernia", "no finding"),
+    templates=_XRAY, n_images=112_120,
+    source="NIH ChestX-ray14 (Wang et al., CVPR 2017): 14 findings + No Finding",
+    notes="ChestX-ray14 is multi-label; a single-label task needs one label per image.",
+)
+
+PITVIS = DatasetDef(
+    name="PITVIS", domain="endoscopy", site="pituitary (endonasal surgery)",
+    classes=("operation not started", "nasal corridor creation", "anterior sphenoidotomy", "septum displacement",
+             "sphenoid sinus clearance", "sellotomy", "durotomy", "tumour excision", "haemostasis",
+             "synthetic graft placement", "fat graft placement", "gasket seal construct", "dural sealant",
+             "nasal packing", "debris clearance"),
+    prompt_names=("no surgical step", "nasal corridor creation", "anterior sphenoidotomy", "septum displacement",
+                  "sphenoid sinus clearance", "sellotomy", "durotomy", "tumour excision", "haemostasis",
+                  "synthetic graft placement", "fat graft placement", "gasket seal construct", "dural sealant",
+                  "nasal packing", "debris clearance"),
+    templates=_ENDO, n_images=120_024,
+    source="PitVis 2023 challenge (endoscopic pituitary surgery videos), step labels",
+    notes="The 14 surgical steps follow the challenge's step map; the 15th class, the frames outside any "
+          "step (labelled -1 / 'operation not started' in the challenge files), is mgcl's reading of "
+          "'15 steps' - UNCERTAIN.",
+)
+
+
+# ---- orders --------------------------------------------------------------------------------
+
+def alphabetical(datasets) -> tuple[DatasetDef, ...]:
+    """Case-insensitive alphabetical order of dataset names."""
+    return tuple(sorted(datasets, key=lambda d: d.name.casefold()))
+
+
+def seeded_permutation(datasets, seed: int, salt: str) -> tuple[DatasetDef, ...]:
+    """A permutation that depends only on ``seed``, ``salt`` and the names (not on
+    any RNG implementation): sort by sha256 of ``f"{salt}/{seed}/{name}"``."""
+    return tuple(sorted(datasets, key=lambda d: hashlib.sha256(f"{salt}/{seed}/{d.name}".encode()).hexdigest()))
+
+
+HMT_DATASETS = (RANZCR, CHEXCHONET, PD, BREAKHIS, CHAOYANG, NUCLS, EYEPACS, AIROGS, FARFUM_ROP)
+MEDX_DATASETS = (AOD, BMC, ISIC2024, NCT_CRC, NIH_CXR, PITVIS)
+
+MEDX_ORDER2_SEED = 0
+MEDX_ORDER2_SALT = "mgcl/medxtreme"
+# The result of seeded_permutation(MEDX_DATASETS, 0, "mgcl/medxtreme"), recorded so a change is caught.
+MEDX_ORDER2_NAMES = ("BMC", "NCT-CRC-HE-100K", "PITVIS", "AOD", "ISIC2024", "NIH-ChestX-ray")
+
+HMT_ORDER1 = BenchmarkDef(
+    name="hmt-order1", title="HieraMedTransfer, Order I", datasets=HMT_DATASETS,
+    order="SPEC order: x-ray, then pathology, then fundus", aliases=("hmt-1", "hmt-i", "hieramedtransfer-i"),
+)
+HMT_ORDER2 = BenchmarkDef(
+    name="hmt-order2", title="HieraMedTransfer, Order II", datasets=alphabetical(HMT_DATASETS),
+    order="alphabetical", aliases=("hmt-2", "hmt-ii", "hieramedtransfer-ii"),
+)
+MEDX_ORDER1 = BenchmarkDef(
+    name="medxtreme-order1", title="MedXtreme, Order I", datasets=alphabetical(MEDX_DATASETS),
+    order="alphabetical", aliases=("medx-1", "medx-i", "medxtreme-i"),
+)
+MEDX_ORDER2 = BenchmarkDef(
+    name="medxtreme-order2", title="MedXtreme, Order II",
+    datasets=tuple(next(d for d in MEDX_DATASETS if d.name == n) for n in MEDX_ORDER2_NAMES),
+    order=f"seeded permutation: sha256 sort, seed {MEDX_ORDER2_SEED}, salt {MEDX_ORDER2_SALT!r}",
+    seed=MEDX_ORDER2_SEED, aliases=("medx-2", "medx-ii", "medxtreme-ii"),
+)
+
+# The real benchmarks. The synthetic ones ("mgtil-synth", "mgtil-synth-quick") are
+# defined in mgcl.mgtil.synth and resolved by get_benchmark.
+BENCHMARKS = {b.name: b for b in (HMT_ORDER1, HMT_ORDER2, MEDX_ORDER1, MEDX_ORDER2)}
+SYNTH_BENCHMARKS = ("mgtil-synth", "mgtil-synth-quick")
+
+
+def benchmark_names() -> list[str]:
+    return list(BENCHMARKS) + list(SYNTH_BENCHMARKS)
+
+
+def get_benchmark(name: str) -> BenchmarkDef:
+    """A benchmark by name or alias (case-insensitive)."""
+    key = name.strip().lower()
+    if key in SYNTH_BENCHMARKS:
+        from . import synth
+
+        return synth.benchmark(quick=key.endswith("-quick"))
+    for b in BENCHMARKS.values():
+        if key == b.name or key in b.aliases:
+            return b
+    raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(benchmark_names())}")
+
+
+def all_real_datasets() -> tuple[DatasetDef, ...]:
+    """The 15 real datasets, HMT then MedXtreme (each once)."""
+    return HMT_DATASETS + MEDX_DATASETS
