@@ -258,6 +258,71 @@ def _add_mgtil(sub) -> None:
     m.set_defaults(func=cmd_mgtil_list)
 
 
+# ---- mgcl demo / run / report -----------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .mgtil import demo
+
+    return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+
+
+def cmd_run(args) -> int:
+    from .mgtil import report, run
+
+    try:
+        cfg = run.load_config(args.config)
+        if args.check:
+            print(f"{args.config}: OK ({cfg['benchmark']}, {cfg['model']['adapter']}, {cfg['strategy']['name']})")
+            return 0
+        res = run.run(cfg, resume=args.resume, progress=not args.no_progress)
+    except run.ConfigError as exc:
+        print(f"mgcl run: {exc}", file=sys.stderr)
+        return 2
+    print(report.format_table(res))
+    print(f"wrote {cfg['output_dir']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import os
+
+    from .mgtil import report
+
+    try:
+        loaded = [report.load(p) for p in args.runs]
+    except ValueError as exc:
+        print(f"mgcl report: {exc}", file=sys.stderr)
+        return 2
+    labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
+              for p in args.runs]
+    res = report.combine(loaded, labels)
+    print(report.format_table(res))
+    files = report.render(res, args.out, plots=not args.no_plots)
+    report.write_json(os.path.join(args.out, "combined.json"), res)
+    print("wrote " + ", ".join(files + [os.path.join(args.out, "combined.json")]))
+    return 0
+
+
+def _add_experiments(sub) -> None:
+    s = sub.add_parser("demo", help="the whole method on the SYNTHETIC benchmark mgtil-synth (no data, no GPU)")
+    s.add_argument("--out", default="mgcl-demo", help="output directory (default: ./mgcl-demo)")
+    s.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test, noisy numbers)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the pretraining")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
+    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("run", help="one continual-learning run from a YAML config (see configs/)")
+    s.add_argument("config", help="YAML config: benchmark, data_root, model, strategy, retrieval, train, output_dir")
+    s.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    s.add_argument("--check", action="store_true", help="only validate the config")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("report", help="tables and plots of one or several runs / demo outputs, side by side")
+    s.add_argument("runs", nargs="+", help="run or demo output directories (or their results.json)")
+    s.add_argument("--out", default="mgcl-report", help="where the tables and plots go (default: ./mgcl-report)")
+    s.add_argument("--no-plots", action="store_true")
+    s.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -276,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_db(sub)
     _add_mgtil(sub)
+    _add_experiments(sub)
     return p
 
 

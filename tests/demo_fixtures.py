@@ -1,0 +1,49 @@
+"""One `mgcl demo --quick` per test session, shared by test_demo.py and
+test_run.py (each wraps ``quick_demo`` in a session fixture; the work is
+memoised here, so it runs once). It runs from a cold cache in a temporary
+directory, through the command line, like CI's smoke test."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_MEMO: dict = {}
+
+
+@dataclass
+class QuickDemo:
+    out: Path           # --out DIR
+    cache: Path         # the MGCL_CACHE it ran with
+    stdout: str         # what `mgcl demo` printed
+    rc: int
+    seconds: float
+
+    @property
+    def assets(self) -> Path:
+        return self.cache / "demo" / "v1-seed0-quick"
+
+
+def quick_demo(tmp_path_factory) -> QuickDemo:
+    if "demo" not in _MEMO:
+        from mgcl import cli
+
+        base = tmp_path_factory.mktemp("quick-demo")
+        cache, out = base / "cache", base / "out"
+        old = os.environ.get("MGCL_CACHE")
+        os.environ["MGCL_CACHE"] = str(cache)
+        buf = io.StringIO()
+        t0 = time.time()
+        try:
+            with contextlib.redirect_stdout(buf):
+                rc = cli.main(["demo", "--quick", "--out", str(out), "--no-progress"])
+        finally:
+            if old is None:
+                os.environ.pop("MGCL_CACHE", None)
+            else:
+                os.environ["MGCL_CACHE"] = old
+        _MEMO["demo"] = QuickDemo(out, cache, buf.getvalue(), rc, time.time() - t0)
+    return _MEMO["demo"]

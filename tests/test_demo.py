@@ -1,0 +1,123 @@
+"""`mgcl demo --quick` end to end (cold cache, through the CLI), its results
+file, tables and plots, and the demo cache."""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from demo_fixtures import quick_demo as _quick_demo
+from mgcl.cl.metrics import summarize
+from mgcl.mgtil import demo, report, synth
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory):
+    return _quick_demo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results(quick):
+    assert quick.rc == 0
+    return json.loads((quick.out / "results.json").read_text())
+
+
+def test_results_have_every_method_with_a_full_R(results):
+    T = len(synth.TASKS)
+    assert results["benchmark"] == "mgtil-synth-quick" and results["synthetic"] is True
+    assert "SYNTHETIC" in results["label"] and "SYNTHETIC" in results["notice"]
+    assert list(results["methods"]) == ["zero-shot", "finetune", "l2", "zscl", "primed"]
+    assert results["tasks"] == [t.name for t in synth.TASKS]
+    for name, m in results["methods"].items():
+        assert set(m) >= {"transfer", "avg", "last", "bwt", "forgetting", "R", "zero_shot"}, name
+        R, z = m["R"], m["zero_shot"]
+        assert len(R) == T and all(len(row) == T for row in R) and len(z) == T, name
+        assert all(0.0 <= v <= 100.0 for row in R for v in row), name
+        want = summarize(R, z)
+        for k in ("transfer", "avg", "last", "bwt", "forgetting"):
+            assert m[k] == pytest.approx(want[k]), (name, k)
+    z = results["methods"]["zero-shot"]["zero_shot"]
+    assert results["methods"]["zero-shot"]["R"] == [z] * T, "the zero-shot baseline copies z into every row"
+    assert all(m["zero_shot"] == z for m in results["methods"].values()), "every method starts from one model"
+    for name in ("finetune", "l2", "zscl", "primed"):
+        assert results["methods"][name]["R"] != [z] * T, f"{name} did not change the model"
+    assert results["versions"]["torch"] == torch.__version__
+    assert results["config"]["settings"] == demo.settings(quick=True)
+    assert set(results["config"]["choices"]) >= {"pretrain", "train", "strategies"}
+
+
+def test_zero_shot_is_above_chance(results):
+    z = results["methods"]["zero-shot"]["zero_shot"]
+    chance = [100.0 / len(t.classes) for t in synth.TASKS]
+    assert sum(z) / len(z) > sum(chance) / len(chance) + 10, (z, chance)
+
+
+def test_reference_sets_recorded(results):
+    sets = results["methods"]["primed"]["reference_sets"]
+    assert [s["before_task"] for s in sets] == list(range(1, len(synth.TASKS) + 1))
+    assert all(s["kind"] == "dynamic" and s["pairs"] > 0 for s in sets)
+    assert sets[0]["levels"]["task"] == 0 and sets[0]["levels"]["domain"] == 0, "nothing is finished before task 1"
+    assert all(s["levels"]["task"] > 0 for s in sets[1:])
+    (u,) = results["methods"]["zscl"]["reference_sets"]
+    assert u["kind"] == "uniform" and u["pairs"] == demo.settings(quick=True)["strategies"]["zscl"]["uniform_size"]
+
+
+def test_printed_table_tables_and_plots(quick, results):
+    out = quick.stdout
+    assert "SYNTHETIC" in out
+    for name in results["methods"]:
+        assert f"\n{name} " in out
+    for col in ("Transfer", "Avg", "Last", "BWT"):
+        assert col in out
+    rows = list(csv.DictReader(open(quick.out / "results.csv")))
+    assert [r["method"] for r in rows] == list(results["methods"])
+    assert float(rows[1]["last"]) == pytest.approx(results["methods"]["finetune"]["last"], abs=1e-3)
+    md = (quick.out / "results.md").read_text()
+    assert "SYNTHETIC" in md and md.count("\n| ") == 1 + len(results["methods"])
+    for png in ("curves.png", "curves_by_task.png", "heatmaps.png"):
+        with Image.open(quick.out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+    for name in results["methods"]:
+        assert (quick.out / "runs" / name / "results.json").is_file()
+
+
+def test_cache_is_reused(quick, monkeypatch):
+    monkeypatch.setattr(demo, "pretrain", lambda *a, **k: pytest.fail("pretrained again despite a complete cache"))
+    monkeypatch.setattr("mgcl.retrieval.build_bank", lambda *a, **k: pytest.fail("rebuilt the bank"))
+    a = demo.prepare(0, quick=True, cache_dir=quick.cache, progress=False)
+    assert a.reused and a.dir == quick.assets and (a.model_dir / "tinyclip.json").is_file()
+    want = json.loads((quick.assets / "assets.json").read_text())
+    assert demo._valid(quick.assets, {k: want[k] for k in ("version", "seed", "quick", "settings")}) is not None
+    other = {k: want[k] for k in ("version", "seed", "quick")} | {"settings": {"pretrain": {"steps": 1}}}
+    assert demo._valid(quick.assets, other) is None, "a cache made with other settings is not reused"
+
+
+def test_pretraining_is_deterministic(quick):
+    data = synth.build(quick.cache / "synth" / "v1-seed0-quick", seed=0, quick=True, progress=False)
+    cfg = demo.settings(quick=True)
+    cfg["pretrain"].update(steps=3, batch_size=8)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (a, log_a), (b, log_b) = (demo.pretrain(data, cfg, seed=0, progress=False) for _ in range(2))
+        c, _ = demo.pretrain(data, cfg, seed=1, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert log_a == log_b and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="subset"):
+        demo.run_demo("unused", methods=["finetune", "gift"])
+    with pytest.raises(ValueError, match="seed"):
+        demo.run_demo("unused", seed=-1)
+
+
+def test_report_loads_a_demo_output(quick, results):
+    res = report.load(str(quick.out))
+    assert res["methods"].keys() == results["methods"].keys()
+    text = report.format_table(res)
+    assert "SYNTHETIC" in text and "primed" in text
