@@ -7,12 +7,15 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl import cli
 from mgcl.cl import ContinualTrainer
+from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import report, run
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -218,8 +221,37 @@ def test_report_renders_two_runs_side_by_side(quick, full_run, tmp_path):
     assert len(rows) == 1 + 6
     one = report.combine([report.load(str(full_run))])
     assert list(one["methods"]) == ["primed"]
+    trainer_file = report.load(str(full_run / "runs" / "primed"))     # the trainer's own results.json
+    assert trainer_file["methods"]["primed"]["R"] == one["methods"]["primed"]["R"]
 
 
 def test_report_refuses_a_directory_without_results(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_real_benchmark_subset_on_a_miniature_root(quick, tmp_path):
+    """HieraMedTransfer Order I, two of its datasets (only those need to be present),
+    the demo's TinyCLIP, fine-tuning: the same files as any run, not labelled synthetic."""
+    rng = np.random.default_rng(0)
+    picked = [d for d in B.HMT_ORDER1.datasets if d.name in ("BreakHis", "RANZCR")]
+    for d in picked:
+        for split in ("train", "test"):
+            for label in d.classes:
+                folder = tmp_path / "root" / d.name / split / label
+                folder.mkdir(parents=True)
+                for j in range(2):
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+    cfg = {"benchmark": "hmt-1", "data_root": str(tmp_path / "root"), "tasks": ["BreakHis", "RANZCR"],
+           "output_dir": str(tmp_path / "out"), "threads": 1,
+           "model": {"adapter": "tinyclip", "checkpoint": str(quick.assets / "model")},
+           "strategy": {"name": "finetune"},
+           "train": {"iters_per_task": 2, "batch_size": 4, "warmup": 1, "log_every": 2}}
+    res = run.run(run.validate(cfg), progress=False)
+    assert res["benchmark"] == "hmt-order1" and res["synthetic"] is False
+    assert res["tasks"] == ["RANZCR", "BreakHis"], "benchmark order, not the order listed"
+    assert len(res["methods"]["finetune"]["R"]) == 2
+    assert "SYNTHETIC" not in (tmp_path / "out" / "results.md").read_text()
+    cfg["tasks"] = ["RANZCR", "CheXchoNet"]
+    with pytest.raises(run.ConfigError, match="CheXchoNet"):
+        run.run(run.validate({**cfg, "output_dir": str(tmp_path / "out2")}), progress=False)

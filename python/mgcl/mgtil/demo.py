@@ -77,14 +77,16 @@ SETTINGS = {
     },
 }
 CHOICES = {
-    "threads": "torch runs the tiny model on 1 thread: on this 2-core machine a training step took 38 ms on 1 "
-               "thread and 28 ms on 2 when idle, but 112 ms on 2 (35 ms on 1) with one core busy; the MiniLM "
+    "threads": "torch runs the tiny model on 1 thread: on this 2-core machine a 32-image training step took 38 ms "
+               "on 1 thread and 28 ms on 2 when idle, but 112 ms on 2 (35 ms on 1) with one core busy; the MiniLM "
                "bank embedding uses every core (213 vs 431 captions/s on 1 vs 2 threads)",
-    "model": "the smallest TinyCLIP measured (CNN width 64, 0.21M parameters; 45-70 ms per 64-image step)",
-    "pretrain": "800 steps of 64 (2.5 passes over the 20,480-pair corpus): 70% mean zero-shot accuracy (chance "
-                "27%); 2,000 steps reached 84%, leaving fine-tuning little to learn, so the shorter run was kept",
-    "train": "lr 1e-4 of {1e-4, 5e-4} tried with finetune (5e-4 forgot much more); 100 iterations of 32 per task "
-             "to fit the time budget; label smoothing 0.2 and seed 42 as in SPEC.md",
+    "model": "the smallest TinyCLIP measured (CNN width 64, 0.2M parameters; 68 / 47 ms per 64-image step on "
+             "1 / 2 threads)",
+    "pretrain": "800 steps of 64 (2.5 passes over the 20,480-pair corpus) gave 68-70% mean zero-shot accuracy "
+                "(chance 27%); a 2,000-step trial reached 84%, leaving fine-tuning little to learn, so the "
+                "shorter run was kept",
+    "train": "lr 1e-4 of {1e-4, 5e-4} tried with finetune in a trial (5e-4: BWT -36 vs -15); 100 iterations of "
+             "32 per task to fit the time budget; label smoothing 0.2 and seed 42 as in SPEC.md",
     "strategies": "the paper's defaults, not tuned: PRIMED alpha 1, beta 0.25, lambda 1 (W mean-normalised), "
                   "dynamic Siphon a/b/c 30/30/80 (HieraMedTransfer's b:c), teacher = last; l2 lambda 1; ZSCL "
                   "weight averaging every 10 steps (ZSCL's 100 of 1,000) and a 5,000-pair uniform set (PRIMED's "
@@ -246,8 +248,8 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
         return Assets(data, final, final / "model", final / "bank", info, True)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    threads = torch.get_num_threads()
     try:
-        threads = torch.get_num_threads()
         t1 = time.time()
         torch.set_num_threads(1)
         _log(f"demo: pretraining TinyCLIP on the SYNTHETIC corpus ({cfg['pretrain']['steps']} steps)", progress)
@@ -259,14 +261,12 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
              progress)
         t2 = time.time()
         torch.set_num_threads(embed_threads or os.cpu_count() or 1)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]))
         _log(f"demo: building the retrieval bank ({data.corpus_size} pairs, {emb.name} + TinyCLIP image "
              "embeddings)", progress)
         build_bank([str(s) for s in data.corpus_shards], str(tmp / "bank"), embedder=emb, vlm=model,
                    vlm_name="tinyclip (mgcl demo, pretrained on the SYNTHETIC corpus)",
                    shard_size=cfg["bank"]["shard_size"], batch_size=cfg["bank"]["batch_size"], progress=progress)
-        torch.set_num_threads(threads)
         t_bank = time.time() - t2
         info = {**want, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "parameters": sum(p.numel() for p in model.parameters()), "vocabulary": model.tokenizer.vocab_size,
@@ -285,6 +285,7 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
             if _valid(final, want) is None:                # not a concurrent build that finished first
                 raise
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return Assets(data, final, final / "model", final / "bank", info, False, emb)
 
@@ -339,7 +340,6 @@ def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, p
         recorder = None
         if name in _DISTILLING:
             if emb is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]), one_by_one=True)
             if vlm is None:                                # the visual rerank: the frozen pretrained model
                 vlm = TinyCLIP.load(str(assets.model_dir)).eval().requires_grad_(False)

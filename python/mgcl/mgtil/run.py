@@ -367,22 +367,27 @@ def load_model(m: dict, device: str = "cpu"):
 
 
 def load_tasks(cfg: dict) -> list:
-    """The config's task sequence (the data root checked against the benchmark first)."""
+    """The config's task sequence. The data root is checked against the benchmark
+    first (only the datasets of ``tasks`` when the config names a subset)."""
+    import dataclasses  # noqa: PLC0415
+
     from . import synth  # noqa: PLC0415
     from .benchmarks import get_benchmark  # noqa: PLC0415
     from .data import load_benchmark  # noqa: PLC0415
 
     bench = get_benchmark(cfg["benchmark"])
+    if cfg["tasks"]:
+        want = set(cfg["tasks"])
+        bench = dataclasses.replace(bench, datasets=tuple(d for d in bench.datasets if d.name in want))
     root = cfg["data_root"]
     if root is None:                                   # mgtil-synth: build or reuse the cached copy
         root = str(synth.build(quick=bench.name.endswith("-quick")).tasks_root)
     if not os.path.isdir(root):
         raise ConfigError(f"data_root: {root} is not a directory")
-    tasks = load_benchmark(bench, root)
-    if cfg["tasks"]:
-        want = set(cfg["tasks"])
-        tasks = [t for t in tasks if t.name in want]
-    return tasks
+    try:
+        return load_benchmark(bench, root)
+    except ValueError as exc:
+        raise ConfigError(f"data_root: {exc}") from None
 
 
 def run_dir(cfg: dict) -> str:
