@@ -1,15 +1,15 @@
 """`mgcl demo --quick` end to end (cold cache, through the CLI), its results
 file, tables and plots, and the demo cache."""
 import csv
+import io
 import json
 
 import pytest
 import torch
-from PIL import Image
-
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl.cl.metrics import summarize
 from mgcl.mgtil import demo, report, synth
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +70,7 @@ def test_printed_table_tables_and_plots(quick, results):
         assert f"\n{name} " in out
     for col in ("Transfer", "Avg", "Last", "BWT"):
         assert col in out
-    rows = list(csv.DictReader(open(quick.out / "results.csv")))
+    rows = list(csv.DictReader(io.StringIO((quick.out / "results.csv").read_text())))
     assert [r["method"] for r in rows] == list(results["methods"])
     assert float(rows[1]["last"]) == pytest.approx(results["methods"]["finetune"]["last"], abs=1e-3)
     md = (quick.out / "results.md").read_text()

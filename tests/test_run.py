@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl import cli
 from mgcl.cl import ContinualTrainer
 from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import report, run
+from PIL import Image
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 MINIMAL = {
@@ -198,7 +197,8 @@ def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path
     full = json.loads((full_run / "results.json").read_text())["methods"]["primed"]
     assert resumed["R"] == full["R"] and resumed["zero_shot"] == full["zero_shot"]
     assert resumed["last"] == full["last"]
-    log = [json.loads(x) for x in open(tmp_path / "out" / "runs" / "primed" / "train_log.jsonl")]
+    lines = (tmp_path / "out" / "runs" / "primed" / "train_log.jsonl").read_text().splitlines()
+    log = [json.loads(x) for x in lines]
     assert [x["task"] for x in log] == [0, 1, 2], "task 1 was trained once, before the interruption"
 
 

@@ -320,7 +320,6 @@ class _RecordingSiphon:
 
 
 def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, progress: bool) -> dict:
-    import torch  # noqa: PLC0415
 
     from ..cl import ContinualTrainer  # noqa: PLC0415
     from ..cl import strategies as S  # noqa: PLC0415

@@ -311,7 +311,10 @@ class CachedEmbedder:
         texts = list(texts)
         new = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if new:
-            vecs = [self.inner.encode([t], 1)[0] for t in new] if self.one_by_one else self.inner.encode(new, batch_size)
+            if self.one_by_one:
+                vecs = [self.inner.encode([t], 1)[0] for t in new]
+            else:
+                vecs = self.inner.encode(new, batch_size)
             for t, v in zip(new, vecs):
                 self.cache[t] = v
         if not texts:
