@@ -17,7 +17,8 @@ from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import report, run
 from PIL import Image
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*-biomedclip-primed.yaml"))
 MINIMAL = {
     "benchmark": "hmt-order1", "data_root": "/nonexistent/mgtil", "output_dir": "/nonexistent/out",
     "model": {"adapter": "open_clip", "name": "biomedclip", "checkpoint": "/nonexistent/biomedclip"},
@@ -67,6 +68,22 @@ def test_example_configs_validate():
             assert cli.main(["run", str(path), "--check"]) == 0
         assert "OK" in out.getvalue()
     assert seen == {"hmt-order1", "hmt-order2", "medxtreme-order1", "medxtreme-order2"}
+
+
+def test_synthetic_example_config_matches_the_demo():
+    from mgcl.mgtil import demo
+
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == sorted(
+        [p.name for p in CONFIGS] + ["mgtil-synth-tinyclip-primed.yaml"])
+    cfg = run.load_config(str(CONFIG_DIR / "mgtil-synth-tinyclip-primed.yaml"))
+    want = demo.settings(quick=False)
+    assert cfg["benchmark"] == "mgtil-synth" and not cfg["model"]["checkpoint"].startswith("~")
+    assert cfg["model"]["checkpoint"].endswith("/demo/v1-seed0/model") and "~" not in cfg["retrieval"]["bank"]
+    assert cfg["retrieval"]["siphon"] == want["siphon"]
+    assert cfg["retrieval"]["pool_per_domain"] == want["pool_per_domain"]
+    assert {k: cfg["train"][k] for k in want["train"]} == want["train"]
+    assert {k: cfg["strategy"]["options"][k] for k in ("alpha", "beta", "lam")} == \
+        {k: want["strategies"]["primed"][k] for k in ("alpha", "beta", "lam")}
 
 
 def test_defaults_are_the_protocol():

@@ -73,6 +73,10 @@ TOP = {"benchmark": None, "data_root": None, "tasks": None, "output_dir": None, 
        **{k: None for k in SECTIONS}}
 
 
+PATHS = ((None, "data_root"), (None, "output_dir"), ("model", "checkpoint"), ("model", "tokenizer"),
+         ("retrieval", "bank"), ("retrieval", "pool"))
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
 
@@ -273,6 +277,10 @@ def validate(raw, where: str = "config") -> dict:
     _check_train(cfg["train"])
     strategy = _check_strategy(cfg["strategy"])
     _check_retrieval(cfg["retrieval"], strategy)
+    for sec, key in PATHS:                              # "~/..." works in every path
+        d = cfg if sec is None else cfg[sec]
+        if d[key] is not None:
+            d[key] = os.path.expanduser(d[key])
     return cfg
 
 
