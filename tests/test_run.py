@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl import cli
@@ -264,7 +265,9 @@ def test_a_real_benchmark_subset_on_a_miniature_root(quick, tmp_path):
            "model": {"adapter": "tinyclip", "checkpoint": str(quick.assets / "model")},
            "strategy": {"name": "finetune"},
            "train": {"iters_per_task": 2, "batch_size": 4, "warmup": 1, "log_every": 2}}
+    threads = torch.get_num_threads()
     res = run.run(run.validate(cfg), progress=False)
+    assert torch.get_num_threads() == threads, "the config's thread count is restored afterwards"
     assert res["benchmark"] == "hmt-order1" and res["synthetic"] is False
     assert res["tasks"] == ["RANZCR", "BreakHis"], "benchmark order, not the order listed"
     assert len(res["methods"]["finetune"]["R"]) == 2

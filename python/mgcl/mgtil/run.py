@@ -424,24 +424,28 @@ def run(cfg: dict, *, resume: bool = False, progress: bool = True) -> dict:
     r = cfg["retrieval"]
     if r["bank"] is not None and not os.path.isdir(r["bank"]):
         raise ConfigError(f"retrieval.bank: {r['bank']} is not a directory")
+    threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    tasks = load_tasks(cfg)
-    model = load_model(cfg["model"], cfg["device"])
-    options = dict(cfg["strategy"]["options"])
-    probe = S.create(cfg["strategy"]["name"], **options)
-    if needs_retrieval(probe):
-        vlm = frozen_copy(model) if r["vlm"] == "model" else None
-        options["siphon"] = make_siphon(r["bank"], vlm=vlm, pool=r["pool"], pool_per_domain=r["pool_per_domain"],
-                                        embedder=r["embedder"], siphon_options=r["siphon"])
-    strategy = S.create(cfg["strategy"]["name"], **options)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml.tmp"), "w") as fh:
-        yaml.safe_dump(cfg, fh, sort_keys=False)
-    os.replace(os.path.join(out, "config.yaml.tmp"), os.path.join(out, "config.yaml"))
-    trainer = ContinualTrainer(model, strategy, tasks, device=cfg["device"], out_dir=rdir, resume=resume,
-                               progress=progress, **cfg["train"])
-    res = trainer.run()
+    try:
+        tasks = load_tasks(cfg)
+        model = load_model(cfg["model"], cfg["device"])
+        options = dict(cfg["strategy"]["options"])
+        probe = S.create(cfg["strategy"]["name"], **options)
+        if needs_retrieval(probe):
+            vlm = frozen_copy(model) if r["vlm"] == "model" else None
+            options["siphon"] = make_siphon(r["bank"], vlm=vlm, pool=r["pool"], pool_per_domain=r["pool_per_domain"],
+                                            embedder=r["embedder"], siphon_options=r["siphon"])
+        strategy = S.create(cfg["strategy"]["name"], **options)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml.tmp"), "w") as fh:
+            yaml.safe_dump(cfg, fh, sort_keys=False)
+        os.replace(os.path.join(out, "config.yaml.tmp"), os.path.join(out, "config.yaml"))
+        trainer = ContinualTrainer(model, strategy, tasks, device=cfg["device"], out_dir=rdir, resume=resume,
+                                   progress=progress, **cfg["train"])
+        res = trainer.run()
+    finally:
+        torch.set_num_threads(threads)
     bench = cfg["benchmark"]
     results = report.from_trainer(res, benchmark=bench, synthetic=bench.startswith("mgtil-synth"))
     results.update({"kind": "run", "config": {"run": cfg, "trainer": res["config"]}, "versions": versions(),
