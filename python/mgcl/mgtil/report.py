@@ -198,6 +198,20 @@ def _suptitle(res: dict, what: str) -> str:
     return s + ("  [SYNTHETIC data]" if res.get("synthetic") else "")
 
 
+def _save_grid(plt, fig, axes, used: int, res: dict, title: str, bottom: float, path: str, dpi: int) -> str:
+    """Blank the grid's unused panels, add one legend below and the title, save and close."""
+    rows, cols = len(axes), len(axes[0])
+    for k in range(used, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(_suptitle(res, title), fontsize=9)
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(res: dict, path: str, dpi: int = 90) -> str:
     """One panel per method: the accuracy of every task (one line each) at every
     point of the sequence (zero-shot, then after each task); the task's own
@@ -227,15 +241,7 @@ def plot_curves(res: dict, path: str, dpi: int = 90) -> str:
         if i % cols == 0:
             ax.set_ylabel("accuracy (%)", fontsize=8)
         ax.set_xlabel("after task", fontsize=8)
-    for k in range(len(names), nrows * cols):
-        axes[k // cols][k % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
-    fig.suptitle(_suptitle(res, "accuracy of each task across the sequence"), fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save_grid(plt, fig, axes, len(names), res, "accuracy of each task across the sequence", 0.08, path, dpi)
 
 
 def plot_curves_by_task(res: dict, path: str, dpi: int = 90) -> Optional[str]:
@@ -265,15 +271,8 @@ def plot_curves_by_task(res: dict, path: str, dpi: int = 90) -> Optional[str]:
         ax.grid(alpha=0.3)
         if j % cols == 0:
             ax.set_ylabel("accuracy (%)", fontsize=8)
-    for k in range(T, nrows * cols):
-        axes[k // cols][k % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
-    fig.suptitle(_suptitle(res, "each task's accuracy after each task (dotted: trained here)"), fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    title = "each task's accuracy after each task (dotted: trained here)"
+    return _save_grid(plt, fig, axes, T, res, title, 0.07, path, dpi)
 
 
 def plot_heatmaps(res: dict, path: str, dpi: int = 90) -> str:
