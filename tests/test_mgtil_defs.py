@@ -15,15 +15,15 @@ from mgcl.mgtil import data as D
 # SPEC.md section 7, restated: name -> (domain, classes, images)
 SPEC = {
     "RANZCR": ("x-ray", 11, 33_665), "CheXchoNet": ("x-ray", 4, 71_589), "PD": ("x-ray", 3, 4_575),
-    "BreakHis": ("histopathology", 2, 7_909), "Chaoyang": ("histopathology", 4, 6_160),
-    "NuCLS": ("histopathology", 2, 33_284), "EyePACS": ("fundus", 5, 35_126), "AIROGS": ("fundus", 2, 101_442),
+    "BreakHis": ("pathology", 2, 7_909), "Chaoyang": ("pathology", 4, 6_160),
+    "NuCLS": ("pathology", 2, 33_284), "EyePACS": ("fundus", 5, 35_126), "AIROGS": ("fundus", 2, 101_442),
     "FARFUM-RoP": ("fundus", 3, 1_533),
     "AOD": ("fundus", 8, 10_000), "BMC": ("cytology", 21, 171_375), "ISIC2024": ("dermoscopy", 33, 81_722),
-    "NCT-CRC-HE-100K": ("histopathology", 9, 100_000), "NIH-ChestX-ray": ("x-ray", 15, 112_120),
+    "NCT-CRC-HE-100K": ("pathology", 9, 100_000), "NIH ChestX-ray": ("x-ray", 15, 112_120),
     "PITVIS": ("endoscopy", 15, 120_024),
 }
 HMT_SPEC_ORDER = ["RANZCR", "CheXchoNet", "PD", "BreakHis", "Chaoyang", "NuCLS", "EyePACS", "AIROGS", "FARFUM-RoP"]
-MEDX = ["AOD", "BMC", "ISIC2024", "NCT-CRC-HE-100K", "NIH-ChestX-ray", "PITVIS"]
+MEDX = ["AOD", "BMC", "ISIC2024", "NCT-CRC-HE-100K", "NIH ChestX-ray", "PITVIS"]
 
 
 # ---- definitions ------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_medxtreme_orders_and_seed():
     assert B.MEDX_ORDER1.names == MEDX == sorted(MEDX, key=str.casefold)
     again = [d.name for d in B.seeded_permutation(B.MEDX_DATASETS, B.MEDX_ORDER2_SEED, B.MEDX_ORDER2_SALT)]
     assert again == list(B.MEDX_ORDER2_NAMES) == B.MEDX_ORDER2.names
-    assert B.MEDX_ORDER2.names == ["BMC", "NCT-CRC-HE-100K", "PITVIS", "AOD", "ISIC2024", "NIH-ChestX-ray"]
+    assert B.MEDX_ORDER2.names == ["BMC", "NCT-CRC-HE-100K", "PITVIS", "AOD", "ISIC2024", "NIH ChestX-ray"]
     assert sorted(B.MEDX_ORDER2.names) == sorted(MEDX) and B.MEDX_ORDER2.names != MEDX
     assert B.MEDX_ORDER2.seed == B.MEDX_ORDER2_SEED and str(B.MEDX_ORDER2_SEED) in B.MEDX_ORDER2.order
     other = [d.name for d in B.seeded_permutation(B.MEDX_DATASETS, 3, B.MEDX_ORDER2_SALT)]
@@ -69,6 +69,26 @@ def test_get_benchmark_names_and_aliases():
     assert "SYNTHETIC" in B.get_benchmark("mgtil-synth-quick").display_name
     with pytest.raises(ValueError, match="available: hmt-order1"):
         B.get_benchmark("hmt-3")
+    # SPEC.md's spellings, loosely
+    for name, want in (("HieraMedTransfer Order I", B.HMT_ORDER1), ("HieraMedTransfer Order II", B.HMT_ORDER2),
+                       ("hmt_order2", B.HMT_ORDER2), ("HMT", B.HMT_ORDER1), ("MedXtreme", B.MEDX_ORDER1),
+                       ("MedXtreme Order II", B.MEDX_ORDER2), ("medx2", B.MEDX_ORDER2)):
+        assert B.get_benchmark(name) is want, name
+    assert B.get_benchmark("MGTIL_Synth").name == "mgtil-synth"
+    for bad in ("hmt-iii", "medx-i2", "hmt order 3"):
+        with pytest.raises(ValueError):
+            B.get_benchmark(bad)
+
+
+def test_domains_are_specs_and_resolve_in_the_question_pool():
+    from mgcl.retrieval import pool
+
+    hmt = B.HMT_ORDER1.datasets
+    assert [d.domain for d in hmt] == ["x-ray"] * 3 + ["pathology"] * 3 + ["fundus"] * 3
+    known = pool.domains(pool.load_pool(None))
+    for d in B.all_real_datasets():
+        assert d.domain in B.DOMAINS
+        assert pool.resolve_domain(d.domain, known) is not None, f"{d.name}: the Siphon's Phi_D cannot map {d.domain!r}"
 
 
 def test_label_resolution():
@@ -201,6 +221,15 @@ def test_planted_problems_are_each_reported(tmp_path):
     assert by[("Chaoyang", "missing-class")].severity == "warning"
     assert by[("RANZCR", "count")].severity == "warning"
     assert {p.severity for p in rep.errors} == {"error"} and len(rep.errors) == 6
+    sm = rep.summary()
+    assert sm["present"] == [n for n in HMT_SPEC_ORDER if n != "PD"]
+    assert sm["missing"] == ["CheXchoNet/test", "PD", "AIROGS/test (files named in the csv)"]
+    assert sm["mismatched"] == {"BreakHis": ["class names"], "Chaoyang": ["class names", "counts"],
+                                "RANZCR": ["counts"], "EyePACS": ["class names"], "AIROGS": ["counts"],
+                                "NuCLS": ["csv format"]}
+    assert "present:    8 of 9 datasets: RANZCR," in rep.format()
+    assert "missing:    CheXchoNet/test, PD, AIROGS/test" in rep.format()
+    assert "mismatched: " in rep.format() and "Chaoyang (class names, counts)" in rep.format()
     status = {r.dataset.name: r.status for r in rep.datasets}
     assert status["PD"] == "MISSING" and status["FARFUM-RoP"] == "ok" and status["RANZCR"] == "warning"
     assert status["BreakHis"] == "ERROR" and not rep.ok

@@ -23,10 +23,15 @@ know).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
-# Domain tags, shared with the synthetic benchmark; lower case, one per imaging modality.
-DOMAINS = ("x-ray", "histopathology", "fundus", "cytology", "dermoscopy", "endoscopy")
+# Domain tags of the real datasets, lower case, one per imaging modality: SPEC.md's words where
+# it uses one as a domain (x-ray, pathology, fundus, endoscopy); the retrieval taxonomy knows
+# "pathology" as an alias of its "histopathology" (the Siphon's Phi_D resolves it). BMC and
+# ISIC2024, "bone-marrow cells" and "skin" in SPEC.md, are tagged by modality (cytology,
+# dermoscopy); the subject is their ``site``.
+DOMAINS = ("x-ray", "pathology", "fundus", "cytology", "dermoscopy", "endoscopy")
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ PD = DatasetDef(
 )
 
 BREAKHIS = DatasetDef(
-    name="BreakHis", domain="histopathology", site="breast",
+    name="BreakHis", domain="pathology", site="breast",
     classes=("benign", "malignant"),
     prompt_names=("benign breast tumor", "malignant breast tumor"),
     templates=_PATH, n_images=7_909,
@@ -158,7 +163,7 @@ BREAKHIS = DatasetDef(
 )
 
 CHAOYANG = DatasetDef(
-    name="Chaoyang", domain="histopathology", site="colon",
+    name="Chaoyang", domain="pathology", site="colon",
     classes=("normal", "serrated", "adenocarcinoma", "adenoma"),
     prompt_names=("normal colonic mucosa", "serrated colorectal lesion", "colorectal adenocarcinoma",
                   "colorectal adenoma"),
@@ -167,7 +172,7 @@ CHAOYANG = DatasetDef(
 )
 
 NUCLS = DatasetDef(
-    name="NuCLS", domain="histopathology", site="breast (nuclei)",
+    name="NuCLS", domain="pathology", site="breast (nuclei)",
     classes=("tumor", "non-tumor"),
     prompt_names=("tumor cell nuclei", "non-tumor cell nuclei"),
     templates=_NUCLEI, n_images=33_284,
@@ -256,7 +261,7 @@ ISIC2024 = DatasetDef(
 )
 
 NCT_CRC = DatasetDef(
-    name="NCT-CRC-HE-100K", domain="histopathology", site="colon",
+    name="NCT-CRC-HE-100K", domain="pathology", site="colon",
     classes=("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"),
     prompt_names=("adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
@@ -265,7 +270,7 @@ NCT_CRC = DatasetDef(
 )
 
 NIH_CXR = DatasetDef(
-    name="NIH-ChestX-ray", domain="x-ray", site="chest",
+    name="NIH ChestX-ray", domain="x-ray", site="chest",
     classes=("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
              "No Finding"),
@@ -314,7 +319,7 @@ MEDX_DATASETS = (AOD, BMC, ISIC2024, NCT_CRC, NIH_CXR, PITVIS)
 MEDX_ORDER2_SEED = 0
 MEDX_ORDER2_SALT = "mgcl/medxtreme"
 # The result of seeded_permutation(MEDX_DATASETS, 0, "mgcl/medxtreme"), recorded so a change is caught.
-MEDX_ORDER2_NAMES = ("BMC", "NCT-CRC-HE-100K", "PITVIS", "AOD", "ISIC2024", "NIH-ChestX-ray")
+MEDX_ORDER2_NAMES = ("BMC", "NCT-CRC-HE-100K", "PITVIS", "AOD", "ISIC2024", "NIH ChestX-ray")
 
 HMT_ORDER1 = BenchmarkDef(
     name="hmt-order1", title="HieraMedTransfer, Order I", datasets=HMT_DATASETS,
@@ -345,15 +350,27 @@ def benchmark_names() -> list[str]:
     return list(BENCHMARKS) + list(SYNTH_BENCHMARKS)
 
 
+def _canonical(name: str) -> str:
+    """A benchmark name with spelling differences removed: case, punctuation, the
+    long names, the word "order" and Roman numerals all fold ("HieraMedTransfer
+    Order II", "hmt_order2" and "HMT-II" all give "hmt2"); a bare "hmt" or
+    "medxtreme" means Order I, the order SPEC.md lists first."""
+    key = re.sub(r"[^0-9a-z]+", "", name.casefold())
+    key = key.replace("hieramedtransfer", "hmt").replace("medxtreme", "medx").replace("order", "")
+    key = re.sub(r"^(hmt|medx)(ii|i)?$", lambda m: m.group(1) + ("2" if m.group(2) == "ii" else "1"), key)
+    return key
+
+
 def get_benchmark(name: str) -> BenchmarkDef:
-    """A benchmark by name or alias (case-insensitive)."""
+    """A benchmark by name or alias, spelt loosely (``_canonical``)."""
     key = name.strip().lower()
-    if key in SYNTH_BENCHMARKS:
+    synth_key = {_canonical(n): n for n in SYNTH_BENCHMARKS}.get(_canonical(key))
+    if synth_key is not None:
         from . import synth
 
-        return synth.benchmark(quick=key.endswith("-quick"))
+        return synth.benchmark(quick=synth_key.endswith("-quick"))
     for b in BENCHMARKS.values():
-        if key == b.name or key in b.aliases:
+        if key == b.name or key in b.aliases or _canonical(key) == _canonical(b.name):
             return b
     raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(benchmark_names())}")
 

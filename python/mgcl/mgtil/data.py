@@ -5,7 +5,7 @@ Layout (per dataset, per split; ``split`` is ``train`` or ``test``)::
     ROOT/<dataset>/<split>/<class>/<image>       # folder layout
     ROOT/<dataset>/<split>.csv                    # csv layout: columns path,label
 
-- ``<dataset>`` is ``DatasetDef.name`` (e.g. ``ROOT/RANZCR``, ``ROOT/NIH-ChestX-ray``).
+- ``<dataset>`` is ``DatasetDef.name`` (e.g. ``ROOT/RANZCR``, ``ROOT/NIH ChestX-ray``).
 - A class folder name or a csv label names a class by (in this order) a
   non-negative integer (the class index), the dataset's label
   (``DatasetDef.classes``), its prompt name, or an alias; names compare after
@@ -50,6 +50,15 @@ PROBLEM_KINDS = {
     "missing-class": "warning",   # a class with no image in a split
     "count": "warning",           # image count differs from the definition
     "both-layouts": "warning",    # <split>.csv and <split>/ both present
+}
+# problem kind -> (what the summary files it under, and what is wrong) for the report's
+# present / missing / mismatched lines
+SUMMARY_OF = {
+    "missing-dataset": ("missing", ""), "missing-split": ("missing", ""),
+    "empty-split": ("missing", "no images"), "missing-file": ("missing", "files named in the csv"),
+    "unknown-class": ("mismatched", "class names"), "bad-label": ("mismatched", "class names"),
+    "missing-class": ("mismatched", "class names"), "count": ("mismatched", "counts"),
+    "bad-csv": ("mismatched", "csv format"), "both-layouts": (None, ""),
 }
 
 
@@ -243,9 +252,26 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def summary(self) -> dict:
+        """``present``: the datasets whose folder exists; ``missing``: datasets and
+        splits (``"name/split"``) that are absent or hold no images; ``mismatched``:
+        dataset -> what differs from the definition (class names, counts, ...)."""
+        missing: list[str] = []
+        mismatched: dict[str, list[str]] = {}
+        for p in self.problems:
+            where, what = SUMMARY_OF[p.kind]
+            if where == "missing":
+                item = p.dataset + (f"/{p.split}" if p.split else "") + (f" ({what})" if what else "")
+                if item not in missing:
+                    missing.append(item)
+            elif where == "mismatched" and what not in mismatched.setdefault(p.dataset, []):
+                mismatched[p.dataset].append(what)
+        return {"present": [r.dataset.name for r in self.datasets if r.present], "missing": missing,
+                "mismatched": mismatched}
+
     def to_dict(self) -> dict:
         return {"root": self.root, "benchmark": self.benchmark, "synthetic": self.synthetic, "ok": self.ok,
-                "n_errors": len(self.errors), "n_warnings": len(self.warnings),
+                "n_errors": len(self.errors), "n_warnings": len(self.warnings), "summary": self.summary(),
                 "datasets": [r.to_dict() for r in self.datasets]}
 
     def format(self) -> str:
@@ -267,6 +293,13 @@ class CheckReport:
                 f"{d.name:<{w}} {d.domain:<15} {'/'.join(layouts) or '-':<8} "
                 f"{n_tr:>8} {n_te:>8} "
                 f"{expected:>9,} {f'{seen}/{d.num_classes}':>8}  {r.status}")
+        sm = self.summary()
+        lines += ["",
+                  f"present:    {len(sm['present'])} of {len(self.datasets)} datasets"
+                  + (": " + ", ".join(sm["present"]) if sm["present"] else ""),
+                  "missing:    " + (", ".join(sm["missing"]) or "none"),
+                  "mismatched: " + (", ".join(f"{d} ({', '.join(w)})" for d, w in sm["mismatched"].items())
+                                    or "none")]
         if self.problems:
             lines += ["", "problems:"] + [f"  {p}" for p in self.problems]
         n_ok = sum(r.status == "ok" for r in self.datasets)
