@@ -25,7 +25,7 @@ def results(quick):
 
 def test_results_have_every_method_with_a_full_R(results):
     T = len(synth.TASKS)
-    assert results["benchmark"] == "mgtil-synth-quick" and results["synthetic"] is True
+    assert results["benchmark"] == "mgtil-synth" and results["quick"] is True and results["synthetic"] is True
     assert "SYNTHETIC" in results["label"] and "SYNTHETIC" in results["notice"]
     assert list(results["methods"]) == ["zero-shot", "finetune", "l2", "zscl", "primed"]
     assert results["tasks"] == [t.name for t in synth.TASKS]
