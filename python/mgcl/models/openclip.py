@@ -212,7 +212,6 @@ class OpenCLIP(nn.Module):
     def transform(self, train: bool):
         import open_clip  # noqa: PLC0415
         from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
-
         from torchvision import transforms as T  # noqa: PLC0415
 
         from .images import as_image  # noqa: PLC0415

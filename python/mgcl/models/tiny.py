@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Optional, Sequence
