@@ -92,6 +92,13 @@ def test_macro_auc_skips_absent_classes():
     assert np.isnan(macro_auc(probs, torch.zeros(4, dtype=torch.long)))
 
 
+def test_arrays_and_tensors():
+    m = summarize(np.array(EXAMPLE), auc=np.array([[1, 2, 3], [4, 5, 6], [70, 80, 90]]))
+    assert m["transfer"] == pytest.approx(39.25) and m["auc"] == pytest.approx(80.0)
+    assert summarize(torch.tensor(EXAMPLE, dtype=torch.float64), auc=torch.tensor([70.0, 80, 90]))["auc"] == \
+        pytest.approx(80.0)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     tasks = toy_tasks(2, n_train=4, n_test=10, image_size=32)
@@ -130,3 +137,18 @@ def test_evaluate_scores_among_the_tasks_own_classes(tiny):
     assert out["acc"] == pytest.approx(100 * float((p.argmax(1) == y).float().mean()))
     assert out["auc"] == pytest.approx(100 * roc_auc_score(y.numpy(), p.numpy(), multi_class="ovr"), abs=1e-6)
     assert m.training  # evaluate restores the mode
+
+
+def test_templates_may_be_callables_or_one_string(tiny):
+    from mgcl.cl import Task
+
+    m, tasks = tiny
+    t = tasks[0]
+    fns = [lambda c, f=f: f.format(c) for f in t.templates]
+    as_fn = Task(t.name, t.domain, t.classnames, fns, t.train, t.test)
+    assert as_fn.prompts(None) == t.prompts(None)
+    torch.testing.assert_close(zero_shot_head(m, as_fn, "cpu"), zero_shot_head(m, t, "cpu"))
+    one = Task(t.name, t.domain, t.classnames, t.templates[0], t.train, t.test)
+    assert one.templates == [t.templates[0]] and one.prompts(None) == t.prompts(0)
+    with pytest.raises(ValueError, match="exactly one"):
+        Task(t.name, t.domain, t.classnames, ["no slot"], t.train, t.test)

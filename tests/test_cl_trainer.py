@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from mgcl.cl import ContinualTrainer
+from mgcl.cl import ContinualTrainer, Task
 from mgcl.cl import strategies as S
 from mgcl.cl.evaluate import evaluate_all
 from mgcl.cl.toy import toy_tasks, toy_vocabulary
@@ -54,6 +54,21 @@ def test_run_results_file_and_log(tasks4, tmp_path):
     log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
     assert [(x["task"], x["step"]) for x in log] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     assert all(math.isfinite(x["ce"]) and x["loss"] == pytest.approx(x["ce"]) for x in log)
+
+
+def test_tasks_of_image_tensors(tmp_path):
+    """Generated tasks may hold image tensors and tensor labels (a TensorDataset)."""
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for k in range(2):
+        x, y = torch.rand(12, 3, 32, 32, generator=g), torch.arange(12) % 3
+        ds = torch.utils.data.TensorDataset(x, y)
+        tasks.append(Task(f"t{k}", "toy", [f"c{k}{i}" for i in range(3)], ["a photo of {}."], ds, ds))
+    torch.manual_seed(0)
+    model = TinyCLIP(vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
+                     embed_dim=16)
+    res = ContinualTrainer(model, "finetune", tasks, out_dir=str(tmp_path), **KW).run()
+    assert len(res["R"]) == 2 and all(len(r) == 2 and all(0 <= a <= 100 for a in r) for r in res["R"])
 
 
 def test_loader_cycles_small_datasets(tasks4):

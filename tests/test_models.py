@@ -280,9 +280,61 @@ def test_tinyclip_learns_on_cpu(one_thread):
     assert acc() > 0.9
 
 
+def test_tinyclip_without_a_vocabulary_hashes_words(tmp_path, one_thread):
+    """TinyCLIP() needs no tokenizer: an open vocabulary of hashed words, saved with the model."""
+    torch.manual_seed(0)
+    m = TinyCLIP(vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
+                 embed_dim=8)
+    assert isinstance(models.create("tinyclip", vision="cnn", image_size=32, vision_width=16, text_width=16,
+                                    text_heads=2, text_layers=1, embed_dim=8), TinyCLIP)
+    ids = m.tokenize(["pneumothorax", "cardiomegaly", "pneumothorax"])
+    assert ids[0, 1] == ids[2, 1] != ids[1, 1] and int(ids[:, 1].min()) > WordTokenizer.EOT
+    assert int(ids.max()) < m.tokenizer.vocab_size
+    _forward_backward(m, 32)
+    m.save(str(tmp_path / "open"))
+    loaded = models.load(str(tmp_path / "open"))
+    assert torch.equal(loaded.tokenize(["pneumothorax"]), m.tokenize(["pneumothorax"]))
+
+
+def test_transforms_take_image_tensors_and_arrays():
+    """Generated datasets may hold tensors ([3,H,W] float / uint8, [H,W]) or arrays ([H,W,3])."""
+    import numpy as np
+
+    tiny = TinyCLIP(vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
+                    embed_dim=8)
+    hf = HFCLIP(_small_clip_config())
+    oc = OpenCLIP(__import__("open_clip").create_model("RN50"))
+    for m, size in ((tiny, 32), (hf, 32), (oc, 224)):
+        for img in (torch.rand(3, 40, 48), torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8),
+                    torch.rand(40, 48), np.random.randint(0, 256, (40, 48, 3), dtype=np.uint8)):
+            for train in (True, False):
+                x = m.transform(train)(img)
+                assert x.shape == (3, size, size) and x.dtype == torch.float32
+    # a uint8 tensor and the same PIL image are prepared alike
+    arr = np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8)
+    torch.testing.assert_close(tiny.transform(False)(torch.from_numpy(arr).permute(2, 0, 1)),
+                               tiny.transform(False)(Image.fromarray(arr)))
+    with pytest.raises(ValueError, match="image tensor"):
+        tiny.transform(False)(torch.rand(2, 3, 32, 32))
+
+
+def test_wrapped_open_clip_and_test_sized_hf_config_tokenize():
+    import open_clip
+    from transformers import CLIPConfig
+
+    m = OpenCLIP(open_clip.create_model("RN50"))
+    assert m.tokenize(["a cat"])[0, :4].tolist() == [49406, 320, 2368, 49407]
+    cfg = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=4, image_size=16, patch_size=8), projection_dim=8)
+    hf = HFCLIP(cfg)
+    tok = hf.tokenize(["a photo of a cat", "a dog"])
+    assert tok.shape == (2, 16) and int(tok.max()) < 99 and hf.tokenizer_source == "open_clip-bpe-folded"
+    _forward_backward(hf, 16)
+
+
 def test_create_and_load_errors(tmp_path):
-    with pytest.raises(ValueError, match="tokenizer"):
-        models.create("tinyclip")
     m = models.create("tinyclip", texts=["a b c"], image_size=32, vision="cnn", vision_width=16, text_width=16,
                       text_heads=2, text_layers=1, embed_dim=8)
     assert isinstance(m, TinyCLIP)

@@ -62,8 +62,8 @@ def summarize(R: Optional[Sequence[Sequence[float]]], z: Optional[Sequence[float
     }
     if auc is not None:
         auc = list(auc)
-        if auc and isinstance(auc[0], (list, tuple)):
-            auc = list(auc[-1])
+        if auc and (isinstance(auc[0], (list, tuple)) or getattr(auc[0], "ndim", 0) > 0):
+            auc = list(auc[-1])  # T x T (a list, array or tensor): the last row
         if len(auc) != T:
             raise ValueError(f"summarize: auc has {len(auc)} entries for T = {T}")
         out["auc"] = _mean(float(a) for a in auc)

@@ -23,17 +23,15 @@ from .tiny import TinyCLIP, TinyCLIPConfig, WordTokenizer
 
 
 def create(name: str, pretrained: Optional[str] = None, **kwargs):
-    """``"tinyclip"`` (kwargs: tokenizer / vocab texts, config fields), or an open_clip
+    """``"tinyclip"`` (kwargs: tokenizer or vocab texts, else an open hashed vocabulary;
+    config fields), or an open_clip
     config name / ``"biomedclip"`` (``pretrained``: None = random init, a local file, a tag)."""
     if name.lower() == "tinyclip":
         if pretrained is not None:
             return TinyCLIP.load(pretrained)
         tok = kwargs.pop("tokenizer", None)
         texts = kwargs.pop("texts", None)
-        if tok is None and texts is None:
-            raise ValueError("create('tinyclip'): pass tokenizer=WordTokenizer(...) or texts=[...] "
-                             "to build a vocabulary")
-        if tok is None:
+        if tok is None and texts is not None:
             tok = WordTokenizer.build(texts)
         return TinyCLIP(tok, **kwargs)
     return OpenCLIP.create(name, pretrained=pretrained, **kwargs)

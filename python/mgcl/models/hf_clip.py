@@ -9,18 +9,26 @@ The tokenizer: the ``CLIPTokenizer`` files of the model directory when present
 the same OpenAI CLIP vocabulary (49,408 tokens, ``<|startoftext|>`` 49406,
 ``<|endoftext|>`` 49407) and so gives the same ids offline. The text tower
 pools at the first end-of-text token and is causal, so padding never matters.
+A config with a smaller vocabulary (a test-sized one) gets the BPE ids folded
+into it: it runs, but pools at the config's ``eos_token_id`` only when that
+id fits the vocabulary.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .images import as_image, to_tensor
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 BPE_VOCAB = 49408
+
+log = logging.getLogger("mgcl.models")
 
 
 class HFCLIP(nn.Module):
@@ -39,12 +47,15 @@ class HFCLIP(nn.Module):
         self.image_size = cfg.vision_config.image_size
         self.tokenizer_source = "given" if tokenizer is not None else "open_clip-bpe"
         if tokenizer is None:
-            if cfg.text_config.vocab_size < BPE_VOCAB:
-                raise ValueError(f"HFCLIP: text vocab_size {cfg.text_config.vocab_size} < {BPE_VOCAB}: the offline "
-                                 "OpenAI BPE tokenizer does not fit; pass tokenizer=")
             from open_clip.tokenizer import SimpleTokenizer  # noqa: PLC0415
 
             tokenizer = SimpleTokenizer(context_length=self.context_length)
+            if cfg.text_config.vocab_size < BPE_VOCAB:
+                tokenizer = _Folded(tokenizer, cfg.text_config)
+                self.tokenizer_source = "open_clip-bpe-folded"
+                log.warning("HFCLIP: text vocab_size %d < %d: OpenAI BPE ids are folded into the vocabulary "
+                            "(fine for a randomly initialised model; pass tokenizer= for real weights)",
+                            cfg.text_config.vocab_size, BPE_VOCAB)
         self.tokenizer = tokenizer
 
     @property
@@ -74,7 +85,7 @@ class HFCLIP(nn.Module):
             head = [T.RandomResizedCrop(s, scale=(0.9, 1.0), interpolation=bicubic, antialias=True)]
         else:
             head = [T.Resize(s, interpolation=bicubic, antialias=True), T.CenterCrop(s)]
-        return T.Compose([_to_rgb, *head, T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+        return T.Compose([as_image, *head, to_tensor, T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, *, tokenizer=None, device="cpu") -> "HFCLIP":
@@ -94,6 +105,25 @@ class HFCLIP(nn.Module):
         return out.to(device)
 
 
+class _Folded:
+    """BPE ids folded into a smaller vocabulary (a test-sized config): start / end
+    of text become the config's bos / eos ids when they fit, other ids ``% vocab``."""
+
+    def __init__(self, bpe, text_config):
+        self.bpe, self.vocab = bpe, text_config.vocab_size
+        self.bos = text_config.bos_token_id if 0 <= (text_config.bos_token_id or -1) < self.vocab else None
+        self.eos = text_config.eos_token_id if 0 <= (text_config.eos_token_id or -1) < self.vocab else None
+
+    def __call__(self, texts):
+        ids = self.bpe(list(texts))
+        out = ids % self.vocab
+        if self.bos is not None:
+            out[ids == BPE_VOCAB - 2] = self.bos
+        if self.eos is not None:
+            out[ids == BPE_VOCAB - 1] = self.eos
+        return out
+
+
 class _HFTokenizer:
     def __init__(self, tok, context_length: int):
         self.tok, self.context_length = tok, context_length
@@ -101,7 +131,3 @@ class _HFTokenizer:
     def __call__(self, texts):
         return self.tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                         return_tensors="pt").input_ids
-
-
-def _to_rgb(img):
-    return img.convert("RGB") if hasattr(img, "convert") else img

@@ -170,10 +170,25 @@ def _check_checkpoint_file(path: str) -> None:
 
 
 class OpenCLIP(nn.Module):
-    """An open_clip CLIP / CustomTextCLIP behind the :class:`mgcl.models.VLM` protocol."""
+    """An open_clip CLIP / CustomTextCLIP behind the :class:`mgcl.models.VLM` protocol.
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, *, name: str = "", tokenizer_source: str = ""):
+    ``OpenCLIP(model)`` wraps a model built elsewhere (e.g. ``open_clip.create_model``);
+    with no ``tokenizer`` a Hugging Face text tower gets its own tokenizer and any
+    other the OpenAI BPE at the model's context length.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Optional[Callable] = None, *, name: str = "",
+                 tokenizer_source: str = ""):
         super().__init__()
+        if tokenizer is None:
+            hf = getattr(getattr(model, "text", None), "config", None)
+            ctx = getattr(model, "context_length", None) or 77
+            if hf is not None:
+                tokenizer, tokenizer_source = _hf_tokenizer(hf.name_or_path, ctx), hf.name_or_path
+            else:
+                import open_clip  # noqa: PLC0415
+
+                tokenizer, tokenizer_source = open_clip.SimpleTokenizer(context_length=ctx), "open_clip-bpe"
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -197,9 +212,12 @@ class OpenCLIP(nn.Module):
     def transform(self, train: bool):
         import open_clip  # noqa: PLC0415
         from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
+        from torchvision import transforms as T  # noqa: PLC0415
+
+        from .images import as_image  # noqa: PLC0415
 
         cfg = open_clip.get_model_preprocess_cfg(self.model)
-        return image_transform_v2(PreprocessCfg(**cfg), is_train=train)
+        return T.Compose([as_image, image_transform_v2(PreprocessCfg(**cfg), is_train=train)])
 
     # ---- construction --------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ tower: a small bidirectional transformer over a plain word vocabulary,
 mean-pooled over the non-padding tokens. Both towers project to
 ``embed_dim``. ``logit_scale`` holds log(scale) as in CLIP.
 
-The vocabulary can be built from any corpus (``WordTokenizer.build``) and is
-saved with the weights: ``save(dir)`` writes ``tinyclip.json`` (config +
+The vocabulary can be built from any corpus (``WordTokenizer.build``);
+``TinyCLIP()`` with no tokenizer uses an open vocabulary instead (every word
+hashed into one of 4,096 ids). The tokenizer is saved with the weights:
+``save(dir)`` writes ``tinyclip.json`` (config +
 vocabulary) and ``model.safetensors``; ``TinyCLIP.load(dir)`` reads them back.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Optional, Sequence
@@ -22,6 +25,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .images import as_image, to_tensor
 
 FORMAT = "mgcl.tinyclip"
 CONFIG_FILE = "tinyclip.json"
@@ -31,7 +36,9 @@ WEIGHTS_FILE = "model.safetensors"
 class WordTokenizer:
     """Lower-cased words and single punctuation marks, one id each.
 
-    Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<sot>``, 3 ``<eot>``, then the vocabulary.
+    Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<sot>``, 3 ``<eot>``, then the vocabulary,
+    then ``hash_buckets`` ids for words outside it (``crc32(word) % hash_buckets``;
+    with ``hash_buckets = 0`` such words are ``<unk>``).
     ``tokenizer(texts)`` -> int64 ``[B, context_length]``: ``<sot> words <eot>``
     then padding; long texts are cut so that ``<eot>`` always fits.
     """
@@ -40,14 +47,16 @@ class WordTokenizer:
     PAD, UNK, SOT, EOT = 0, 1, 2, 3
     _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
-    def __init__(self, words: Sequence[str], context_length: int = 32):
+    def __init__(self, words: Sequence[str] = (), context_length: int = 32, hash_buckets: int = 0):
         if context_length < 3:
             raise ValueError(f"WordTokenizer: context_length must be >= 3, got {context_length}")
+        if hash_buckets < 0:
+            raise ValueError(f"WordTokenizer: hash_buckets must be >= 0, got {hash_buckets}")
         words = [w for w in words if w not in self.SPECIALS]
         if len(set(words)) != len(words):
             raise ValueError("WordTokenizer: duplicated words in the vocabulary")
         self.words = list(words)
-        self.context_length = int(context_length)
+        self.context_length, self.hash_buckets = int(context_length), int(hash_buckets)
         self.index = {w: i + len(self.SPECIALS) for i, w in enumerate(self.words)}
 
     @classmethod
@@ -67,10 +76,17 @@ class WordTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.SPECIALS) + len(self.words)
+        return len(self.SPECIALS) + len(self.words) + self.hash_buckets
+
+    def word_id(self, w: str) -> int:
+        if w in self.index:
+            return self.index[w]
+        if self.hash_buckets:
+            return len(self.SPECIALS) + len(self.words) + zlib.crc32(w.encode()) % self.hash_buckets
+        return self.UNK
 
     def encode(self, text: str) -> list[int]:
-        ids = [self.index.get(w, self.UNK) for w in self.split(text)][: self.context_length - 2]
+        ids = [self.word_id(w) for w in self.split(text)][: self.context_length - 2]
         return [self.SOT] + ids + [self.EOT]
 
     def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
@@ -83,11 +99,11 @@ class WordTokenizer:
         return out
 
     def to_json(self) -> dict:
-        return {"words": self.words, "context_length": self.context_length}
+        return {"words": self.words, "context_length": self.context_length, "hash_buckets": self.hash_buckets}
 
     @classmethod
     def from_json(cls, d: dict) -> "WordTokenizer":
-        return cls(d["words"], context_length=d["context_length"])
+        return cls(d["words"], context_length=d["context_length"], hash_buckets=d.get("hash_buckets", 0))
 
 
 @dataclass
@@ -176,15 +192,21 @@ class _Text(nn.Module):
 class TinyCLIP(nn.Module):
     """A small CLIP following :class:`mgcl.models.VLM`.
 
-    ``TinyCLIP(tokenizer)`` or ``TinyCLIP(WordTokenizer.build(captions), vision="cnn")``;
-    keyword arguments override :class:`TinyCLIPConfig` fields.
+    ``TinyCLIP()`` (open hashed vocabulary), ``TinyCLIP(tokenizer)`` or
+    ``TinyCLIP(WordTokenizer.build(captions), vision="cnn")``; keyword arguments
+    override :class:`TinyCLIPConfig` fields.
     """
+
+    OPEN_VOCAB_BUCKETS = 4096
 
     MEAN = (0.5, 0.5, 0.5)
     STD = (0.5, 0.5, 0.5)
 
-    def __init__(self, tokenizer: WordTokenizer, config: Optional[TinyCLIPConfig] = None, **overrides):
+    def __init__(self, tokenizer: Optional[WordTokenizer] = None, config: Optional[TinyCLIPConfig] = None,
+                 **overrides):
         super().__init__()
+        if tokenizer is None:
+            tokenizer = WordTokenizer(hash_buckets=self.OPEN_VOCAB_BUCKETS)
         if not isinstance(tokenizer, WordTokenizer):
             raise ValueError("TinyCLIP: pass a WordTokenizer (e.g. WordTokenizer.build(captions))")
         unknown = set(overrides) - {f.name for f in fields(TinyCLIPConfig)}
@@ -214,7 +236,7 @@ class TinyCLIP(nn.Module):
             head = [T.RandomResizedCrop(s, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)]
         else:
             head = [T.Resize(s, antialias=True), T.CenterCrop(s)]
-        return T.Compose([_to_rgb, *head, T.ToTensor(), T.Normalize(self.MEAN, self.STD)])
+        return T.Compose([as_image, *head, to_tensor, T.Normalize(self.MEAN, self.STD)])
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """Normalised image and text features and the scale (CLIP's forward)."""
@@ -252,7 +274,3 @@ class TinyCLIP(nn.Module):
         model = cls(WordTokenizer.from_json(meta["tokenizer"]), TinyCLIPConfig(**meta["config"]))
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE), device=str(map_location)))
         return model.to(map_location)
-
-
-def _to_rgb(img):
-    return img.convert("RGB") if hasattr(img, "convert") else img

@@ -7,7 +7,9 @@
   as ZSCL's), ``uniform_size`` pairs;
 - l2 to the initial weights, coefficient ``lam`` = 1 (the fused guard, W = 1);
 - weight ensembling: the weights after the task are the mean of the weights
-  at the task's start and after every ``we_every``-th step.
+  at the task's start and after every ``we_every``-th step (and after the
+  last step when the task's length is not a multiple of ``we_every``, so a
+  task shorter than ``we_every`` steps still keeps what it learned).
 """
 from __future__ import annotations
 
@@ -40,9 +42,6 @@ class ZSCL(Strategy):
     def check(self, trainer):
         if self.siphon is None and self.bank is None:
             raise ValueError("zscl: needs a reference set: pass siphon=mgcl.retrieval.Siphon(...) or bank=<dir>")
-        if trainer.iters_per_task < self.we_every:
-            raise ValueError(f"zscl: iters_per_task ({trainer.iters_per_task}) < we_every ({self.we_every}): the "
-                             "weight ensemble would hold the task's start weights only")
 
     def setup(self, trainer):
         from ...nn import ContrastiveDistillLoss  # noqa: PLC0415
@@ -74,16 +73,21 @@ class ZSCL(Strategy):
         trainer.record("l2", self.guard.apply())
 
     @torch.no_grad()
+    def _ensemble(self, trainer):
+        self.n_avg += 1
+        for a, p in zip(self.avg, trainer.params):
+            a.add_(p.detach() - a, alpha=1.0 / self.n_avg)
+
     def after_step(self, trainer, step):
         if (step + 1) % self.we_every == 0:
-            self.n_avg += 1
-            for a, p in zip(self.avg, trainer.params):
-                a.add_(p.detach() - a, alpha=1.0 / self.n_avg)
+            self._ensemble(trainer)
 
     @torch.no_grad()
     def after_task(self, trainer, t):
         if isinstance(self.refs, Prefetch):
             self.refs.close()
+        if trainer.iters_per_task % self.we_every:
+            self._ensemble(trainer)  # the last step joins the ensemble
         for p, a in zip(trainer.params, self.avg):
             p.copy_(a)
         self.refs = self.teacher = self.avg = None
