@@ -3,6 +3,7 @@ embedders, exact and FAISS search against a brute-force reference, BM25
 against rank_bm25, bad inputs, and the ``mgcl db`` commands."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -75,6 +76,34 @@ def test_readers_shapes(corpus):
     for x in (items[0], items[60], items[-1]):
         img = open_image(x.image)
         assert img.mode == "RGB" and img.size == (12, 12)
+
+
+def test_parquet_image_bytes(tmp_path):
+    """Hugging Face parquet shapes: an Image struct column, and a WebDataset-style
+    table (jpg bytes, txt caption, json metadata); images open from the cells."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(red):
+        buf = io.BytesIO()
+        Image.new("RGB", (6, 6), (red, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pq.write_table(pa.table({"image": [{"bytes": png(10 * i), "path": f"f{i}.png"} for i in range(5)]
+                             + [{"bytes": None, "path": None}],
+                             "caption": [f"caption {i}" for i in range(6)]}), tmp_path / "a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"__key__": ["k0", "k1"], "jpg": [png(200), png(100)], "txt": ["fundus photo", "an mri"],
+                             "json": [json.dumps({"modality": "fundus"}), json.dumps({"modality": "mri"})]}),
+                   tmp_path / "b.parquet")
+    items = list(read_corpus([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]))
+    assert all(isinstance(x, Record) for x in items) and len(items) == 8
+    assert [x.id for x in items] == ["f0.png", "f1.png", "f2.png", "f3.png", "f4.png", "a.parquet:6", "k0", "k1"]
+    assert [x.domain for x in items][-2:] == ["fundus", "mri"] and items[5].image == ""
+    reds = [open_image(x.image).getpixel((0, 0))[0] for x in items if x.image]
+    assert reds == [0, 10, 20, 30, 40, 200, 100]
 
 
 def test_malformed_records_counted(tmp_path):
@@ -172,6 +201,8 @@ def test_open_errors(tmp_path, bank):
     os.remove(b1 / "embeddings/shard-00002.safetensors")
     with pytest.raises(BankError, match="shard-00002"):
         MemoryBank.open(b1)
+    with pytest.raises(FileNotFoundError, match="shard-00002"):
+        MemoryBank.open(b1)
     # checksum mismatch: same size, one byte changed (found with verify=True)
     b2 = tmp_path / "b2"
     shutil.copytree(bank.path, b2)
@@ -196,6 +227,11 @@ def test_open_errors(tmp_path, bank):
     m["format_version"] = 99
     (b4 / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BankError, match="format version 99"):
+        MemoryBank.open(b4)
+    m["format_version"] = 1
+    del m["shards"]
+    (b4 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BankError, match="lacks.*shards"):
         MemoryBank.open(b4)
     # meta checksum
     b5 = tmp_path / "b5"
@@ -228,8 +264,10 @@ def test_resume_after_injected_failure(corpus, tmp_path):
 
         with pytest.raises(KeyboardInterrupt):
             build_bank(files, str(out), embedder=EMB, shard_size=32, batch_size=7, progress=False, _hook=hook)
-        if stage == "finalized":  # the manifest exists: the bank is complete already
-            assert file_hashes(str(out)) == want
+        if stage == "finalized":  # the manifest exists: the bank is complete; a restart only cleans up
+            assert file_hashes(str(out)) == want and (out / ".build").exists()
+            build_bank(files, str(out), embedder=EMB, shard_size=32, batch_size=7, progress=False)
+            assert file_hashes(str(out)) == want and not (out / ".build").exists()
             continue
         with pytest.raises(BankError, match="no manifest"):
             MemoryBank.open(out)
@@ -293,20 +331,23 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
     with pytest.raises(BankError, match="shard_size"):
         build_bank(files, str(out), embedder=EMB, shard_size=16, progress=False)
     build_bank(files, str(out), embedder=EMB, shard_size=32, progress=False)
-    with pytest.raises(BankError, match="already holds a finished bank"):
-        build_bank(files, str(out), embedder=EMB, shard_size=32, progress=False)
+    before = file_hashes(str(out))
+    assert build_bank(files, str(out), embedder=EMB, shard_size=32, progress=False)["count"] == len(corpus[1])
+    assert file_hashes(str(out)) == before  # the same build again: a no-op
+    with pytest.raises(BankError, match="already holds a finished bank built with other settings"):
+        build_bank(files, str(out), embedder=EMB, shard_size=16, progress=False)
 
 
 # ---- embedders ---------------------------------------------------------------------------
 
 def test_hashing_embedder():
     e = get_embedder("hashing:32")
-    x = e.encode(["Chest X-ray, pneumothorax", "chest x-ray pneumothorax", "fundus drusen", ""], 2)
-    assert x.dtype == np.float32 and x.shape == (4, 32)
-    assert np.allclose(np.linalg.norm(x[:3], axis=1), 1, atol=1e-6) and not x[3].any()
-    assert np.array_equal(x[0], x[1])
+    x = e.encode(["Chest X-ray, pneumothorax", "chest x-ray pneumothorax", "fundus drusen", "", "\u03b1\u03b2"], 2)
+    assert x.dtype == np.float32 and x.shape == (5, 32)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-6)  # unit rows, texts without ASCII words too
+    assert np.array_equal(x[0], x[1]) and not np.array_equal(x[3], x[4])
     assert np.array_equal(x, get_embedder("hashing:32").encode(
-        ["Chest X-ray, pneumothorax", "chest x-ray pneumothorax", "fundus drusen", ""]))
+        ["Chest X-ray, pneumothorax", "chest x-ray pneumothorax", "fundus drusen", "", "\u03b1\u03b2"]))
     with pytest.raises(ValueError, match="hashing"):
         get_embedder("hashing:abc")
     with pytest.raises(ValueError, match="list of strings"):
@@ -350,6 +391,22 @@ def test_search_matches_brute_force(bank, k, ties):
                                                             meta["domain"][h.index], meta["image"][h.index])
         if not ties:
             assert len(g) == min(k, bank.count)
+
+
+def test_single_query_ties_do_not_depend_on_shard_layout(bank, tmp_path):
+    """One query at a time over shards of 7 rows: identical captions score the
+    same wherever they sit, and results equal the batched brute force."""
+    b = write_bank(str(tmp_path / "s7"), all_keys(bank), bank.meta["caption"], shard_size=7, normalise=False,
+                   embedder=EMB)
+    caps = b.meta["caption"]
+    texts = list(dict.fromkeys(caps))[:40]
+    q = torch.from_numpy(get_embedder(EMB).encode(texts))
+    want = brute_force(all_keys(b), q, 1, True)
+    for j, t in enumerate(texts):
+        got = b.search(q[j:j + 1], k=1)[0]
+        assert [h.index for h in got] == [i for i, _ in want[j]]
+        assert {i for i, c in enumerate(caps) if c == t} <= {h.index for h in got}
+        assert len({h.score for h in got}) == 1
 
 
 def test_search_ties_keep_every_duplicate(bank):
@@ -470,9 +527,21 @@ def test_cli_db_build_and_query(corpus, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "150 entries" in text and "skipped 0 records" in text
     assert main(["db", "query", out, "retinal image showing glaucoma", "-k", "3"]) == 0
-    text = capsys.readouterr().out
+    text = text_exact = capsys.readouterr().out
     assert "query: retinal image showing glaucoma" in text and "[fundus]" in text
     assert main(["db", "query", out, "x", "-k", "0"]) == 2
     assert "k must be" in capsys.readouterr().err
     assert main(["db", "info", out, "--verify"]) == 0
     assert "checksums: all files match" in capsys.readouterr().out
+    if importlib.util.find_spec("faiss") is not None:
+        assert main(["db", "query", out, "retinal image showing glaucoma", "-k", "3", "--index", "flat"]) == 2
+        assert "no FAISS index" in capsys.readouterr().err
+        assert main(["db", "index", out, "--index", "ivfpq"]) == 2  # too few entries to train: a clear error
+        assert "training needs" in capsys.readouterr().err
+        assert main(["db", "index", out, "--index", "flat"]) == 0
+        capsys.readouterr()
+        for flag in (["--index", "flat"], ["--index"]):
+            assert main(["db", "query", out, "retinal image showing glaucoma", "-k", "3", *flag]) == 0
+            assert capsys.readouterr().out == text_exact
+    with pytest.raises(SystemExit, match="--vlm"):
+        main(["db", "build", *files, "--out", str(tmp_path / "v"), "--embedder", EMB, "--vlm", "no-such-model"])

@@ -201,6 +201,9 @@ def test_pool_extension(tmp_path):
     jl = tmp_path / "q.jsonl"
     jl.write_text(json.dumps({"text": "my question", "domain": "x-ray"}) + "\n")
     assert load_pool(str(jl)) == [Question("my question", "x-ray", "", "")]
+    js = tmp_path / "q.json"
+    js.write_text(json.dumps([{"text": "my question", "domain": "x-ray", "site": "chest", "finding": "f"}]))
+    assert load_pool(str(js)) == [Question("my question", "x-ray", "chest", "f")]
     bad = tmp_path / "bad.yaml"
     bad.write_text("domains:\n  d:\n    templates: ['no placeholder']\n    sites: {s: [f]}\n")
     with pytest.raises(ValueError, match="finding"):
@@ -278,6 +281,18 @@ def test_siphon_domain_mapper(banks, small_pool, vlm):
     # declared domains resolve by name, case and alias
     for declared, want in (("Fundus", "fundus"), ("xray", "x-ray"), ("colonoscopy", "endoscopy")):
         assert s.map_domain(FinishedTask("t", declared, ["a", "b"])) == want
+
+
+def test_siphon_history_shapes(banks, small_pool):
+    """Finished tasks as objects, dicts or (name, domain, prompts) tuples give one reference set."""
+    plain, _ = banks
+    s = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=4, k_v=1, seed=5)
+    want = s.reference_set(HISTORY).rows
+    as_dicts = [{"name": t.name, "domain": t.domain, "prompts": t.prompts()} for t in HISTORY]
+    as_tuples = [(t.name, t.domain, t.prompts()) for t in HISTORY]
+    assert s.reference_set(as_dicts).rows == want and s.reference_set(as_tuples).rows == want
+    with pytest.raises(ValueError, match="class prompts"):
+        s.reference_set([("t", "x-ray", [])])
 
 
 def test_siphon_accepts_cl_task(banks, small_pool):

@@ -90,7 +90,10 @@ def _load_vlm(name: str, device: str | None):
         from .models import load  # noqa: PLC0415
     except ImportError as exc:
         raise SystemExit(f"mgcl db: --vlm needs mgcl.models.load, which is not available here ({exc})") from None
-    model = load(name)
+    try:
+        model = load(name)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"mgcl db: --vlm {name!r}: {exc}") from None
     if device and hasattr(model, "to"):
         model = model.to(device)
     if hasattr(model, "eval"):
@@ -106,15 +109,15 @@ def cmd_db_build(args) -> int:
         manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
                               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                               image_root=args.image_root)
-    except (ValueError, FileNotFoundError) as exc:
+        print(report(manifest))
+        if args.index:
+            from .retrieval import MemoryBank
+
+            entry = MemoryBank.open(args.out).build_index(args.index)
+            print(f"FAISS {entry['kind']} index: {entry['path']}")
+    except (ValueError, OSError, ImportError) as exc:
         print(f"mgcl db build: {exc}", file=sys.stderr)
         return 2
-    print(report(manifest))
-    if args.index:
-        from .retrieval import MemoryBank
-
-        entry = MemoryBank.open(args.out).build_index(args.index)
-        print(f"FAISS {entry['kind']} index: {entry['path']}")
     print(f"wrote {args.out}")
     return 0
 
@@ -122,7 +125,11 @@ def cmd_db_build(args) -> int:
 def cmd_db_index(args) -> int:
     from .retrieval import MemoryBank
 
-    entry = MemoryBank.open(args.bank).build_index(args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
+    try:
+        entry = MemoryBank.open(args.bank).build_index(args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"mgcl db index: {exc}", file=sys.stderr)
+        return 2
     print(f"FAISS {entry['kind']} index written: {entry['path']}")
     return 0
 
@@ -132,9 +139,13 @@ def cmd_db_query(args) -> int:
 
     try:
         bank = MemoryBank.open(args.bank, embedder=args.embedder, device=args.device)
+        have = (bank.manifest.get("index") or {}).get("kind")
+        if args.index not in (None, "any") and have != args.index:
+            raise BankError(f"bank {bank.path!r} has {'a ' + have if have else 'no'} FAISS index, not {args.index!r} "
+                            f"(mgcl db index {args.bank} --index {args.index})")
         hits = bank.search(args.text, k=args.k, ties=not args.no_ties,
-                           backend="faiss" if args.index else "exact")
-    except (BankError, ValueError) as exc:
+                           backend="exact" if args.index is None else "faiss")
+    except (ValueError, OSError, ImportError) as exc:
         print(f"mgcl db query: {exc}", file=sys.stderr)
         return 2
     rows = []
@@ -191,7 +202,8 @@ def _add_db(sub) -> None:
     s.add_argument("text", nargs="+")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--no-ties", action="store_true", help="exactly k hits (ties broken by index)")
-    s.add_argument("--index", action="store_true", help="search the bank's FAISS index (re-scored exactly)")
+    s.add_argument("--index", nargs="?", const="any", choices=["flat", "ivfpq", "any"],
+                   help="search the bank's FAISS index (flat | ivfpq: the kind it must be), re-scored exactly")
     s.add_argument("--embedder", help="override the embedder named in the manifest")
     s.add_argument("--device", default=None)
     s.add_argument("--json", action="store_true")

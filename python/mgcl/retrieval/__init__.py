@@ -12,7 +12,7 @@ VLMs are passed in as objects (the ``mgcl.models`` protocol); this package
 never imports ``mgcl.models`` or ``mgcl.cl``. Heavy dependencies
 (sentence-transformers, faiss, pyarrow) load on first use.
 """
-from .bank import BankError, Hit, MemoryBank, write_bank
+from .bank import BankError, BankFileMissing, Hit, MemoryBank, write_bank
 from .build import build_bank
 from .embedders import HashingEmbedder, SentenceTransformerEmbedder, get_embedder
 from .images import open_image
@@ -20,6 +20,6 @@ from .pool import Question, load_pool
 from .rerank import retrieve
 from .siphon import RefBatch, ReferenceSet, Siphon
 
-__all__ = ["MemoryBank", "BankError", "Hit", "write_bank", "build_bank", "get_embedder", "HashingEmbedder",
-           "SentenceTransformerEmbedder", "open_image", "Question", "load_pool", "retrieve", "Siphon",
-           "ReferenceSet", "RefBatch"]
+__all__ = ["MemoryBank", "BankError", "BankFileMissing", "Hit", "write_bank", "build_bank", "get_embedder",
+           "HashingEmbedder", "SentenceTransformerEmbedder", "open_image", "Question", "load_pool", "retrieve",
+           "Siphon", "ReferenceSet", "RefBatch"]

@@ -38,6 +38,10 @@ class BankError(ValueError):
     """A bank directory that is missing, incomplete or corrupt."""
 
 
+class BankFileMissing(BankError, FileNotFoundError):
+    """A bank directory or one of its files does not exist (also a FileNotFoundError)."""
+
+
 @dataclass
 class Hit:
     """One retrieved entry. ``score`` is the dense cosine score after ``search``
@@ -85,20 +89,24 @@ class MemoryBank:
         path = os.path.abspath(os.fspath(path))
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isdir(path):
-            raise BankError(f"bank {path!r} does not exist")
+            raise BankFileMissing(f"bank {path!r} does not exist")
         if not os.path.exists(mpath):
             hint = " (an unfinished build: rerun `mgcl db build` to resume)" if os.path.isdir(
                 os.path.join(path, ".build")) else ""
-            raise BankError(f"bank {path!r} has no manifest.json{hint}")
+            raise BankFileMissing(f"bank {path!r} has no manifest.json{hint}")
         try:
             with open(mpath) as fh:
                 m = json.load(fh)
         except json.JSONDecodeError as exc:
             raise BankError(f"{mpath}: not valid JSON ({exc})") from None
-        if m.get("format") != FORMAT:
-            raise BankError(f"{mpath}: not an mgcl bank (format={m.get('format')!r})")
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            what = f"format={m.get('format')!r}" if isinstance(m, dict) else "not a JSON object"
+            raise BankError(f"{mpath}: not an mgcl bank ({what})")
         if m.get("format_version") != FORMAT_VERSION:
             raise BankError(f"{mpath}: format version {m.get('format_version')!r}; this mgcl reads {FORMAT_VERSION}")
+        missing = [key for key in ("dim", "count", "shards", "meta") if key not in m]
+        if missing:
+            raise BankError(f"{mpath}: manifest lacks {missing}")
         if m.get("dtype") != "float16":
             raise BankError(f"{mpath}: dtype {m.get('dtype')!r}; expected float16")
         dim = int(m["dim"])
@@ -278,7 +286,7 @@ def _check_k(k) -> None:
 def _check_file(bank: str, entry: dict, verify: bool) -> None:
     p = os.path.join(bank, entry["path"])
     if not os.path.exists(p):
-        raise BankError(f"bank {bank!r}: missing file {entry['path']!r}")
+        raise BankFileMissing(f"bank {bank!r}: missing file {entry['path']!r}")
     if verify and store.sha256_file(p) != entry["sha256"]:
         raise BankError(f"bank {bank!r}: checksum mismatch for {entry['path']!r} (file changed or corrupt)")
 

@@ -76,8 +76,9 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     protocol whose image embeddings are stored for reranking (``vlm_name`` is
     recorded in the manifest). Returns the manifest; its ``build`` entry counts
     the records used and the ones skipped, by reason (each skipped record is
-    listed in ``skipped.jsonl``). ``_hook(stage, shard)`` is called at every
-    commit point (tests inject failures there).
+    listed in ``skipped.jsonl``). Rerunning a finished build with the same
+    settings returns its manifest and changes nothing. ``_hook(stage, shard)``
+    is called at every commit point (tests inject failures there).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -93,16 +94,22 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         raise ValueError("build_bank: no corpus files (expected .jsonl, .parquet or WebDataset .tar)")
     out = os.path.abspath(out)
     mpath = os.path.join(out, "manifest.json")
-    if os.path.exists(mpath):
-        raise bank_mod.BankError(f"build_bank: {out!r} already holds a finished bank (remove it to rebuild)")
     emb = get_embedder(embedder, device=device) if isinstance(embedder, str) or embedder is None else embedder
     if vlm is not None and vlm_name is None:
         vlm_name = getattr(vlm, "name", type(vlm).__name__)
     work = os.path.join(out, ".build")
-    os.makedirs(work, exist_ok=True)
     config = {"version": STATE_VERSION, "corpus": _corpus_fingerprint(files), "embedder": emb.name,
               "dim": int(emb.dim), "vlm": vlm_name, "shard_size": shard_size, "batch_size": batch_size,
               "image_root": os.path.abspath(image_root) if image_root else None}
+    if os.path.exists(mpath):  # finished (maybe killed before cleaning up): a rerun of the same build is a no-op
+        with open(mpath) as fh:
+            manifest = json.load(fh)
+        if manifest.get("build", {}).get("config") != config:
+            raise bank_mod.BankError(f"build_bank: {out!r} already holds a finished bank built with other "
+                                     "settings (remove it to rebuild)")
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest
+    os.makedirs(work, exist_ok=True)
     spath = os.path.join(work, "state.json")
     done = 0
     if os.path.exists(spath):
@@ -202,7 +209,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         vinfo = {"name": vlm_name, "dim": vdim, "shards": vshards}
     build = {"corpus": [f["path"] for f in config["corpus"]], "corpus_bytes": total_bytes, "records": n_good,
              "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-             "image_failures": image_failures, "shard_size": shard_size, **skipped_note}
+             "image_failures": image_failures, "shard_size": shard_size, **skipped_note, "config": config}
     manifest = bank_mod.finalize(out, ids=ids, captions=caps, images=imgs, domains=doms, shards=shards,
                                  dim=emb.dim, embedder=emb.name, vlm=vinfo, build=build, progress=progress)
     hook("finalized", len(shards))

@@ -3,7 +3,10 @@
 Shapes understood (field names are tried in the order listed):
 - PMC-OA jsonl: one JSON object a line, ``{"image": "PMC..._F1.jpg", "caption": "..."}``;
   relative image paths are resolved against ``image_root`` or the jsonl's folder.
-- parquet: the same fields as columns (an image column must hold paths).
+- parquet: the same fields as columns; an image column holds paths, raw
+  bytes or Hugging Face ``{"bytes", "path"}`` structs (stored as a reference
+  to the cell); WebDataset-style tables (``jpg``/``png`` image columns, ``txt``
+  caption, a ``json`` column of metadata) are read like the tar members.
 - WebDataset tar (BIOMEDICA, Open-PMC-18M): members grouped by key (the name
   up to the first dot of the basename); the image member (jpg/jpeg/png/webp/
   tif/tiff/bmp), the caption from ``txt`` / ``caption`` or from the ``json``
@@ -22,7 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from .images import tar_ref
+from .images import parquet_ref, tar_ref
 
 CAPTION_KEYS = ("caption", "text", "txt", "caption_text", "figure_caption")
 IMAGE_KEYS = ("image", "image_path", "img_path", "path", "file_name", "filename", "image_file")
@@ -147,12 +150,36 @@ def _read_parquet(path: str, image_root):
 
     base, name = os.path.dirname(path), os.path.basename(path)
     pf = pq.ParquetFile(path)
-    cols = [c for c in pf.schema_arrow.names if c in CAPTION_KEYS + IMAGE_KEYS + ID_KEYS + DOMAIN_KEYS]
+    image_cols = IMAGE_KEYS + IMAGE_EXTS
+    cols = [c for c in pf.schema_arrow.names if c in CAPTION_KEYS + image_cols + ID_KEYS + DOMAIN_KEYS + ("json",)]
     row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=4096):
+    for batch in pf.iter_batches(columns=cols, batch_size=256):
         for d in batch.to_pylist():
             row += 1
-            yield _from_dict(d, f"{path}:row{row}", base, image_root, f"{name}:{row}")
+            source = f"{path}:row{row}"
+            if isinstance(d.get("json"), (str, bytes)):  # WebDataset-style metadata column
+                try:
+                    meta = json.loads(d.pop("json"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    yield Skipped(source, f"invalid json column: {exc}")
+                    continue
+                if isinstance(meta, dict):
+                    d = {**meta, **{k: v for k, v in d.items() if v is not None}}
+            for col in image_cols:
+                v, hint = d.get(col), None
+                if isinstance(v, dict):  # Hugging Face Image struct
+                    hint = v.get("path")
+                    v = v.get("bytes") or hint
+                if v in (None, "", b""):
+                    d[col] = None
+                    continue
+                if isinstance(v, (bytes, bytearray)):  # image bytes in the cell: refer to it
+                    if _first(d, ID_KEYS) is None:
+                        d["id"] = os.path.basename(hint) if isinstance(hint, str) and hint else f"{name}:{row}"
+                    v = parquet_ref(path, col, row - 1)
+                d["image"] = v
+                break
+            yield _from_dict(d, source, base, image_root, f"{name}:{row}")
 
 
 def _split_member(name: str) -> tuple[str, str]:

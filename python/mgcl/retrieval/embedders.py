@@ -25,7 +25,8 @@ class HashingEmbedder:
 
     Each feature f adds sign(f) to bucket h(f) mod dim, with h and sign from
     blake2b of the feature (stable across processes and platforms); rows are
-    L2-normalised. A text without words embeds to the zero vector.
+    L2-normalised. A text without ASCII words (empty, symbols, other scripts)
+    is hashed by its characters instead, so every row is a unit vector.
     """
 
     def __init__(self, dim: int = 256):
@@ -50,6 +51,8 @@ class HashingEmbedder:
         for i, t in enumerate(texts):
             words = _WORD.findall(t.lower())
             feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+            if not feats:
+                feats = ["\x00" + c for c in t.strip()] or ["\x00"]
             for f in feats:
                 j, s = self._feature(f)
                 out[i, j] += s

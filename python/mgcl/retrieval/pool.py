@@ -5,8 +5,9 @@ The shipped taxonomy is ``data/taxonomy.yaml`` (15 imaging domains, 500
 distinct findings; about 4,300 questions). ``load_pool(path)`` also reads:
 - a taxonomy file of the same shape (yaml or json); with ``extends: builtin``
   it is merged over the shipped one (new domains, sites and findings added);
-- a jsonl file of questions, one ``{"text", "domain", "site", "finding"}`` a line
-  (used as given; ``load_pool() + load_pool(path)`` adds them to the shipped pool).
+- a jsonl file of questions, one ``{"text", "domain", "site", "finding"}`` a line,
+  or a json list of such objects (used as given; ``load_pool() + load_pool(path)``
+  adds them to the shipped pool).
 """
 from __future__ import annotations
 
@@ -100,9 +101,22 @@ def questions_from_taxonomy(tax: dict) -> list[Question]:
     return out
 
 
+def _question(d, where: str) -> Question:
+    try:
+        q = Question(str(d["text"]), str(d["domain"]), str(d.get("site", "")), str(d.get("finding", "")))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{where}: expected a JSON object with text and domain ({exc!r})") from None
+    if not q.text.strip() or not q.domain.strip():
+        raise ValueError(f"{where}: empty text or domain")
+    return q
+
+
 def load_pool(path: str | None = None) -> list[Question]:
     """The question pool: the shipped one, or the one in ``path`` (module doc)."""
-    if path is not None and os.fspath(path).endswith(".jsonl"):
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"question pool file {path!r} does not exist")
+    path = os.fspath(path) if path is not None else None
+    if path is not None and path.endswith(".jsonl"):
         out = []
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -110,17 +124,18 @@ def load_pool(path: str | None = None) -> list[Question]:
                     continue
                 try:
                     d = json.loads(line)
-                    q = Question(str(d["text"]), str(d["domain"]), str(d.get("site", "")), str(d.get("finding", "")))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with text and domain ({exc})") from None
-                if not q.text.strip() or not q.domain.strip():
-                    raise ValueError(f"{path}:{n}: empty text or domain")
-                out.append(q)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+                out.append(_question(d, f"{path}:{n}"))
         if not out:
             raise ValueError(f"{path}: no questions")
         return out
-    if path is not None and not os.path.exists(path):
-        raise FileNotFoundError(f"question pool file {path!r} does not exist")
+    if path is not None and path.endswith(".json"):
+        items = _read(path)
+        if isinstance(items, list):  # a JSON list of questions
+            if not items:
+                raise ValueError(f"{path}: no questions")
+            return [_question(d, f"{path}[{i}]") for i, d in enumerate(items)]
     return questions_from_taxonomy(_load_taxonomy(os.path.abspath(path or BUILTIN)))
 
 

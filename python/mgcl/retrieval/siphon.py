@@ -120,6 +120,37 @@ class ReferenceSet:
                            levels=[r["level"] for r in rows])
 
 
+@dataclass
+class _Finished:
+    name: str
+    domain: str
+    prompts: list
+    train: object = None
+
+
+def _finished(task) -> _Finished:
+    """A finished task as (name, domain, class prompts, training data): an object
+    with those attributes (``prompts`` a list or a method, as ``mgcl.cl.Task``),
+    a dict with those keys, or a ``(name, domain, prompts)`` tuple."""
+    if isinstance(task, _Finished):
+        return task
+    if isinstance(task, dict):
+        get = task.get
+    elif isinstance(task, (tuple, list)):
+        if len(task) not in (3, 4):
+            raise ValueError(f"Siphon: a finished task as a tuple is (name, domain, prompts), got {len(task)} items")
+        get = dict(zip(("name", "domain", "prompts", "train"), task)).get
+    else:
+        def get(key):
+            return getattr(task, key, None)
+    prompts = get("prompts")
+    if callable(prompts):
+        prompts = prompts()
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"Siphon: finished task {get('name')!r} needs a non-empty list of class prompts")
+    return _Finished(str(get("name")), get("domain") or "", list(prompts), get("train"))
+
+
 def _int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"Siphon: {name} must be an integer >= {lo}, got {v!r}")
@@ -177,7 +208,8 @@ class Siphon:
         the VLM's image embeddings of up to 32 training images (or, without
         images, its text embeddings of the class prompts) against one prompt per
         domain; without a VLM, the text embedder on the class prompts."""
-        hit = pool_mod.resolve_domain(getattr(task, "domain", ""), self.domains, self.taxonomy)
+        task = _finished(task)
+        hit = pool_mod.resolve_domain(task.domain, self.domains, self.taxonomy)
         if hit is not None:
             return hit
         dom_prompts = self._domain_prompts()
@@ -185,15 +217,15 @@ class Siphon:
             dt = vlm_text_features(self.vlm, dom_prompts)
             feats = self._task_image_features(task)
             if feats is None:
-                feats = vlm_text_features(self.vlm, list(task.prompts()))
+                feats = vlm_text_features(self.vlm, task.prompts)
             votes = np.bincount((feats @ dt.T).argmax(1).numpy(), minlength=len(self.domains))
             return self.domains[int(votes.argmax())]
-        pe = torch.from_numpy(self.embedder.encode(list(task.prompts()), 64)).mean(0)
+        pe = torch.from_numpy(self.embedder.encode(task.prompts, 64)).mean(0)
         de = torch.from_numpy(self.embedder.encode(dom_prompts, 64))
         return self.domains[int((de @ pe).argmax())]
 
     def _task_image_features(self, task, n: int = 32):
-        data = getattr(task, "train", None)
+        data = task.train
         try:
             size = len(data)
         except TypeError:
@@ -225,8 +257,8 @@ class Siphon:
 
     def queries(self, history) -> dict[str, list[str]]:
         """The task / domain / general queries for a history (deterministic)."""
-        history = list(history)
-        task_q = list(dict.fromkeys(p for t in history for p in t.prompts()))
+        history = [_finished(t) for t in history]
+        task_q = list(dict.fromkeys(p for t in history for p in t.prompts))
         self.last_domains = {t.name: self.map_domain(t) for t in history}
         doms = set(self.last_domains.values())
         task_set = set(task_q)
@@ -237,8 +269,10 @@ class Siphon:
         return {"task": task_q, "domain": domain_q, "general": general_q}
 
     def reference_set(self, history) -> ReferenceSet:
-        """The reference set for the task after ``history`` (finished tasks with
-        ``.name``, ``.domain`` and ``.prompts()``); see the module doc."""
+        """The reference set for the task after ``history``: the finished tasks,
+        each with a name, a domain and its class prompts (an object with
+        ``.name``, ``.domain``, ``.prompts`` (list or method), a dict with those
+        keys, or a ``(name, domain, prompts)`` tuple); see the module doc."""
         self.last_timings = {}
         qs = self.queries(history)
         best: dict[int, dict] = {}
