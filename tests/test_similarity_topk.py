@@ -202,6 +202,29 @@ def test_uneven_shards_give_global_indices(small_blocks, backend):
     assert as_lists(whole) == brute(q, keys, 6)
 
 
+@pytest.mark.parametrize("backend", CPU_ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("n_queries", [1, 3, 13])
+def test_duplicated_random_rows_tie_wherever_they_sit(backend, dtype, n_queries):
+    # Random (not small-integer) unit rows, each repeated across shards of
+    # uneven sizes: every copy of a row must score the same, so a result holds
+    # all copies of each row it holds (a BLAS rounds differently by matrix
+    # shape; the fixed-width blocking must hide that).
+    g = torch.Generator().manual_seed(5)
+    base = torch.nn.functional.normalize(torch.randn(12, 96, generator=g), dim=1)
+    which = torch.randint(0, 12, (600,), generator=g)
+    keys = base[which].to(dtype)
+    q = torch.nn.functional.normalize(torch.randn(n_queries, 96, generator=g), dim=1).to(dtype)
+    shards = shards_of(keys, [7, 8, 8, 21, 150, 151, 480])
+    res = similarity_topk(q, shards, 3, backend=backend)
+    for i in range(n_queries):
+        got = res.indices[res.offsets[i]:res.offsets[i + 1]]
+        rows = which[got]
+        assert set(got.tolist()) == set(torch.isin(which, rows).nonzero().flatten().tolist())
+        for r in rows.unique():
+            assert res.values[res.offsets[i]:res.offsets[i + 1]][rows == r].unique().numel() == 1
+
+
 @pytest.mark.parametrize("backend", CPU_FAST)
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.float16], ids=str)
 def test_fp16_keys(backend, qdtype):

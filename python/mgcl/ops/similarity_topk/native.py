@@ -203,13 +203,16 @@ def device_tiles(shards, dev, tile: int, gdt):
 
 
 def _select_pass(qg, shards, tile, cap, distinct, best_v, best_i, best_n):
-    """Fold every key tile into the per-row lists (rows = qg's rows)."""
+    """Fold every key tile into the per-row lists (rows = qg's rows). Each
+    tile's GEMM has the full tile width (reference.fixed_width_scores)."""
     dev = qg.device
     nq = qg.shape[0]
+    qp = reference.pad_queries(qg)
     compute = torch.cuda.current_stream(dev)
     side = torch.cuda.Stream(dev) if CUDA_OVERLAP else compute
     nbuf = 2 if CUDA_OVERLAP else 1
-    bufs = [torch.empty(nq * tile, dtype=torch.float32, device=dev) for _ in range(nbuf)]
+    bufs = [torch.empty(qp.shape[0] * tile, dtype=torch.float32, device=dev) for _ in range(nbuf)]
+    pad = [None]  # written and read on the compute stream only
     gemm_done = [torch.cuda.Event() for _ in range(nbuf)]
     select_done = [torch.cuda.Event() for _ in range(nbuf)]
     try:
@@ -217,11 +220,11 @@ def _select_pass(qg, shards, tile, cap, distinct, best_v, best_i, best_n):
             b = j % nbuf
             compute.wait_event(select_done[b])  # the select reading bufs[b] two tiles ago is done
             cols = kt.shape[0]
-            s = reference.block_scores(qg, kt, bufs[b][:nq * cols].view(nq, cols))
+            s = reference.fixed_width_scores(qp, nq, kt, tile, bufs[b], pad)
             gemm_done[b].record(compute)
             side.wait_event(gemm_done[b])
             _native._C_cuda.similarity_topk_select(
-                s.data_ptr(), cols, nq, cols, n0, cap, distinct, best_v.data_ptr(), best_i.data_ptr(),
+                s.data_ptr(), s.stride(0), nq, cols, n0, cap, distinct, best_v.data_ptr(), best_i.data_ptr(),
                 best_n.data_ptr(), side.cuda_stream)
             select_done[b].record(side)
     finally:
@@ -280,9 +283,11 @@ def similarity_topk_cuda(queries, shards, k, ties, max_per_query):
         dv, di, dn = _new_lists(rows.numel(), k, dev)
         _select_pass(qr, shards, tile, k, True, dv, di, dn)
         tau = dv.gather(1, (dn - 1).clamp(min=0)[:, None]).squeeze(1)
-        buf = torch.empty(rows.numel() * tile, dtype=torch.float32, device=dev)
+        qrp = reference.pad_queries(qr)
+        buf = torch.empty(qrp.shape[0] * tile, dtype=torch.float32, device=dev)
+        pad = [None]
         for n0, kt in device_tiles(shards, dev, tile, qg.dtype):
-            s = reference.block_scores(qr, kt, buf[:rows.numel() * kt.shape[0]].view(rows.numel(), kt.shape[0]))
+            s = reference.fixed_width_scores(qrp, rows.numel(), kt, tile, buf, pad)
             r, c = (s >= tau[:, None]).nonzero(as_tuple=True)
             pieces.append((rows[r], c + n0, s[r, c]))
         count = count.masked_fill(unresolved, -1)

@@ -47,6 +47,7 @@ NEG_INF = float("-inf")
 # matmul, by device type. Key blocks never cross a shard boundary.
 QUERY_BLOCK = {"cpu": 1024, "cuda": 4096}
 KEY_BLOCK = {"cpu": 4096, "cuda": 16384}
+MIN_QUERY_ROWS = 8  # QUERY_BLOCK's entries are multiples of it
 
 # Whether torch.mm(..., out_dtype=float32) works for 16-bit inputs on a device
 # type; filled on first use.
@@ -94,24 +95,58 @@ def key_blocks(shards: Sequence[torch.Tensor], block: int) -> Iterator[tuple[int
         base += n
 
 
+def pad_queries(qg: torch.Tensor) -> torch.Tensor:
+    """``qg`` with zero rows appended up to a multiple of MIN_QUERY_ROWS, so no
+    matmul (query blocks are multiples of it too) has fewer rows than that
+    (see fixed_width_scores)."""
+    extra = -qg.shape[0] % MIN_QUERY_ROWS
+    return torch.cat([qg, qg.new_zeros(extra, qg.shape[1])]) if extra else qg
+
+
+def fixed_width_scores(qp: torch.Tensor, rows: int, kb: torch.Tensor, width: int, out: torch.Tensor,
+                       pad: list) -> torch.Tensor:
+    """float32 scores of the first ``rows`` rows of ``qp`` (already pad_queries'd)
+    against the block ``kb`` (at most ``width`` rows), as a [rows, len(kb)] view
+    of ``out`` (a float32 buffer of at least [len(qp), width]; row stride width).
+
+    Every matmul has the same key width: a shorter block (a shard's last) is
+    zero-padded to ``width`` in ``pad[0]`` (made on first use), and too few
+    queries were padded by pad_queries. A BLAS picks its kernel, and so the
+    order of the fp32 sum, by the matrix shape (a single query runs as a
+    matrix-vector product, a narrow block as another kernel), so without this
+    two copies of one key row could score an ulp apart depending on where they
+    sit, and the tie rule would split identical captions."""
+    cols = kb.shape[0]
+    if cols < width:
+        if pad[0] is None:
+            pad[0] = qp.new_zeros(width, qp.shape[1])
+        pad[0][:cols].copy_(kb)
+        pad[0][cols:].zero_()
+        kb = pad[0]
+    full = out.view(-1)[:qp.shape[0] * width].view(qp.shape[0], width)
+    return block_scores(qp, kb, full)[:rows, :cols]
+
+
 def score_blocks(queries: torch.Tensor, shards: Sequence[torch.Tensor], only: set | None = None):
-    """The fixed blocking: yields (q0, n0, scores [rows, cols] float32) in key
-    order (outer) then query order (inner), on the queries' device. The scores
-    live in one reused buffer: use them before asking for the next block.
-    ``only``: the query-block starts q0 to compute (default: all)."""
+    """The fixed blocking: yields (q0, n0, scores [rows, cols] float32, a view
+    with row stride KEY_BLOCK) in key order (outer) then query order (inner),
+    on the queries' device. Each is one matmul of the same width
+    (fixed_width_scores). The scores live in one reused buffer: use them
+    before asking for the next block. ``only``: the query-block starts q0 to
+    compute (default: all)."""
     dev = queries.device
     kdtype = shards[0].dtype if shards else queries.dtype
-    qg = queries.to(gemm_dtype(queries.dtype, kdtype, dev))
+    nq = queries.shape[0]
+    qp = pad_queries(queries.to(gemm_dtype(queries.dtype, kdtype, dev)))
     qblock, kblock = QUERY_BLOCK.get(dev.type, 256), KEY_BLOCK.get(dev.type, 4096)
-    buf = torch.empty(min(qblock, qg.shape[0]) * kblock, dtype=torch.float32, device=dev)
+    buf = torch.empty(min(qblock, qp.shape[0]) * kblock, dtype=torch.float32, device=dev)
+    pad = [None]
     for n0, kb in key_blocks(shards, kblock):
-        kg = kb.to(device=dev, dtype=qg.dtype)
-        for q0 in range(0, qg.shape[0], qblock):
+        kg = kb.to(device=dev, dtype=qp.dtype)
+        for q0 in range(0, nq, qblock):
             if only is not None and q0 not in only:
                 continue
-            qb = qg[q0:q0 + qblock]
-            out = buf[:qb.shape[0] * kg.shape[0]].view(qb.shape[0], kg.shape[0])
-            yield q0, n0, block_scores(qb, kg, out)
+            yield q0, n0, fixed_width_scores(qp[q0:q0 + qblock], min(qblock, nq - q0), kg, kblock, buf, pad)
 
 
 def _drop_repeats(v: torch.Tensor) -> torch.Tensor:
