@@ -498,3 +498,14 @@ def test_cpu_use_does_not_initialise_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ok [0, 3, 6, 9, 12]" in out.stdout
+
+
+@pytest.mark.parametrize("backend", CPU_ALL)
+def test_huge_k_is_bounded_by_n(backend):
+    """k far above N is the k = N answer and allocates nothing per k (the
+    per-query state used to be [Q, k])."""
+    q = quantised((4, 5), 2, 8)
+    keys = quantised((9, 5), 2, 9)
+    for ties in (True, False):
+        r = similarity_topk(q, [keys[:4], keys[:0], keys[4:]], 2**40, ties=ties, backend=backend)
+        assert as_lists(r) == brute(q, keys, 9, ties)

@@ -141,6 +141,8 @@ def similarity_topk(
     shards = reference.as_shards(keys)
     _check(queries, shards, k, ties, max_per_query)
     name = _backend.select("similarity_topk", BACKENDS, queries.device, backend)
+    # k beyond N changes nothing (k' <= |U| <= N) but would size the per-query state [Q, k]
+    k = max(1, min(k, sum(s.shape[0] for s in shards)))
     out = _similarity_topk_op(queries.detach(), [s.detach() for s in shards], int(k), bool(ties),
                               int(max_per_query or 0), name)
     return TopK(*out)
