@@ -151,6 +151,25 @@ def test_teacher_equals_student_gives_zero_kd(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+@pytest.mark.parametrize("kd,cmc", [(1.0, 0.0), (0.0, 1.0), (1.0, 0.25)])
+def test_single_pair_gives_exactly_zero(backend, kd, cmc):
+    # B = 1: every softmax is over one entry, so KL and CE are 0 and so is every
+    # gradient; the fused paths must not leave rounding residue (the diagonal
+    # logit comes from the same products as its log-sum-exp).
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        img, txt, img_t, txt_t = (torch.nn.functional.normalize(torch.randn(1, 19, generator=g), dim=1)
+                                  for _ in range(4))
+        img.requires_grad_()
+        txt.requires_grad_()
+        scale = torch.tensor(100.0, requires_grad=True)
+        loss = contrastive_distill(img, txt, img_t, txt_t, scale, 90.0, kd=kd, cmc=cmc, backend=backend)
+        grads = torch.autograd.grad(loss, [img, txt, scale])
+        assert loss.item() == 0.0
+        assert all(gr.abs().max().item() == 0.0 for gr in grads)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
 def test_zero_weights_remove_rows_and_columns_exactly(backend):
     img, txt, img_t, txt_t = distill_batch(23, 16, seed=4)
     w = weights(23, 10)  # zero at rows 0, 5, 10, 15, 20
@@ -513,9 +532,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mgcl.ops.contrastive_distill import triton as tr
 
-PTRS = {"SCALE_S", "SCALE_T", "OUT", "ROW", "COL"}
+PTRS = {"SCALE_S", "SCALE_T", "OUT", "DIAG", "ROW", "COL"}
 UNIT = {"sxk", "syk", "stk", "suk"}  # contiguous features: the JIT specialises unit strides to 1
-for kernel, extra in ((tr._stats_kernel, {}), (tr._grad_kernel, {"HAS_T": True})):
+for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True})):
     fn, cfg = kernel.fn, kernel.configs[0]
     for dt in ("bf16", "fp32"):
         prec = "ieee" if dt == "fp32" else "tf32"

@@ -43,26 +43,21 @@ def rows_per_block(n_cols: int, block: int | None = None) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, n_cols))
 
 
-def _coef_shift(lse: torch.Tensor, coef: torch.Tensor):
-    """(shift, None) with coef * exp(x - lse) = exp(x - shift) when coef >= 0
-    (coef 0 gives shift +inf, so exactly 0); else (lse, coef) to multiply."""
-    if bool((coef >= 0).all()):
-        return lse - coef.log(), None
-    return lse, coef
+def _term(out, Z, lse, coef):
+    """out = coef * exp(Z - lse). (Not exp(Z - (lse - log coef)), one pass
+    fewer: that rounds a lone entry's exp(0) = 1 away from 1, and B = 1 must
+    give exactly zero gradients.)"""
+    return torch.sub(Z, lse, out=out).exp_().mul_(coef)
 
 
-def _term(out, Z, shift, coef):
-    """out = coef * exp(Z - shift) (coef None: already folded into shift)."""
-    torch.sub(Z, shift, out=out).exp_()
-    if coef is not None:
-        out.mul_(coef)
-    return out
-
-
-def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None):
+def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None, diag=None, off: int = 0):
     """Row statistics of ``s*X@Y.T`` vs ``t*Xt@Yt.T`` and the column partials.
 
     Returns ``(row, col)``: each a tuple ``(lse_s, lse_t, e)`` of length M and N.
+    ``diag = (row_out, col_out)`` (length M and N) receives the positive-pair
+    logits S[i, i + off] at row i and at column i + off, taken from the very
+    products the statistics come from (so lse - S_ii is exactly 0 when a row
+    holds one entry); entries without a pair are left as they are.
     """
     ct = compute_dtype(X.dtype)
     M, N = X.shape[0], Y.shape[0]
@@ -86,6 +81,10 @@ def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None):
         torch.mm(X[r0:r1].to(ct) * s, Y.T, out=S)  # the scale on the R x d side: one pass fewer
         torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=T)
         torch.sub(T, S, out=diff)
+        if diag is not None:
+            d = torch.diagonal(S, offset=r0 + off)
+            diag[0][r0:r0 + d.numel()] = d
+            diag[1][r0 + off:r0 + off + d.numel()] = d
         # rows: complete in this chunk
         m_s = S.amax(dim=1, keepdim=True)
         m_t = T.amax(dim=1, keepdim=True)
@@ -119,15 +118,8 @@ def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher:
     dev = X.device
     Y, Yt = Y.to(ct), Yt.to(ct)
     s, t = s.to(ct), t.to(ct)
-    r_lse_s, r_lse_t, r_a, r_g = (v.to(ct) for v in row)
+    r_lse_s, r_lse_t, r_a, r_g = (v.to(ct).unsqueeze(1) for v in row)
     c_lse_s, c_lse_t, c_b, c_e = (v.to(ct) for v in col)
-    # coefficient * exp(Z - lse) as exp(Z - (lse - log coefficient)): one pass fewer per term
-    sh_a, k_a = _coef_shift(r_lse_s, r_a)
-    sh_g, k_g = _coef_shift(r_lse_t, r_g)
-    sh_b, k_b = _coef_shift(c_lse_s, c_b)
-    sh_e, k_e = _coef_shift(c_lse_t, c_e)
-    sh_a, sh_g = sh_a.unsqueeze(1), sh_g.unsqueeze(1)
-    k_a, k_g = (None if k is None else k.unsqueeze(1) for k in (k_a, k_g))
     U = torch.empty(M, X.shape[1], dtype=ct, device=dev)
     V = torch.zeros(N, X.shape[1], dtype=ct, device=dev)
     R = min(M, rows_per_block(N, block))
@@ -137,12 +129,12 @@ def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher:
         Z, G, W = bZ[: r1 - r0], bG[: r1 - r0], bW[: r1 - r0]
         Xc = X[r0:r1].to(ct)
         torch.mm(Xc * s, Y.T, out=Z)  # S
-        _term(G, Z, sh_a[r0:r1], None if k_a is None else k_a[r0:r1])
-        G.add_(_term(W, Z, sh_b, k_b))
+        _term(G, Z, r_lse_s[r0:r1], r_a[r0:r1])
+        G.add_(_term(W, Z, c_lse_s, c_b))
         if teacher:
             torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=Z)  # T
-            G.sub_(_term(W, Z, sh_g[r0:r1], None if k_g is None else k_g[r0:r1]))
-            G.sub_(_term(W, Z, sh_e, k_e))
+            G.sub_(_term(W, Z, r_lse_t[r0:r1], r_g[r0:r1]))
+            G.sub_(_term(W, Z, c_lse_t, c_e))
         torch.mm(G, Y, out=U[r0:r1])
         V.addmm_(G.T, Xc)
     return U, V

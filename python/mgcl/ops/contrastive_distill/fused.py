@@ -3,9 +3,11 @@
 A backend ("engine") offers two block primitives over the rectangular block
 ``S = s*X@Y.T`` (M x N) with its teacher block ``T = t*Xt@Yt.T``:
 
-- ``block_stats(X, Y, Xt, Yt, s, t) -> (row, col)``, each ``(lse_s, lse_t, e)``:
-  log-sum-exp of S and T and ``e = E_{softmax T}[T - S]`` per row (over all N
-  columns) and per column (over these M rows: partial when M is one rank's rows);
+- ``block_stats(X, Y, Xt, Yt, s, t, diag=(row_out, col_out), off=off) -> (row, col)``,
+  each ``(lse_s, lse_t, e)``: log-sum-exp of S and T and ``e = E_{softmax T}[T - S]``
+  per row (over all N columns) and per column (over these M rows: partial when
+  M is one rank's rows); it also writes the positive-pair logits S[i, i + off]
+  from its own products into ``row_out[i]`` and ``col_out[i + off]``;
 - ``block_grads(X, Y, Xt, Yt, s, t, (lse_s, lse_t, a, g), (cse_s, cse_t, b, e))
   -> (U, V)`` with ``U = G @ Y``, ``V = G.T @ X`` and
   ``G_ij = a_i Q_ij - g_i P_ij + b_j Q'_ij - e_j P'_ij`` (Q, P the row softmaxes
@@ -69,17 +71,22 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
         off, B = comm.offset, comm.total
         Y, Yt, v_all = comm.gather(txt_s.detach()), comm.gather(txt_t), comm.gather(v)
 
-    row, col = engine.block_stats(img_s.detach(), Y, img_t, Yt, s, t)
+    # The positive-pair logits S_ii as the engine's own products gave them (the
+    # row and the column sweep each), so that lse - S_ii and the KL terms are
+    # exactly 0 where a row or column holds a single entry (B = 1).
+    row_diag = torch.empty(M, dtype=ct, device=dev)
+    col_diag = torch.empty(Y.shape[0], dtype=ct, device=dev)
+    row, col = engine.block_stats(img_s.detach(), Y, img_t, Yt, s, t, diag=(row_diag, col_diag), off=off)
     row = tuple(x.to(ct) for x in row)
     col = tuple(x.to(ct) for x in col)
     if comm is not None:
         col = merge_stats(*(comm.gather_stacked(x) for x in col))
     loc = slice(off, off + M)
-    diag = s * (img_s.detach().to(ct) * txt_s.detach().to(ct)).sum(dim=1)
-    r = row[2] + row[0] - row[1]
-    c = col[2][loc] + col[0][loc] - col[1][loc]
-    p = row[0] - diag
-    q = col[0][loc] - diag
+    # KL = E_P[T - S] - (lse_t - lse_s), in this order: both differences round alike
+    r = row[2] - (row[1] - row[0])
+    c = col[2][loc] - (col[1][loc] - col[0][loc])
+    p = row[0] - row_diag
+    q = col[0][loc] - col_diag[loc]
     parts = torch.stack([i2t * (w * r).sum() + t2i * (v * c).sum(), p.sum() + q.sum()]) / B
     if comm is not None:
         parts = comm.all_reduce(parts)

@@ -116,9 +116,10 @@ def _logits_tile(X, Y, sxm, sxk, sym, syk, row0, col0, M, col_end, K, scale,
 
 @triton.autotune(configs=_stats_configs(), key=["M", "N", "K", "KT"])
 @triton.jit
-def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_split,
+def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, DIAG, OFF, M, N, K, KT, cols_per_split,
                   sxm, sxk, sym, syk, stm, stk, sum_, suk, out_stat, out_split,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
+                  HAS_DIAG: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -129,6 +130,7 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
     l_s = tl.zeros([BM], dtype=tl.float32)
     l_t = tl.zeros([BM], dtype=tl.float32)
     k_acc = tl.zeros([BM], dtype=tl.float32)
+    d_acc = tl.zeros([BM], dtype=tl.float32)
     start = pid_s * cols_per_split
     end = tl.minimum(start + cols_per_split, N)
     for n0 in range(start, end, BN):
@@ -137,6 +139,8 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
         S = _logits_tile(X, Y, sxm, sxk, sym, syk, pid_m * BM, n0, M, end, K, s, BM, BN, BK, PREC)
         T = _logits_tile(XT, YT, stm, stk, sum_, suk, pid_m * BM, n0, M, end, KT, t, BM, BN, BK, PREC_T)
         diff = T - S
+        if HAS_DIAG:  # S[i, i + OFF] exactly (one entry plus zeros)
+            d_acc += tl.sum(tl.where((cols[None, :] == rows[:, None] + OFF) & valid, S, 0.0), axis=1)
         S = tl.where(valid, S, float("-inf"))
         T = tl.where(valid, T, float("-inf"))
         new_s = tl.maximum(m_s, tl.max(S, axis=1))
@@ -155,6 +159,8 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, OUT, M, N, K, KT, cols_per_spl
     tl.store(base + 2 * out_stat, m_t, mask=keep)
     tl.store(base + 3 * out_stat, l_t, mask=keep)
     tl.store(base + 4 * out_stat, k_acc, mask=keep)
+    if HAS_DIAG:
+        tl.store(DIAG + pid_s * M + rows, d_acc, mask=keep)
 
 
 @triton.autotune(configs=_grad_configs(), key=["M", "N", "K", "KT"],
@@ -253,19 +259,27 @@ def _check(X, Y, Xt, Yt):
         raise ValueError("contrastive_distill[triton]: tensors must be on a CUDA device (or set TRITON_INTERPRET=1)")
 
 
-def row_stats(X, Y, Xt, Yt, s, t, split: int | None = None):
-    """(lse_s, lse_t, e) of each row of s*X@Y.T against t*Xt@Yt.T (float32)."""
+def row_stats(X, Y, Xt, Yt, s, t, split: int | None = None, diag=None, off: int = 0):
+    """(lse_s, lse_t, e) of each row of s*X@Y.T against t*Xt@Yt.T (float32).
+    ``diag`` (length M) receives S[i, i + off] where that column exists, from
+    the same tiles as the statistics; other entries are left as they are."""
     _check(X, Y, Xt, Yt)
     M, K = X.shape
     N, KT = Y.shape[0], Xt.shape[1]
     n_split, per = _split(M, N, X.device, split)
     out = torch.empty(5, n_split, M, dtype=torch.float32, device=X.device)
+    dpart = torch.empty(n_split, M, dtype=torch.float32, device=X.device) if diag is not None else out
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), n_split)  # noqa: E731
     _stats_kernel[grid](
-        X, Y, Xt, Yt, _scalar(s), _scalar(t), out, M, N, K, KT, per,
+        X, Y, Xt, Yt, _scalar(s), _scalar(t), out, dpart, int(off), M, N, K, KT, per,
         X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), Xt.stride(0), Xt.stride(1), Yt.stride(0), Yt.stride(1),
-        out.stride(0), out.stride(1), PREC=_prec(X.dtype), PREC_T=_prec(Xt.dtype),
+        out.stride(0), out.stride(1), PREC=_prec(X.dtype), PREC_T=_prec(Xt.dtype), HAS_DIAG=diag is not None,
     )
+    if diag is not None:
+        i = torch.arange(M, device=X.device)
+        has = (i + off >= 0) & (i + off < N)
+        d = dpart[0] if n_split == 1 else dpart.sum(dim=0)  # one split holds the entry, the rest add 0
+        diag.copy_(torch.where(has, d.to(diag.dtype), diag))
     return merge_splits(out)
 
 
@@ -289,9 +303,11 @@ def row_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None, teacher: b
     return out[0] if n_split == 1 else out.sum(dim=0)
 
 
-def block_stats(X, Y, Xt, Yt, s, t, split: int | None = None):
-    """Row and column statistics of the block: two launches (rows of S, rows of S.T)."""
-    return row_stats(X, Y, Xt, Yt, s, t, split), row_stats(Y, X, Yt, Xt, s, t, split)
+def block_stats(X, Y, Xt, Yt, s, t, split: int | None = None, diag=None, off: int = 0):
+    """Row and column statistics of the block: two launches (rows of S, rows of S.T).
+    ``diag = (row_out, col_out)``: S[i, i + off] as each launch computed it."""
+    rd, cd = (None, None) if diag is None else diag
+    return row_stats(X, Y, Xt, Yt, s, t, split, rd, off), row_stats(Y, X, Yt, Xt, s, t, split, cd, -off)
 
 
 def block_grads(X, Y, Xt, Yt, s, t, row, col, split: int | None = None, teacher: bool = True):
