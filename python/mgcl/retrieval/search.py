@@ -39,19 +39,11 @@ def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: 
     return values.astype(np.float32), indices.astype(np.int64), offsets
 
 
-# CPU BLAS multiplies a 1- or 2-row query block through other kernels than a
-# taller one, and their float32 sums can differ in the last bit with the key's
-# position in the block (measured with this repo's torch: identical fp16 rows
-# scoring 0.99990803 and 0.99990809 for one query). That would split the ties
-# of identical captions. Scoring at least this many rows (the query repeated)
-# gives every key the score a batched matmul gives it, wherever it sits.
-MIN_GEMM_ROWS = 4
-
-
-def _pad_rows(q: torch.Tensor) -> torch.Tensor:
-    if q.device.type != "cpu" or not 0 < q.shape[0] < MIN_GEMM_ROWS:
-        return q
-    return torch.cat([q, q[:1].expand(MIN_GEMM_ROWS - q.shape[0], -1)]).contiguous()
+# Re-scoring FAISS candidates: each query's candidates in matmuls of this one
+# width, through similarity_topk's fixed-width scoring, so that copies of one
+# embedding score identically whatever the candidate count (a BLAS picks its
+# kernel, and so its float32 rounding, by the matrix shape).
+RESCORE_WIDTH = 512
 
 
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
@@ -67,9 +59,8 @@ def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool =
     if not shards or not sum(s.shape[0] for s in shards) or n_q == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n_q + 1, np.int64)
     qd = q.to(device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.float16).contiguous()
-    r = similarity_topk(_pad_rows(qd), list(shards), int(k), ties=bool(ties), backend=backend)
-    off = r.offsets[:n_q + 1].cpu().numpy()
-    return r.values[:off[-1]].cpu().numpy(), r.indices[:off[-1]].cpu().numpy(), off
+    r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend)
+    return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 
 
 # ---- FAISS --------------------------------------------------------------------------
@@ -185,8 +176,15 @@ def _rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndar
     qf = q.float().cpu()
     order = np.argsort(qid, kind="stable")
     bounds = np.searchsorted(qid[order], np.arange(qf.shape[0] + 1))
-    for j in np.nonzero(np.diff(bounds))[0]:  # one matmul per query, as the exact path scores
+    from ..ops.similarity_topk.reference import MIN_QUERY_ROWS, fixed_width_scores, pad_queries  # noqa: PLC0415
+
+    buf = torch.empty(MIN_QUERY_ROWS * RESCORE_WIDTH, dtype=torch.float32)
+    pad = [None]
+    for j in np.nonzero(np.diff(bounds))[0]:
         sel = order[bounds[j]:bounds[j + 1]]
         rows = bank.embeddings(idx[sel]).float()
-        out[sel] = torch.mm(_pad_rows(qf[j:j + 1]), rows.t())[0].numpy()
+        qp = pad_queries(qf[j:j + 1])
+        for a in range(0, len(sel), RESCORE_WIDTH):
+            out[sel[a:a + RESCORE_WIDTH]] = fixed_width_scores(qp, 1, rows[a:a + RESCORE_WIDTH], RESCORE_WIDTH,
+                                                               buf, pad)[0].numpy()
     return out
