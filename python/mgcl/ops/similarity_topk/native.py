@@ -30,20 +30,6 @@ from . import reference
 # ---- shared: the ragged result from sorted per-query lists + collected rows --------------
 
 
-def collect_rows(pairs, n_rows: int, device):
-    """Concatenate per-block (row, key index, value) pieces and sort them by
-    row, value desc, index asc (pieces arrive in ascending key order)."""
-    if not pairs:
-        e = torch.empty(0, dtype=torch.int64, device=device)
-        return e, e.clone(), torch.empty(0, dtype=torch.float32, device=device)
-    q = torch.cat([p[0] for p in pairs])
-    n = torch.cat([p[1] for p in pairs])
-    v = torch.cat([p[2] for p in pairs])
-    order = v.sort(descending=True, stable=True).indices
-    order = order[q[order].sort(stable=True).indices]
-    return q[order], n[order], v[order]
-
-
 def assemble(lists_v, lists_i, count, collected, keep, cap):
     """TopK fields from (a) per-query sorted lists [Q, W] whose first count[q]
     entries are query q's result, and (b) for queries with count[q] == -1,
@@ -53,13 +39,7 @@ def assemble(lists_v, lists_i, count, collected, keep, cap):
     cq, cn, cv = collected
     from_list = count >= 0
     raw = torch.bincount(cq, minlength=nq) if cq.numel() else torch.zeros(nq, dtype=torch.int64, device=dev)
-    total = torch.where(from_list, count, raw)
-    if keep is not None:
-        total = total.clamp(max=keep)
-    truncated = torch.zeros(nq, dtype=torch.bool, device=dev)
-    if cap is not None:
-        truncated = total > cap
-        total = total.clamp(max=cap)
+    total, truncated = reference.clip_counts(torch.where(from_list, count, raw), keep, cap)
     offsets = torch.zeros(nq + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(total, 0)
     m = int(offsets[-1])
@@ -120,7 +100,7 @@ def similarity_topk_cpu(queries, shards, k, ties, max_per_query):
             rows = over[(over >= q0) & (over < q0 + s.shape[0])]
             r, c = (s[rows - q0] >= tau[rows, None]).nonzero(as_tuple=True)
             pieces.append((rows[r], c + n0, s[rows[r] - q0, c]))
-    collected = collect_rows(pieces, nq, queries.device)
+    collected = reference.sorted_triples(pieces, queries.device)
     return assemble(cand_v, cand_i, count, collected, None if ties else k, max_per_query)
 
 
@@ -291,5 +271,5 @@ def similarity_topk_cuda(queries, shards, k, ties, max_per_query):
             r, c = (s >= tau[:, None]).nonzero(as_tuple=True)
             pieces.append((rows[r], c + n0, s[r, c]))
         count = count.masked_fill(unresolved, -1)
-    collected = collect_rows(pieces, nq, dev)
+    collected = reference.sorted_triples(pieces, dev)
     return assemble(lv, li, count, collected, None if ties else k, max_per_query)

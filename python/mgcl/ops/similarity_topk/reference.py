@@ -193,35 +193,45 @@ def thresholds(queries: torch.Tensor, shards: Sequence[torch.Tensor], k: int, ti
 
 def collect(queries: torch.Tensor, shards: Sequence[torch.Tensor], tau: torch.Tensor):
     """Every (q, n, s) with s >= tau[q], sorted by query, score desc, index asc."""
-    qs, ns, vs = [], [], []
+    pieces = []
     for q0, n0, s in score_blocks(queries, shards):
         r, c = (s >= tau[q0:q0 + s.shape[0], None]).nonzero(as_tuple=True)
-        qs.append(r + q0)
-        ns.append(c + n0)
-        vs.append(s[r, c])
-    dev = queries.device
-    q = torch.cat(qs) if qs else torch.empty(0, dtype=torch.int64, device=dev)
-    n = torch.cat(ns) if ns else torch.empty(0, dtype=torch.int64, device=dev)
-    v = torch.cat(vs) if vs else torch.empty(0, dtype=torch.float32, device=dev)
+        pieces.append((r + q0, c + n0, s[r, c]))
+    return sorted_triples(pieces, queries.device)
+
+
+def sorted_triples(pieces, device):
+    """Concatenate (query, key index, value) pieces that arrive in ascending key
+    order and sort them by query, value desc, index asc (two stable sorts)."""
+    if not pieces:
+        e = torch.empty(0, dtype=torch.int64, device=device)
+        return e, e.clone(), torch.empty(0, dtype=torch.float32, device=device)
+    q, n, v = (torch.cat(x) for x in zip(*pieces))
     order = v.sort(descending=True, stable=True).indices
     order = order[q[order].sort(stable=True).indices]
     return q[order], n[order], v[order]
 
 
+def clip_counts(counts: torch.Tensor, keep: int | None, cap: int | None):
+    """(counts kept, truncated): each query's first ``keep`` entries
+    (ties=False), then its first ``cap`` (max_per_query, flagged)."""
+    if keep is not None:
+        counts = counts.clamp(max=keep)
+    truncated = torch.zeros(counts.shape[0], dtype=torch.bool, device=counts.device)
+    if cap is not None:
+        truncated = counts > cap
+        counts = counts.clamp(max=cap)
+    return counts, truncated
+
+
 def ragged(q: torch.Tensor, n: torch.Tensor, v: torch.Tensor, n_queries: int, keep: int | None, cap: int | None):
-    """Sorted (q, n, v) triples -> TopK fields: keep each query's first ``keep``
-    entries (ties=False), then its first ``cap`` (max_per_query, flagged)."""
+    """Sorted (q, n, v) triples -> TopK fields (see clip_counts)."""
     dev = q.device
     counts = torch.bincount(q, minlength=n_queries) if q.numel() else torch.zeros(n_queries, dtype=torch.int64,
                                                                                    device=dev)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(q.numel(), device=dev) - starts[q]
-    if keep is not None:
-        counts = counts.clamp(max=keep)
-    truncated = torch.zeros(n_queries, dtype=torch.bool, device=dev)
-    if cap is not None:
-        truncated = counts > cap
-        counts = counts.clamp(max=cap)
+    counts, truncated = clip_counts(counts, keep, cap)
     sel = rank < counts[q]
     offsets = torch.zeros(n_queries + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
