@@ -144,8 +144,32 @@ def test_unreadable_images_are_dropped_and_counted(tmp_path, vlm):
     assert m["build"]["image_failures"] == 1
     bank = MemoryBank.open(out)
     assert not bank.image_embeddings([0]).any()
-    hits = retrieve(bank, [recs[0]["caption"]], 50, vlm=vlm)[0]
+    stats: dict = {}
+    hits = retrieve(bank, [recs[0]["caption"]], 50, vlm=vlm, stats=stats)[0]
     assert 0 not in {h.index for h in hits} and len(hits) > 0
+    assert stats["usable"] == stats["dense"] - 1  # entry 0 (score 1) is a dense candidate without an image
+
+
+def test_retrieve_stats_count_each_stage(banks, vlm):
+    """``stats`` (the bench's candidate counts) against the oracle's stages; a
+    second call with the same dict adds to it."""
+    from collections import Counter
+
+    plain, _ = banks
+    k, k_v = 3, 1
+    caps = plain.meta["caption"]
+    dense = grouped = gated = 0
+    for j in range(len(QUERIES)):
+        _, sv = oracle(plain, vlm, QUERIES, j, k, k_v)
+        n_grouped = sum(min(n, k_v) for n in Counter(caps[i] for i in sv).values())
+        dense, grouped, gated = dense + len(sv), grouped + n_grouped, gated + (n_grouped > k)
+    stats: dict = {}
+    got = retrieve(plain, QUERIES, k, vlm=vlm, k_v=k_v, stats=stats)
+    want = {"dense": dense, "usable": dense, "grouped": grouped, "gated_queries": gated,
+            "final": sum(len(h) for h in got)}
+    assert stats == want and 0 < gated < len(QUERIES)
+    retrieve(plain, QUERIES, k, vlm=vlm, k_v=k_v, stats=stats)
+    assert stats == {key: 2 * v for key, v in want.items()}
 
 
 def test_retrieve_bad_inputs(banks, vlm):

@@ -93,7 +93,7 @@ def read_bytes(ref: str) -> bytes:
 
 
 def open_image(ref: str):
-    """The image at ``ref`` (a path or ``tar::member``) as an RGB ``PIL.Image.Image``."""
+    """The image at ``ref`` (a path, ``tar::member`` or ``parquet::column#row``) as an RGB ``PIL.Image.Image``."""
     from PIL import Image  # noqa: PLC0415
 
     img = Image.open(io.BytesIO(read_bytes(ref)))

@@ -93,7 +93,8 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
     ``query_embeddings`` (float [Q, dim], unit rows) skips the text embedder;
     ``vlm_text`` (float [Q, d_v], unit rows) skips the VLM text encoder;
     ``timings`` accumulates seconds per stage (``STAGES``); ``stats`` accumulates
-    candidate counts (``dense``, ``usable``, ``grouped``, ``gated_queries``, ``final``)."""
+    the candidate counts after each stage (``dense``, ``usable``, ``grouped``,
+    ``final``) and the number of queries the BM25 gate cut (``gated_queries``)."""
     from .bank import _check_k  # noqa: PLC0415
 
     _check_k(k)
@@ -128,6 +129,7 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
                 sl = slice(s, s + (1 << 16))
                 sv[sl] = (t[torch.from_numpy(qid[sl])] * img[torch.from_numpy(inv[sl])]).sum(1).numpy()
             keep &= usable[inv]
+    n_usable = int(keep.sum())
     with _timed(timings, "group"):
         groups = bank.meta["group"][di]
         order = np.lexsort((di, -sv.astype(np.float64), groups, qid))
@@ -142,20 +144,15 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
         in_group = np.zeros(len(order), dtype=bool)
         in_group[order] = kept_order & (rank <= k_v)
         keep &= in_group
-    if stats is not None:
-        stats["dense"] = stats.get("dense", 0) + int(len(di))
-        stats["usable"] = stats.get("usable", 0) + int(usable[inv].sum()) if vlm is not None and len(di) else \
-            stats.get("usable", 0) + int(len(di))
-        stats["grouped"] = stats.get("grouped", 0) + int(keep.sum())
     out: list[list[Hit]] = []
+    gated = 0
     bm = None
     meta = bank.meta
     for j in range(n_q):
         sel = np.nonzero(keep[off[j]:off[j + 1]])[0] + off[j]
         bscore = None
         if len(sel) > k:
-            if stats is not None:
-                stats["gated_queries"] = stats.get("gated_queries", 0) + 1
+            gated += 1
             with _timed(timings, "bm25"):
                 bm = bm or bank.bm25(k1=k1, b=b)
                 bscore = bm.scores(queries[j], di[sel])
@@ -172,7 +169,10 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
                                 bm25=float(bscore[t_]) if bscore is not None else None))
             out.append(hits)
     if stats is not None:
-        stats["final"] = stats.get("final", 0) + sum(len(h) for h in out)
+        counts = {"dense": len(di), "usable": n_usable, "grouped": int(keep.sum()), "gated_queries": gated,
+                  "final": sum(len(h) for h in out)}
+        for key, n in counts.items():
+            stats[key] = stats.get(key, 0) + int(n)
     return out
 
 

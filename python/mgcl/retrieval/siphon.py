@@ -131,14 +131,15 @@ class _Finished:
 def _finished(task) -> _Finished:
     """A finished task as (name, domain, class prompts, training data): an object
     with those attributes (``prompts`` a list or a method, as ``mgcl.cl.Task``),
-    a dict with those keys, or a ``(name, domain, prompts)`` tuple."""
+    a dict with those keys, or a ``(name, domain, prompts[, train])`` tuple."""
     if isinstance(task, _Finished):
         return task
     if isinstance(task, dict):
         get = task.get
     elif isinstance(task, (tuple, list)):
         if len(task) not in (3, 4):
-            raise ValueError(f"Siphon: a finished task as a tuple is (name, domain, prompts), got {len(task)} items")
+            raise ValueError(f"Siphon: a finished task as a tuple is (name, domain, prompts[, train]), "
+                             f"got {len(task)} items")
         get = dict(zip(("name", "domain", "prompts", "train"), task)).get
     else:
         def get(key):
