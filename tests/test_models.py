@@ -332,6 +332,9 @@ def test_wrapped_open_clip_and_test_sized_hf_config_tokenize():
     tok = hf.tokenize(["a photo of a cat", "a dog"])
     assert tok.shape == (2, 16) and int(tok.max()) < 99 and hf.tokenizer_source == "open_clip-bpe-folded"
     _forward_backward(hf, 16)
+    # start / end of text map to the config's bos / eos ids when they fit, id 0 included
+    cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = 0, 2
+    assert HFCLIP(cfg).tokenize(["a cat"])[0, :4].tolist() == [0, 320 % 99, 2368 % 99, 2]
 
 
 def test_create_and_load_errors(tmp_path):
