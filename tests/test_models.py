@@ -26,15 +26,6 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture
-def one_thread():
-    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _forward_backward(m, image_size, text_len=None):
     tokens = m.tokenize(["a chest x-ray showing pneumonia", "a fundus photograph"])
     assert tokens.dtype == torch.int64 and tokens.device.type == "cpu" and tokens.ndim == 2
