@@ -3,18 +3,11 @@ import json
 import subprocess
 import sys
 
-import torch
 
-
-def test_step_bench_runs_the_real_steps_and_prints_a_table():
+def test_step_bench_runs_the_real_steps_and_prints_a_table(one_thread):
     from mgcl.bench import step
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = step.run(device="cpu", scale=0.1, repeats=1)
-    finally:
-        torch.set_num_threads(n)
+    res = step.run(device="cpu", scale=0.1, repeats=1)
     impls = [r["impl"] for r in res["rows"]]
     assert impls == ["finetune", "primed", "primed, ref batch 2", "primed-reference"]
     assert res["config"]["model"] == "tinyclip" and res["config"]["batch"] == 6

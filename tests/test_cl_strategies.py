@@ -213,14 +213,14 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
 
     uni = siphon_for(bank)
     made = []
-    uni.uniform_set = lambda size, kw=None, _f=uni.uniform_set: made.append(size) or _f(size, ["circle", "red"])
+    uni.uniform_set = lambda size, kw=None, _f=uni.uniform_set: made.append((size, kw)) or _f(size, kw)
     uni.reference_set = lambda h: pytest.fail("uniform retrieval must not rebuild")
-    for opts in (dict(retrieval="uniform", uniform_size=10, teacher="initial", regularizer="ewc", cmc=False,
-                      direction="text"),
+    for opts in (dict(retrieval="uniform", uniform_size=10, uniform_keywords=["circle", "red"], teacher="initial",
+                      regularizer="ewc", cmc=False, direction="text"),
                  dict(regularizer="none", ckt=False, level_weights={"task": 2.0})):
         run(tiny_model(tasks), S.create("primed", siphon=uni if opts.get("retrieval") else siphon_for(bank),
                                         ref_batch_size=6, **opts), tasks, tmp_path / str(len(made)))
-    assert made == [10]
+    assert made == [(10, ["circle", "red"])], "uniform_size and uniform_keywords reach the Siphon"
 
 
 def test_primed_without_distillation_needs_no_reference_set(tasks, tmp_path):

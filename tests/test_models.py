@@ -26,15 +26,6 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture
-def one_thread():
-    # tiny models: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _forward_backward(m, image_size, text_len=None):
     tokens = m.tokenize(["a chest x-ray showing pneumonia", "a fundus photograph"])
     assert tokens.dtype == torch.int64 and tokens.device.type == "cpu" and tokens.ndim == 2
@@ -332,6 +323,9 @@ def test_wrapped_open_clip_and_test_sized_hf_config_tokenize():
     tok = hf.tokenize(["a photo of a cat", "a dog"])
     assert tok.shape == (2, 16) and int(tok.max()) < 99 and hf.tokenizer_source == "open_clip-bpe-folded"
     _forward_backward(hf, 16)
+    # start / end of text map to the config's bos / eos ids when they fit, id 0 included
+    cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = 0, 2
+    assert HFCLIP(cfg).tokenize(["a cat"])[0, :4].tolist() == [0, 320 % 99, 2368 % 99, 2]
 
 
 def test_create_and_load_errors(tmp_path):

@@ -114,25 +114,26 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, model: str | 
         "primed-reference": lambda: strategies.create("primed", siphon=_SyntheticSiphon(refset), ref_batch_size=rb,
                                                       prefetch=0, backend="torch"),
     }
-    out_dir = tempfile.mkdtemp(prefix="mgcl-bench-step-")
-    for impl, make in configs.items():
-        m = copy.deepcopy(base)
-        tr = ContinualTrainer(m, make(), [task], iters_per_task=10_000, batch_size=bs, lr=1e-5, warmup=0,
-                              device=dev, out_dir=out_dir, progress=False)
-        tr.start()
-        if impl == "primed-reference":
-            tr.strategy.guard.backend = "torch"
-        tr.begin_task(0)
-        m.train()
-        counter = iter(range(10**9))
-        fn = lambda tr=tr: tr.train_step(images, labels, 0, next(counter))  # noqa: E731
-        t = harness.time_fn(fn, device=dev, repeats=repeats, warmup=2)
-        mem = harness.peak_extra_memory(fn, device=dev) if dev.type == "cuda" else None
-        rows.append({"impl": impl, **{k: t[k] for k in ("median", "min", "max")}, "n": t["n"], "peak_bytes": mem})
-        amp = tr.amp
-        del tr, m, fn
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    # the trainer needs an out_dir; steps write nothing there, so a temporary one is removed afterwards
+    with tempfile.TemporaryDirectory(prefix="mgcl-bench-step-") as out_dir:
+        for impl, make in configs.items():
+            m = copy.deepcopy(base)
+            tr = ContinualTrainer(m, make(), [task], iters_per_task=10_000, batch_size=bs, lr=1e-5, warmup=0,
+                                  device=dev, out_dir=out_dir, progress=False)
+            tr.start()
+            if impl == "primed-reference":
+                tr.strategy.guard.backend = "torch"
+            tr.begin_task(0)
+            m.train()
+            counter = iter(range(10**9))
+            fn = lambda tr=tr: tr.train_step(images, labels, 0, next(counter))  # noqa: E731
+            t = harness.time_fn(fn, device=dev, repeats=repeats, warmup=2)
+            mem = harness.peak_extra_memory(fn, device=dev) if dev.type == "cuda" else None
+            rows.append({"impl": impl, **{k: t[k] for k in ("median", "min", "max")}, "n": t["n"], "peak_bytes": mem})
+            amp = tr.amp
+            del tr, m, fn
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     ft = rows[0]["median"]
     for r in rows:
         r["vs_finetune"] = r["median"] / ft

@@ -111,8 +111,8 @@ class _Folded:
 
     def __init__(self, bpe, text_config):
         self.bpe, self.vocab = bpe, text_config.vocab_size
-        self.bos = text_config.bos_token_id if 0 <= (text_config.bos_token_id or -1) < self.vocab else None
-        self.eos = text_config.eos_token_id if 0 <= (text_config.eos_token_id or -1) < self.vocab else None
+        self.bos, self.eos = (i if i is not None and 0 <= i < self.vocab else None
+                              for i in (text_config.bos_token_id, text_config.eos_token_id))
 
     def __call__(self, texts):
         ids = self.bpe(list(texts))

@@ -46,6 +46,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .images import as_image
+
 log = logging.getLogger("mgcl.models")
 
 BIOMEDCLIP = "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -213,8 +215,6 @@ class OpenCLIP(nn.Module):
         import open_clip  # noqa: PLC0415
         from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
         from torchvision import transforms as T  # noqa: PLC0415
-
-        from .images import as_image  # noqa: PLC0415
 
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         return T.Compose([as_image, image_transform_v2(PreprocessCfg(**cfg), is_train=train)])
