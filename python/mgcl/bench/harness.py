@@ -6,7 +6,6 @@ and results written as JSON with the machine and versions.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -16,6 +15,8 @@ import time
 from typing import Callable, Optional
 
 import torch
+
+from .._io import atomic_write_json
 
 
 def sync(device: torch.device | str) -> None:
@@ -181,11 +182,7 @@ def machine(device="cpu") -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

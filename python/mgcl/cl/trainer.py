@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write_json, atomic_write_tensors
 from .evaluate import _Transformed, autocast, evaluate_all
 from .metrics import summarize
 from .strategies import Strategy, create as create_strategy
@@ -40,21 +41,6 @@ CKPT_FORMAT = "mgcl.cl.checkpoint"
 SCHEDULES = ("cosine", "constant")
 # Settings that may change between a run and its resumption.
 RESUME_FREE = ("log_every", "eval_batch_size", "num_workers", "progress")
-
-
-def _atomic_json(path: str, payload) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: str, tensors: dict) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
 
 
 def _split_state(sd: dict) -> tuple[dict, dict]:
@@ -305,7 +291,7 @@ class ContinualTrainer:
             "metrics": summarize(R, z, A[-1]), "zero_shot_metrics": summarize(None, z, z_auc),
             "config": self.config(), "versions": versions(), "seconds": time.time() - t0,
         }
-        _atomic_json(os.path.join(self.out_dir, "results.json"), results)
+        atomic_write_json(os.path.join(self.out_dir, "results.json"), results)
         return results
 
     def _zero_shot_row(self):
@@ -317,7 +303,7 @@ class ContinualTrainer:
                 return d["z"], d["z_auc"]
         z, z_auc = self._evaluate()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_json(path, {"tasks": [t.name for t in self.tasks], "z": z, "z_auc": z_auc})
+        atomic_write_json(path, {"tasks": [t.name for t in self.tasks], "z": z, "z_auc": z_auc})
         self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
         return z, z_auc
 
@@ -405,7 +391,7 @@ class ContinualTrainer:
         if os.path.isdir(d):
             shutil.rmtree(d)
         os.makedirs(d)
-        _atomic_safetensors(os.path.join(d, "model.safetensors"), self.model.state_dict())
+        atomic_write_tensors(os.path.join(d, "model.safetensors"), self.model.state_dict())
         opt_tensors, opt_json = {}, None
         if self.optimizer is not None:
             osd = self.optimizer.state_dict()
@@ -416,23 +402,23 @@ class ContinualTrainer:
             opt_json = {"param_groups": osd["param_groups"],
                         "scalars": {f"{i}.{k}": v for i, st in osd["state"].items() for k, v in st.items()
                                     if not isinstance(v, torch.Tensor)}}
-        _atomic_safetensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
+        atomic_write_tensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
         s_tensors, s_json = _split_state(self.strategy.state_dict())
-        _atomic_safetensors(os.path.join(d, "strategy.safetensors"), s_tensors)
+        atomic_write_tensors(os.path.join(d, "strategy.safetensors"), s_tensors)
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         np_state = np.random.get_state()
         rng["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-        _atomic_safetensors(os.path.join(d, "rng.safetensors"), rng)
+        atomic_write_tensors(os.path.join(d, "rng.safetensors"), rng)
         py_state = random.getstate()
-        _atomic_json(os.path.join(d, "state.json"), {
+        atomic_write_json(os.path.join(d, "state.json"), {
             "format": CKPT_FORMAT, "version": 1, "finished": t, "config": self.config(),
             "z": z, "z_auc": z_auc, "R": R, "auc": A, "optimizer": opt_json, "strategy": s_json,
             "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
                     "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
         })
-        _atomic_json(os.path.join(root, "latest.json"), {"dir": name, "finished": t})
+        atomic_write_json(os.path.join(root, "latest.json"), {"dir": name, "finished": t})
         for other in os.listdir(root):
             if other.startswith("task-") and other != name:
                 shutil.rmtree(os.path.join(root, other), ignore_errors=True)

@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._io import atomic_write_json
 from .images import as_image
 
 log = logging.getLogger("mgcl.models")
@@ -153,12 +154,8 @@ def register_biomedclip() -> str:
             return BIOMEDCLIP
     text_dir = biomedbert_dir()
     cfg_dir = os.path.join(cache_dir(), "open_clip_configs")
-    os.makedirs(cfg_dir, exist_ok=True)
     path = os.path.join(cfg_dir, BIOMEDCLIP + ".json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(biomedclip_config(text_dir), fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, biomedclip_config(text_dir))
     open_clip.add_model_config(path)
     return BIOMEDCLIP
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_write_json, atomic_write_tensors
 from .images import as_image, to_tensor
 
 FORMAT = "mgcl.tinyclip"
@@ -247,18 +248,9 @@ class TinyCLIP(nn.Module):
 
     def save(self, directory: str) -> None:
         """``tinyclip.json`` (config + vocabulary) and ``model.safetensors``, each written atomically."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        os.makedirs(directory, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = os.path.join(directory, WEIGHTS_FILE + ".tmp")
-        save_file(sd, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
+        atomic_write_tensors(os.path.join(directory, WEIGHTS_FILE), self.state_dict(), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "version": 1, "config": asdict(self.config), "tokenizer": self.tokenizer.to_json()}
-        tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh, indent=1)
-        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+        atomic_write_json(os.path.join(directory, CONFIG_FILE), meta)
 
     @classmethod
     def load(cls, directory: str, map_location: str | torch.device = "cpu") -> "TinyCLIP":

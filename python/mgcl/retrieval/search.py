@@ -16,6 +16,8 @@ import os
 import numpy as np
 import torch
 
+from .._io import atomic_write
+
 
 def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: int, k: int, ties: bool):
     """Apply the tie rule (or plain top-k) to candidate rows ``(qid, value, index)``."""
@@ -111,10 +113,7 @@ def build_faiss_index(bank, kind: str, *, nlist=None, m=None, nbits: int = 8, tr
         index.add(np.ascontiguousarray(rows))
     rel = f"index/faiss-{kind}.index"
     path = os.path.join(bank.path, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
     return {"kind": kind, "path": rel, "sha256": store.sha256_file(path), **params}
 
 

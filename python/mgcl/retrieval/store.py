@@ -10,39 +10,21 @@ import struct
 import numpy as np
 import torch
 
+from .. import _io
+from .._io import atomic_write_bytes, atomic_write_tensors  # noqa: F401 - the bank's writers, re-exported
+
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I32": np.int32, "I64": np.int64}
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_write_tensors(path: str, tensors: dict) -> None:
-    """safetensors file written to a temp name, fsynced, then renamed."""
-    from safetensors.torch import save  # noqa: PLC0415
-
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    """A bank's JSON files: sorted keys, so equal content gives equal bytes."""
+    _io.atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 def atomic_write_table(path: str, table) -> None:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _io.atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
