@@ -308,10 +308,9 @@ class CheckReport:
         return "\n".join(lines)
 
     def write_json(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
+
+        atomic_write_bytes(str(path), json.dumps(self.to_dict(), indent=2).encode())
 
 
 def _resolve(benchmark) -> tuple[str, bool, tuple[DatasetDef, ...]]:

@@ -54,25 +54,25 @@ _STRATEGIES = {
     "primed": {"retrieval": "dynamic", "alpha": 1.0, "beta": 0.25, "lam": 1.0, "regularizer": "dfg",
                "teacher": "last"},
 }
+_FULL = {
+    "model": _MODEL, "context_length": 32,
+    "pretrain": {"steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.1, "warmup": 100},
+    "bank": {"embedder": "minilm", "shard_size": 8192, "batch_size": 256},
+    "pool_per_domain": 40,
+    "siphon": {"a": 30, "b": 30, "c": 80, "n_general": 100, "k_v": 1, "seed": 0},
+    "train": {"iters_per_task": 100, "batch_size": 32, "lr": 1e-4, "warmup": 10, "weight_decay": 0.0,
+              "label_smoothing": 0.2, "seed": 42, "log_every": 100},
+    "strategies": _STRATEGIES,
+}
 SETTINGS = {
-    False: {
-        "model": _MODEL, "context_length": 32,
-        "pretrain": {"steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.1, "warmup": 100},
-        "bank": {"embedder": "minilm", "shard_size": 8192, "batch_size": 256},
-        "pool_per_domain": 40,
-        "siphon": {"a": 30, "b": 30, "c": 80, "n_general": 100, "k_v": 1, "seed": 0},
-        "train": {"iters_per_task": 100, "batch_size": 32, "lr": 1e-4, "warmup": 10, "weight_decay": 0.0,
-                  "label_smoothing": 0.2, "seed": 42, "log_every": 100},
-        "strategies": _STRATEGIES,
-    },
-    True: {
-        "model": _MODEL, "context_length": 32,
-        "pretrain": {"steps": 400, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50},
-        "bank": {"embedder": "minilm", "shard_size": 2048, "batch_size": 256},
+    False: _FULL,
+    True: {                                                # --quick: only these differ from the full run
+        **_FULL,
+        "pretrain": {**_FULL["pretrain"], "steps": 400, "warmup": 50},
+        "bank": {**_FULL["bank"], "shard_size": 2048},
         "pool_per_domain": 20,
-        "siphon": {"a": 20, "b": 20, "c": 50, "n_general": 50, "k_v": 1, "seed": 0},
-        "train": {"iters_per_task": 30, "batch_size": 32, "lr": 1e-4, "warmup": 5, "weight_decay": 0.0,
-                  "label_smoothing": 0.2, "seed": 42, "log_every": 30},
+        "siphon": {**_FULL["siphon"], "a": 20, "b": 20, "c": 50, "n_general": 50},
+        "train": {**_FULL["train"], "iters_per_task": 30, "warmup": 5, "log_every": 30},
         "strategies": {**_STRATEGIES, "zscl": {"uniform_size": 1500, "we_every": 5}},
     },
 }
@@ -357,9 +357,8 @@ def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, p
             entry["reference_sets"] = recorder.sets
         entries[name] = entry
         seconds[name] = round(time.time() - t0, 2)
-        m = entry
-        _log(f"demo: {name}: Transfer {m['transfer']:.1f}  Avg {m['avg']:.1f}  Last {m['last']:.1f}  "
-             f"BWT {m['bwt']:+.1f}  ({seconds[name]:.0f} s)", progress)
+        _log(f"demo: {name}: Transfer {entry['transfer']:.1f}  Avg {entry['avg']:.1f}  Last {entry['last']:.1f}  "
+             f"BWT {entry['bwt']:+.1f}  ({seconds[name]:.0f} s)", progress)
     return {"methods": entries, "seconds": seconds}
 
 

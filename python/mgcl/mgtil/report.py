@@ -31,15 +31,10 @@ HEADERS = {"transfer": "Transfer", "avg": "Avg", "last": "Last", "bwt": "BWT", "
 SYNTHETIC_NOTE = "SYNTHETIC benchmark: procedural images and captions, not medical data"
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def write_json(path: str, payload: dict) -> None:
-    _atomic_write(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
+    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
+
+    atomic_write_bytes(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
 
 
 def method_entry(res: dict) -> dict:
@@ -314,11 +309,13 @@ def plot_heatmaps(res: dict, path: str, dpi: int = 90) -> str:
 
 def render(res: dict, out_dir: str, *, plots: bool = True) -> list[str]:
     """Write results.csv, results.md and the plots into ``out_dir``; returns the paths."""
+    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
+
     os.makedirs(out_dir, exist_ok=True)
     out = []
     for name, text in (("results.csv", to_csv(res)), ("results.md", markdown(res))):
         p = os.path.join(out_dir, name)
-        _atomic_write(p, text.encode())
+        atomic_write_bytes(p, text.encode())
         out.append(p)
     if plots:
         for name, fn in (("curves.png", plot_curves), ("curves_by_task.png", plot_curves_by_task),

@@ -414,6 +414,7 @@ def run(cfg: dict, *, resume: bool = False, progress: bool = True) -> dict:
     from ..cl import strategies as S  # noqa: PLC0415
     from ..cl.strategies.base import frozen_copy  # noqa: PLC0415
     from ..cl.trainer import versions  # noqa: PLC0415
+    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
 
     out, rdir = cfg["output_dir"], run_dir(cfg)
     if not resume and os.path.exists(os.path.join(rdir, "checkpoint")):
@@ -437,10 +438,7 @@ def run(cfg: dict, *, resume: bool = False, progress: bool = True) -> dict:
             options["siphon"] = make_siphon(r["bank"], vlm=vlm, pool=r["pool"], pool_per_domain=r["pool_per_domain"],
                                             embedder=r["embedder"], siphon_options=r["siphon"])
         strategy = S.create(cfg["strategy"]["name"], **options)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml.tmp"), "w") as fh:
-            yaml.safe_dump(cfg, fh, sort_keys=False)
-        os.replace(os.path.join(out, "config.yaml.tmp"), os.path.join(out, "config.yaml"))
+        atomic_write_bytes(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False).encode())
         trainer = ContinualTrainer(model, strategy, tasks, device=cfg["device"], out_dir=rdir, resume=resume,
                                    progress=progress, **cfg["train"])
         res = trainer.run()

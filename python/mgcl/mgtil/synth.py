@@ -32,7 +32,6 @@ and returns a ``SynthData``. The task folders follow the data-root layout of
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -404,14 +403,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _pngs(images: np.ndarray, workers: int) -> list[bytes]:
     out: list[bytes] = [b""] * len(images)
 
@@ -426,6 +417,7 @@ def _pngs(images: np.ndarray, workers: int) -> list[bytes]:
 def _generate(out: Path, seed: int, quick: bool, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
+    from ..retrieval.store import sha256_file
     from .data import normalise_label
 
     workers = min(4, os.cpu_count() or 1)
@@ -481,7 +473,7 @@ def _generate(out: Path, seed: int, quick: bool, progress: bool) -> dict:
         "principles": list(PRINCIPLES), "distractors": list(DISTRACTORS), "domains": list(DOMAINS),
         "corpus": {"format": "webdataset", "shards": shards, "size": len(plan),
                    "captions": len({rec[2] for rec in plan}), "figures": plan[-1][3] + 1 if plan else 0,
-                   "domains": counts, "sha256": {rel: _sha256(out / rel) for rel in shards}},
+                   "domains": counts, "sha256": {rel: sha256_file(str(out / rel)) for rel in shards}},
     }
 
 
@@ -557,7 +549,9 @@ class CorpusDataset:
 
     def image_ref(self, i: int) -> str:
         """The image reference convention of the retrieval bank: ``"<tar path>::<member>"``."""
-        return f"{self.shards[self._loc[i][0]]}::{self.keys[i]}"
+        from ..retrieval.images import tar_ref
+
+        return tar_ref(self.shards[self._loc[i][0]], self.keys[i])
 
     def __getitem__(self, i: int):
         from PIL import Image
