@@ -26,12 +26,12 @@ opening an image (it lists folders, reads the csv files and stats csv paths).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .._io import atomic_write_json
 from ..cl.tasks import Task
 from .benchmarks import BenchmarkDef, DatasetDef, all_real_datasets, get_benchmark
 
@@ -308,9 +308,8 @@ class CheckReport:
         return "\n".join(lines)
 
     def write_json(self, path) -> None:
-        from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
 
-        atomic_write_bytes(str(path), json.dumps(self.to_dict(), indent=2).encode())
+        atomic_write_json(str(path), self.to_dict(), indent=2)
 
 
 def _resolve(benchmark) -> tuple[str, bool, tuple[DatasetDef, ...]]:

@@ -24,6 +24,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+from .._io import atomic_write_bytes, atomic_write_json
+
 FORMAT = "mgcl.mgtil.results"
 METRICS = ("transfer", "avg", "last", "bwt", "forgetting", "auc")
 HEADERS = {"transfer": "Transfer", "avg": "Avg", "last": "Last", "bwt": "BWT", "forgetting": "Forgetting",
@@ -32,9 +34,7 @@ SYNTHETIC_NOTE = "SYNTHETIC benchmark: procedural images and captions, not medic
 
 
 def write_json(path: str, payload: dict) -> None:
-    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
-
-    atomic_write_bytes(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
+    atomic_write_json(path, payload, indent=1)
 
 
 def method_entry(res: dict) -> dict:
@@ -309,8 +309,6 @@ def plot_heatmaps(res: dict, path: str, dpi: int = 90) -> str:
 
 def render(res: dict, out_dir: str, *, plots: bool = True) -> list[str]:
     """Write results.csv, results.md and the plots into ``out_dir``; returns the paths."""
-    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
-
     os.makedirs(out_dir, exist_ok=True)
     out = []
     for name, text in (("results.csv", to_csv(res)), ("results.md", markdown(res))):

@@ -51,6 +51,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._io import atomic_write_bytes
 from . import report
 
 ADAPTERS = ("tinyclip", "open_clip", "hf")
@@ -414,7 +415,6 @@ def run(cfg: dict, *, resume: bool = False, progress: bool = True) -> dict:
     from ..cl import strategies as S  # noqa: PLC0415
     from ..cl.strategies.base import frozen_copy  # noqa: PLC0415
     from ..cl.trainer import versions  # noqa: PLC0415
-    from ..retrieval.store import atomic_write_bytes  # noqa: PLC0415
 
     out, rdir = cfg["output_dir"], run_dir(cfg)
     if not resume and os.path.exists(os.path.join(rdir, "checkpoint")):

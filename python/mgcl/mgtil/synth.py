@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from .._io import atomic_write
 from .benchmarks import BenchmarkDef, DatasetDef
 from .synth_images import (H, SIZE, W, _acquire, render_ct, render_cytology, render_dermoscopy, render_endoscopy,
                            render_fundus, render_histo, render_ultrasound, render_xray)
@@ -616,11 +617,13 @@ class SynthData:
     def write_jsonl(self, path) -> Path:
         """The corpus as jsonl (``id``, ``image`` = ``"<tar>::<member>"``, ``caption``, ``domain``), atomically."""
         path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
-            for r in self.corpus_records():
-                fh.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                for r in self.corpus_records():
+                    fh.write(json.dumps(r) + "\n")
+
+        atomic_write(str(path), write)
         return path
 
     def __repr__(self) -> str:
