@@ -207,6 +207,16 @@ def _save_grid(plt, fig, axes, used: int, res: dict, title: str, bottom: float, 
     return path
 
 
+def _sequence_axis(ax, T: int, first_column: bool) -> None:
+    """x axis: zero-shot, then after each of the T tasks; y: accuracy (labelled in the first column)."""
+    ax.set_xticks(list(range(T + 1)))
+    ax.set_xticklabels(["zs"] + [str(t + 1) for t in range(T)], fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3)
+    if first_column:
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+
+
 def plot_curves(res: dict, path: str, dpi: int = 90) -> str:
     """One panel per method: the accuracy of every task (one line each) at every
     point of the sequence (zero-shot, then after each task); the task's own
@@ -229,12 +239,7 @@ def plot_curves(res: dict, path: str, dpi: int = 90) -> str:
             ax.plot(xs, ys, color=cmap(j % 10), lw=1.4, label=_short(tasks[j]))
             ax.plot([j + 1], [R[j][j]], "o", color=cmap(j % 10), ms=3.5)
         ax.set_title(name, fontsize=9)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(["zs"] + [str(t + 1) for t in range(T)], fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(alpha=0.3)
-        if i % cols == 0:
-            ax.set_ylabel("accuracy (%)", fontsize=8)
+        _sequence_axis(ax, T, i % cols == 0)
         ax.set_xlabel("after task", fontsize=8)
     return _save_grid(plt, fig, axes, len(names), res, "accuracy of each task across the sequence", 0.08, path, dpi)
 
@@ -260,12 +265,7 @@ def plot_curves_by_task(res: dict, path: str, dpi: int = 90) -> Optional[str]:
                     label=name, ls="--" if name == "zero-shot" else "-")
         ax.axvline(j + 1, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{j + 1}. {_short(tasks[j])}", fontsize=8)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(["zs"] + [str(t + 1) for t in range(T)], fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(alpha=0.3)
-        if j % cols == 0:
-            ax.set_ylabel("accuracy (%)", fontsize=8)
+        _sequence_axis(ax, T, j % cols == 0)
     title = "each task's accuracy after each task (dotted: trained here)"
     return _save_grid(plt, fig, axes, T, res, title, 0.07, path, dpi)
 
