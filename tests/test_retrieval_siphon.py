@@ -124,9 +124,9 @@ def test_stored_vlm_embeddings_match_on_the_fly(banks, vlm):
     plain, withv = banks
     assert withv.has_vlm and withv.manifest["vlm"]["name"] == "fixture" and withv.manifest["vlm"]["dim"] == 8
     stored = withv.image_embeddings(np.arange(withv.count)).float()
-    from mgcl.retrieval.rerank import vlm_image_features
+    from mgcl.retrieval.rerank import image_features
 
-    fresh = vlm_image_features(plain, vlm, np.arange(plain.count), {})
+    fresh = image_features(plain, vlm, np.arange(plain.count), {}, 8)
     assert torch.allclose(stored, fresh, atol=2e-3)
     a = retrieve(plain, QUERIES, 6, vlm=vlm, k_v=1)
     b = retrieve(withv, QUERIES, 6, vlm=vlm, k_v=1)
@@ -139,9 +139,11 @@ def test_unreadable_images_are_dropped_and_counted(tmp_path, vlm):
     recs = make_records(30, seed=2)
     files = write_corpus(str(tmp_path), recs)
     os.remove(os.path.join(str(tmp_path), "images", f"{recs[0]['id']}.png"))
+    refused = build_bank(files, str(tmp_path / "refused"), embedder=EMB, vlm=vlm, shard_size=16, progress=False)
+    assert refused["count"] == 29 and refused["build"]["skipped"] == {"unreadable image": 1}  # the default
     out = str(tmp_path / "bank")
-    m = build_bank(files, out, embedder=EMB, vlm=vlm, shard_size=16, progress=False)
-    assert m["build"]["image_failures"] == 1
+    m = build_bank(files, out, embedder=EMB, vlm=vlm, shard_size=16, progress=False, missing_images="keep")
+    assert m["build"]["image_failures"] == 1 and m["build"]["unreadable_images"] == 1
     bank = MemoryBank.open(out)
     assert not bank.image_embeddings([0]).any()
     stats: dict = {}
