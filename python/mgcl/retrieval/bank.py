@@ -70,11 +70,11 @@ class MemoryBank:
 
     Integrity: opening reads the manifest and every file's header, never the
     data. Each file's sha256 is checked against the manifest on its first
-    read in this process (a shard when a search or a gather first touches it,
+    read through the opened bank (a shard when a search or a gather first touches it,
     meta.parquet when the captions are first read, the BM25 cache, the FAISS
     index when loaded), so a flipped byte, a rewritten shard or caption, or
     two swapped shards are refused with a BankError naming the file before any
-    of it is used; the cost is one hashing pass per file per process.
+    of it is used; the cost is one hashing pass per file per open.
     ``verify()`` (``open(..., verify=True)``, ``mgcl db info --verify``) checks
     every file at once, and the embeddings for NaN or inf.
     """
@@ -152,21 +152,23 @@ class MemoryBank:
     def verify(self) -> None:
         """Check every file against its sha256 in the manifest, and the stored
         embeddings for NaN or inf (raises BankError naming the file)."""
-        self._check(_named_files(self.manifest), force=True)
+        self.check(force=True)
         for entries, tensors in ((self.manifest["shards"], self._shards),
                                  ((self.manifest.get("vlm") or {}).get("shards", []), self._vlm_shards)):
             for e, t in zip(entries, tensors):
-                if t.numel() and bool(((t.view(torch.int16) & 0x7C00) == 0x7C00).any()):
-                    raise BankError(f"bank {self.path!r}: {e['path']!r} holds NaN or inf values")
+                for a in range(0, t.shape[0], 1 << 16):  # float16 NaN/inf: all five exponent bits set
+                    if bool(((t[a:a + (1 << 16)].view(torch.int16) & 0x7C00) == 0x7C00).any()):
+                        raise BankError(f"bank {self.path!r}: {e['path']!r} holds NaN or inf values")
 
-    def _check(self, rels, force: bool = False) -> None:
-        """sha256 of the files ``rels`` (relative paths) against the manifest,
-        once per process unless ``force``; several files are hashed in parallel."""
+    def check(self, files=None, *, force: bool = False) -> None:
+        """Check ``files`` (paths relative to the bank; default: every file the
+        manifest names) against their sha256, each once per bank object unless
+        ``force``; several files are hashed in parallel. Reads run it on first use."""
+        want = _named_files(self.manifest)
         with self._lock:
-            todo = [r for r in dict.fromkeys(rels) if force or r in self._pending]
+            todo = [r for r in dict.fromkeys(want if files is None else files) if force or r in self._pending]
             if not todo:
                 return
-            want = _named_files(self.manifest)
             workers = max(1, min(len(todo), 4, os.cpu_count() or 1))
             with ThreadPoolExecutor(workers) as pool:
                 got = list(pool.map(lambda r: store.sha256_file(os.path.join(self.path, r)), todo))
@@ -188,13 +190,13 @@ class MemoryBank:
     @property
     def shards(self) -> list[torch.Tensor]:
         """The text-embedding shards (float16 [n_i, dim], memory-mapped), checked."""
-        self._check(e["path"] for e in self.manifest["shards"])
+        self.check(e["path"] for e in self.manifest["shards"])
         return list(self._shards)
 
     @property
     def vlm_shards(self) -> list[torch.Tensor]:
         """The VLM image-embedding shards (empty without ``--vlm``), checked."""
-        self._check(e["path"] for e in (self.manifest.get("vlm") or {}).get("shards", []))
+        self.check(e["path"] for e in (self.manifest.get("vlm") or {}).get("shards", []))
         return list(self._vlm_shards)
 
     @property
@@ -209,7 +211,7 @@ class MemoryBank:
         out = torch.empty((len(idx), d), dtype=torch.float16)
         sid = np.searchsorted(self.offsets, idx, side="right") - 1
         used = np.unique(sid)
-        self._check(entries[s]["path"] for s in used)
+        self.check(entries[s]["path"] for s in used)
         for s in used:
             sel = np.nonzero(sid == s)[0]
             out[torch.from_numpy(sel)] = shards[s][torch.from_numpy(idx[sel] - self.offsets[s])]
@@ -247,7 +249,7 @@ class MemoryBank:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
             rel = self.manifest["meta"]["path"]
-            self._check([rel])
+            self.check([rel])
             t = pq.read_table(os.path.join(self.path, rel))
             missing = [c for c in ("id", "caption", "image", "domain", "group") if c not in t.column_names]
             if missing:
@@ -272,7 +274,7 @@ class MemoryBank:
             entry = self.manifest.get("bm25")
             if not entry:
                 raise BankError(f"bank {self.path!r} has no BM25 cache")
-            self._check([entry["vocab"]["path"], entry["tokens"]["path"]])
+            self.check([entry["vocab"]["path"], entry["tokens"]["path"]])
             self._bm25[key] = BM25.open(self.path, entry, k1=k1, b=b, epsilon=epsilon)
         return self._bm25[key]
 
@@ -281,7 +283,7 @@ class MemoryBank:
         entry = self.manifest.get("index")
         if not entry:
             raise BankError(f"bank {self.path!r} has no FAISS index (mgcl db index {self.path} --index flat|ivfpq)")
-        self._check([entry["path"]])
+        self.check([entry["path"]])
         return entry, os.path.join(self.path, entry["path"])
 
     def record_index(self, entry: dict) -> None:

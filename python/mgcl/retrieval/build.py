@@ -196,7 +196,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         bad = np.nonzero(~np.isfinite(vecs).all(1))[0]
         if len(bad):
             raise RuntimeError(f"embedder {emb.name!r} returned NaN or inf for {len(bad)} record(s), the first "
-                               f"{recs[bad[0]].source} (caption {recs[bad[0]].caption[:60]!r})")
+                               f"{recs[bad[0]].file}, {recs[bad[0]].position} (caption {recs[bad[0]].caption[:60]!r})")
         hook("embedded", j)
         entry = bank_mod.write_shard(out, j, torch.from_numpy(vecs))
         info = {"shard": entry, "rows": len(recs), "records": digest}

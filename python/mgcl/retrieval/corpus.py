@@ -61,20 +61,12 @@ class Record:
     position: str          # "line 12", "row 7", "sample k0001"
     repaired: str = ""     # what was repaired in its text ("" = nothing)
 
-    @property
-    def source(self) -> str:
-        return f"{self.file}:{self.position}"
-
 
 @dataclass(frozen=True)
 class Skipped:
     file: str
     position: str
     reason: str
-
-    @property
-    def source(self) -> str:
-        return f"{self.file}:{self.position}"
 
 
 @dataclass(frozen=True)
