@@ -18,15 +18,12 @@ import struct
 import tarfile
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
 from mgcl.cli import main
-from mgcl.retrieval import BankError, MemoryBank, build_bank, open_image, retrieve, write_bank
-def build_index(b, *a, **k): return b.build_index(*a, **k)
-from mgcl.retrieval.corpus import Record, Skipped, read_corpus
-Damaged = type("Damaged", (), {})
+from mgcl.retrieval import BankError, MemoryBank, build_bank, build_index, open_image, retrieve, write_bank
+from mgcl.retrieval.corpus import Damaged, Record, read_corpus
 from retrieval_fixtures import FixtureVLM, color_image, file_hashes
 
 EMB = "hashing:64"

@@ -41,9 +41,10 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def is_temp(name: str) -> bool:
-    """A temporary file left by an ``atomic_write`` that was killed before its rename."""
-    return name.startswith(".") and name.endswith(".tmp")
+def is_temp(name: str, of: str | None = None) -> bool:
+    """A temporary file left by an ``atomic_write`` killed before its rename
+    (of a file called ``of``, when given)."""
+    return name.startswith(f".{of}." if of else ".") and name.endswith(".tmp")
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:

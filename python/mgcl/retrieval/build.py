@@ -81,12 +81,15 @@ def _check_chunk(pool, items, max_pixels):
     return zip(items, reasons)
 
 
-def _remove_temps(folder: str) -> None:
-    """Temporary files of writes killed before their rename."""
-    for root, _, files in os.walk(folder):
-        for f in files:
-            if _io.is_temp(f):
-                os.remove(os.path.join(root, f))
+def _remove_temps(out: str) -> None:
+    """Temporary files of the bank's writes killed before their rename: in the
+    folders the builder owns, and beside the bank's top-level files."""
+    for sub, names in ((".build", None), ("embeddings", None), ("vlm", None), ("bm25", None),
+                       ("", ("manifest.json", "meta.parquet", "skipped.jsonl"))):
+        folder = os.path.join(out, sub)
+        for f in os.listdir(folder) if os.path.isdir(folder) else []:
+            if any(_io.is_temp(f, n) for n in names) if names else _io.is_temp(f):
+                os.remove(os.path.join(folder, f))
 
 
 def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str | None = None,
@@ -170,7 +173,6 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
 
     shards, vshards = [], []
     image_failures = 0
-    dev = torch.device(device) if device else torch.device("cpu")
 
     def flush(j: int, recs: list[Record]):
         nonlocal image_failures
@@ -218,8 +220,12 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     per_file = {f.path: {"path": f.path, "read": 0, "kept": 0, "skipped": 0, "repaired": 0, "unreadable_images": 0,
                          "damaged": []} for f in files}
     skipped: Counter = Counter()
+    counts: Counter = Counter()
     rows: list[dict] = []  # skipped.jsonl
-    counts = Counter()
+
+    def note(item, action: str, reason: str, **extra):
+        rows.append({"file": item.file, "position": item.position, "reason": reason, "action": action, **extra})
+
     buf: list[Record] = []
     ids, caps, imgs, doms = [], [], [], []
     items = read_files(files, image_root, external_images=external_images)
@@ -229,8 +235,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
             if isinstance(item, Damaged):
                 pf["damaged"].append({"position": item.position, "reason": item.reason,
                                       "records_read": item.records_read})
-                rows.append({"file": item.file, "position": item.position, "reason": item.reason,
-                             "action": "damaged", "records_read": item.records_read})
+                note(item, "damaged", item.reason, records_read=item.records_read)
                 continue
             pf["read"] += 1
             if isinstance(item, Record) and missing_images == "skip" and (image_problem or not item.image):
@@ -239,20 +244,17 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
             if isinstance(item, Skipped):
                 pf["skipped"] += 1
                 skipped[item.reason.split(":")[0]] += 1
-                rows.append({"file": item.file, "position": item.position, "reason": item.reason,
-                             "action": "skipped"})
+                note(item, "skipped", item.reason)
                 continue
             pf["kept"] += 1
             if item.repaired:
                 pf["repaired"] += 1
                 counts["repaired"] += 1
-                rows.append({"file": item.file, "position": item.position, "reason": item.repaired,
-                             "action": "repaired"})
+                note(item, "repaired", item.repaired)
             if image_problem:
                 pf["unreadable_images"] += 1
                 counts["unreadable_images"] += 1
-                rows.append({"file": item.file, "position": item.position, "reason": image_problem,
-                             "action": "kept without a readable image"})
+                note(item, "kept without a readable image", image_problem)
             elif not item.image:
                 counts["without_image"] += 1
             buf.append(item)
