@@ -145,6 +145,21 @@ def test_malformed_records_counted(tmp_path):
                                                                      for r in rows)
 
 
+def test_folder_order_is_sorted_paths(tmp_path):
+    """A folder's files come in sorted folder-path order (the record numbering,
+    so the bank, depends on it), '-' sorting before '/'."""
+    from mgcl.retrieval.corpus import expand
+
+    for d in ("b", "b/c", "b-x", "a"):
+        os.makedirs(tmp_path / d, exist_ok=True)
+        for f in ("z.jsonl", "y.jsonl", "n.txt"):
+            (tmp_path / d / f).write_text("")
+    got = [os.path.relpath(f.path, tmp_path) for f in expand(tmp_path)]
+    assert got == ["a/y.jsonl", "a/z.jsonl", "b/y.jsonl", "b/z.jsonl", "b-x/y.jsonl", "b-x/z.jsonl",
+                   "b/c/y.jsonl", "b/c/z.jsonl"]
+    assert all(f.root == str(tmp_path) for f in expand(tmp_path))
+
+
 def test_empty_corpus_is_an_error(tmp_path):
     p = tmp_path / "empty.jsonl"
     p.write_text(json.dumps({"caption": ""}) + "\n")

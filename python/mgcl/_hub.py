@@ -26,7 +26,7 @@ def check(repo_ids, *, what: str, how: str) -> str | None:
     ``what`` names the input in the message (e.g. ``--embedder 'x'``), ``how``
     says how to pass a local folder instead."""
     from huggingface_hub import model_info, snapshot_download  # noqa: PLC0415
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
 
     ids = [repo_ids] if isinstance(repo_ids, str) else list(repo_ids)
     for rid in ids:

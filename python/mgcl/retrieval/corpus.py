@@ -110,13 +110,15 @@ def expand(paths, *, exclude=(), excluded: list | None = None) -> list[CorpusFil
     for p in paths:
         p = os.path.abspath(os.fspath(p))
         if os.path.isdir(p):
+            found = []
             for root, dirs, files in os.walk(p):
                 if root in skip or is_bank_dir(root):
                     if excluded is not None:
                         excluded.append(root)
                     dirs[:] = []
                     continue
-                dirs.sort()
+                found.append((root, files))
+            for root, files in sorted(found):  # folders in sorted path order, then their sorted files
                 out += [CorpusFile(os.path.join(root, f), p) for f in sorted(files) if f.endswith(CORPUS_EXTS)]
         elif os.path.isfile(p):
             if not p.endswith(CORPUS_EXTS):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import tarfile
 import threading
 import zlib
@@ -181,9 +182,9 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS, *, what: str = "image", dr
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own hard limit, checked before ours can be
-        size = next((w for w in str(exc).replace("(", " ").split() if w.isdigit()), "?")
-        raise UnreadableImage(f"{what}: too large: {int(size):,} pixels, more than the limit of {max_pixels:,}"
-                              if size != "?" else f"{what}: too large ({exc})") from None
+        size = re.search(r"\d+", str(exc))
+        raise UnreadableImage(f"{what}: too large: {int(size.group()):,} pixels, more than the limit of "
+                              f"{max_pixels:,}" if size else f"{what}: too large ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed bytes
         raise UnreadableImage(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
     return img
@@ -201,9 +202,11 @@ def open_image(ref: str, max_pixels: int = MAX_PIXELS):
 def check_image(ref: str, max_pixels: int = MAX_PIXELS) -> str | None:
     """None when ``ref`` opens as an image within ``max_pixels``, else the reason."""
     try:
-        decode(read_bytes(ref), max_pixels, what="image", draft=True)
-    except (OSError, UnreadableImage) as exc:
-        return str(exc) if isinstance(exc, UnreadableImage) else f"image: {exc.strerror or exc}"
+        decode(read_bytes(ref), max_pixels, what=f"image {ref!r}", draft=True)
+    except UnreadableImage as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"image {ref!r}: {exc.strerror or exc}"
     return None
 
 
