@@ -139,7 +139,10 @@ rm -rf "$raw" "$root/build" && mkdir -p "$raw"
 for v in "${versions[@]}"; do
   py=$(interpreter "$v")
   log "wheel for Python $v ($py)"
-  pip_ "$py" -m pip wheel -q --no-deps -w "$raw" -C "build-dir=$root/build/{wheel_tag}" "$unpacked"
+  # A venv per interpreter, for a pip that knows -C (3.10's bundled one does not).
+  [ -x "$root/venv-$v/bin/python" ] || "$py" -m venv "$root/venv-$v"
+  pip_ "$root/venv-$v/bin/python" -m pip install -q --upgrade pip
+  pip_ "$root/venv-$v/bin/python" -m pip wheel -q --no-deps -w "$raw" -C "build-dir=$root/build/{wheel_tag}" "$unpacked"
 done
 
 # ---- 4. repair ------------------------------------------------------------------------
