@@ -82,7 +82,6 @@ for c in cc gcc g++ c++ clang clang++ nvcc ld; do
 done
 
 pipq() { "$venv/bin/python" -m pip "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; }
-pipq install -q --upgrade pip
 if [ -n "$deps_from" ]; then
   site=$("$deps_from/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "$site" > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_smoke_deps.pth"
