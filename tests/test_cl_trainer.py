@@ -161,7 +161,8 @@ def test_bad_settings(tasks4):
                     ({"batch_size": 0}, ">= 1"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"lr": 0}, "lr"),
                     ({"lr": float("nan")}, "train.lr"), ({"lr": float("inf")}, "train.lr"),
                     ({"seed": 2**70}, "train.seed"), ({"batch_size": 10**12}, "train.batch_size"),
-                    ({"batch_size": 1000}, "larger than every task's training set"), ({"itres_per_task": 3}, "itres")):
+                    ({"batch_size": 1000}, "larger than every task's training set"), ({"itres_per_task": 3}, "itres"),
+                    ({"eval_batch_size": 2**31 - 1}, "input images takes .* GiB, more than the device")):
         with pytest.raises(ValueError, match=msg):
             ContinualTrainer(m, "finetune", tasks4, out_dir="unused", **{**KW, **kw})
     dup = toy_tasks(2, n_train=2, n_test=2)

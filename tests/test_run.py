@@ -7,16 +7,16 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from demo_fixtures import miniature_root
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl import cli
 from mgcl.cl import ContinualTrainer
+from mgcl.cl.strategies import Strategy
 from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import report, run
-from PIL import Image
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*-biomedclip-primed.yaml"))
@@ -210,6 +210,7 @@ def test_run_writes_results_tables_and_plots(full_run):
 def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path, monkeypatch, capsys):
     path = write_config(tiny_config(quick, tmp_path / "out"), tmp_path / "cfg.yaml")
     real = ContinualTrainer._train_task
+    real_new = Strategy.__new__
 
     def stop_at_task_2(self, t):
         if t == 1:
@@ -217,8 +218,11 @@ def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path
         return real(self, t)
 
     monkeypatch.setattr(ContinualTrainer, "_train_task", stop_at_task_2)
+    built = []
+    monkeypatch.setattr(Strategy, "__new__", lambda cls, *a, **k: built.append(cls.name) or real_new(cls, *a, **k))
     with pytest.raises(KeyboardInterrupt):
         cli.main(["run", path, "--no-progress"])
+    assert built == ["primed"], "a run constructs its strategy once"
     monkeypatch.setattr(ContinualTrainer, "_train_task", real)
     state = json.loads((tmp_path / "out" / "runs" / "primed" / "checkpoint" / "latest.json").read_text())
     assert state["finished"] == 0 and not (tmp_path / "out" / "results.json").exists()
@@ -265,15 +269,7 @@ def test_report_refuses_a_directory_without_results(tmp_path, capsys):
 def test_a_real_benchmark_subset_on_a_miniature_root(quick, tmp_path):
     """HieraMedTransfer Order I, two of its datasets (only those need to be present),
     the demo's TinyCLIP, fine-tuning: the same files as any run, not labelled synthetic."""
-    rng = np.random.default_rng(0)
-    picked = [d for d in B.HMT_ORDER1.datasets if d.name in ("BreakHis", "RANZCR")]
-    for d in picked:
-        for split in ("train", "test"):
-            for label in d.classes:
-                folder = tmp_path / "root" / d.name / split / label
-                folder.mkdir(parents=True)
-                for j in range(2):
-                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+    miniature_root(tmp_path / "root", [d for d in B.HMT_ORDER1.datasets if d.name in ("BreakHis", "RANZCR")], 2)
     cfg = {"benchmark": "hmt-1", "data_root": str(tmp_path / "root"), "tasks": ["BreakHis", "RANZCR"],
            "output_dir": str(tmp_path / "out"), "threads": 1,
            "model": {"adapter": "tinyclip", "checkpoint": str(quick.assets / "model")},

@@ -15,11 +15,10 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from demo_fixtures import miniature_root
 
 from mgcl import cli
 from mgcl.cl import ContinualTrainer
@@ -38,15 +37,8 @@ DATASETS = ("PD", "BreakHis")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
     picked = [d for d in B.HMT_ORDER1.datasets if d.name in DATASETS]
-    for d in picked:
-        for split in ("train", "test"):
-            for label in d.classes:
-                folder = base / "root" / d.name / split / label
-                folder.mkdir(parents=True)
-                for j in range(3):
-                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+    miniature_root(base / "root", picked, 3)
     torch.manual_seed(0)
     tok = WordTokenizer.build([p for d in picked for t in range(len(d.templates)) for p in d.prompts(t)],
                               context_length=24)
