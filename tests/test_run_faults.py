@@ -227,6 +227,11 @@ def test_demo_inputs(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, ["demo", "--seed", "-1", "--out", str(tmp_path / "o")], "--seed")
     monkeypatch.setenv("MGCL_CACHE", str(tmp_path / "f"))
     one_line_error(capsys, ["demo", "--out", str(tmp_path / "o")], "the cache", "is a file")
+    squatted = tmp_path / "cache" / "synth" / "v1-seed0-quick"
+    squatted.mkdir(parents=True)
+    (squatted / "mine.txt").write_text("not mgtil-synth")
+    monkeypatch.setenv("MGCL_CACHE", str(tmp_path / "cache"))
+    one_line_error(capsys, ["demo", "--quick", "--out", str(tmp_path / "o")], "the cache", "not an mgtil-synth cache")
 
 
 # ---- runs killed at several points, then resumed ---------------------------------------------------

@@ -280,10 +280,11 @@ def _one_line(exc: BaseException) -> str:
 def cmd_demo(args) -> int:
     from .cl.config import ConfigError
     from .mgtil import demo
+    from .retrieval import BankError
 
     try:
         return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, BankError, OSError) as exc:  # bad options, a damaged cache, the disk
         print(f"mgcl demo: {_one_line(exc)}", file=sys.stderr)
         return 2
 

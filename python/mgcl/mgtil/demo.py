@@ -232,8 +232,11 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
     base = cache_root(cache_dir)
     cfg = settings(quick)
     t0 = time.time()
-    data = synth.build(base / "synth" / synth.default_cache_dir(seed, quick).name, seed=seed, quick=quick,
-                       progress=progress)
+    try:
+        data = synth.build(base / "synth" / synth.default_cache_dir(seed, quick).name, seed=seed, quick=quick,
+                           progress=progress)
+    except ValueError as exc:                          # a folder in the cache that is not mgtil-synth's
+        raise ConfigError(f"demo: the cache: {exc}") from None
     t_data = time.time() - t0
     final = base / "demo" / f"v{VERSION}-seed{seed}{'-quick' if quick else ''}"
     want = {"format": "mgcl.demo.assets", "version": VERSION, "seed": seed, "quick": bool(quick),

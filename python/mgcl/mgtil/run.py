@@ -345,7 +345,10 @@ def load_tasks(cfg: dict) -> list:
         bench = dataclasses.replace(bench, datasets=tuple(d for d in bench.datasets if d.name in want))
     root = cfg["data_root"]
     if root is None:                                   # mgtil-synth: build or reuse the cached copy
-        root = str(synth.build(quick=bench.name.endswith("-quick")).tasks_root)
+        try:
+            root = str(synth.build(quick=bench.name.endswith("-quick")).tasks_root)
+        except ValueError as exc:
+            raise ConfigError(f"data_root (null: the mgtil-synth cache): {exc}") from None
     if not os.path.isdir(root):
         raise ConfigError(f"data_root: {root} is not a directory")
     try:
