@@ -59,8 +59,13 @@ class Strategy:
 
     def __new__(cls, *args, **kwargs):
         # the constructor arguments as given, defaults filled in: what ``options()`` reports
+        # (copy / pickle call __new__ without them and restore ``_options`` with the rest)
         self = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            self._options = {}
+            return self
         bound.apply_defaults()
         self._options = dict(list(bound.arguments.items())[1:])
         return self
