@@ -57,7 +57,6 @@ class Primed(Strategy):
         if regularizer == "dfg" and not distills:
             raise ValueError("primed: regularizer 'dfg' needs a distillation loss (ckt or cmc on, weight > 0)")
         self.reference = reference if distills else None
-        self.regularizer = regularizer
 
     def check(self, trainer):
         if self.reference is not None:
@@ -79,7 +78,7 @@ class Primed(Strategy):
             return Loss([ce], {"ce": ce})
         out = self.reference(trainer, logits, batch.labels)
         terms = {"ce": out.ce, "ckt": out.ckt, "cmc": out.cmc, "distill": out.distill}
-        if self.regularizer == "dfg":
+        if self.guard.mode == "dfg":
             return Loss([out.distill, out.ce], terms)
         return Loss([out.total], terms)
 
