@@ -314,45 +314,63 @@ def _add_mgtil(sub) -> None:
 
 # ---- mgcl demo / run / report -----------------------------------------------------------
 
-def cmd_demo(args) -> int:
-    from .mgtil import demo
+def _one_line(exc: BaseException) -> str:
+    """An error on user input as one line (a multi-line message joined with '; ')."""
+    return "; ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or type(exc).__name__
 
-    return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+
+def cmd_demo(args) -> int:
+    from .cl.config import ConfigError
+    from .mgtil import demo
+    from .retrieval import BankError
+
+    try:
+        return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    except (ConfigError, BankError, OSError) as exc:  # bad options, a damaged cache, the disk
+        print(f"mgcl demo: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def cmd_run(args) -> int:
+    from .cl.checkpoint import CheckpointError
     from .mgtil import report, run
 
     try:
         cfg = run.load_config(args.config)
         if args.check:
-            print(f"{args.config}: OK ({cfg['benchmark']}, {cfg['model']['adapter']}, {cfg['strategy']['name']})")
+            run.check_paths(cfg.data)
+            d = cfg.data
+            print(f"{args.config}: OK ({d['benchmark']}, {d['model']['adapter']}, {d['strategy']['name']})")
             return 0
         res = run.run(cfg, resume=args.resume, progress=not args.no_progress)
-    except run.ConfigError as exc:
-        print(f"mgcl run: {exc}", file=sys.stderr)
+    except (run.ConfigError, CheckpointError, OSError) as exc:
+        print(f"mgcl run: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(report.format_table(res))
-    print(f"wrote {cfg['output_dir']}")
+    print(f"wrote {cfg.data['output_dir']}")
     return 0
 
 
 def cmd_report(args) -> int:
     import os
 
+    from .cl.config import output_dir_problem
     from .mgtil import report
 
     try:
         loaded = [report.load(p) for p in args.runs]
-    except ValueError as exc:
-        print(f"mgcl report: {exc}", file=sys.stderr)
+        problem = output_dir_problem(args.out)
+        if problem:
+            raise ValueError(f"--out: {problem}")
+        labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
+                  for p in args.runs]
+        res = report.combine(loaded, labels)
+        files = report.render(res, args.out, plots=not args.no_plots)
+        report.write_json(os.path.join(args.out, "combined.json"), res)
+    except (ValueError, OSError) as exc:
+        print(f"mgcl report: {_one_line(exc)}", file=sys.stderr)
         return 2
-    labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
-              for p in args.runs]
-    res = report.combine(loaded, labels)
     print(report.format_table(res))
-    files = report.render(res, args.out, plots=not args.no_plots)
-    report.write_json(os.path.join(args.out, "combined.json"), res)
     print("wrote " + ", ".join(files + [os.path.join(args.out, "combined.json")]))
     return 0
 
@@ -368,7 +386,7 @@ def _add_experiments(sub) -> None:
     s.add_argument("config", help="YAML config (benchmark, data_root, model, strategy, retrieval, train, output_dir), "
                                   "or a shipped config's name (mgcl run NAME; an unknown name lists them)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished task")
-    s.add_argument("--check", action="store_true", help="only validate the config")
+    s.add_argument("--check", action="store_true", help="only check the config: every key, value and path")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("report", help="tables and plots of one or several runs / demo outputs, side by side")

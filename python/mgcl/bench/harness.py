@@ -6,16 +6,14 @@ and results written as JSON with the machine and versions.
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import sys
 import threading
 import time
 from typing import Callable, Optional
 
 import torch
 
+from .._env import machine  # noqa: F401  (the one machine description, re-exported for the benches)
 from .._io import atomic_write_json
 
 
@@ -138,47 +136,6 @@ def copy_bandwidth(device="cpu", nbytes: int = 1 << 30, repeats: int = 5) -> flo
     t = time_fn(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=1)
     del src, dst
     return 2 * nbytes / t["median"] / 1e9
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device="cpu") -> dict:
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    try:
-        import triton  # noqa: PLC0415
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    from .. import __version__, _native  # noqa: PLC0415
-
-    info["mgcl"] = __version__
-    info["mgcl_C"] = _native.HAS_C
-    info["mgcl_C_cuda"] = _native.HAS_C_CUDA
-    if torch.device(device).type == "cuda":
-        props = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def write_json(path: str, payload: dict) -> None:
