@@ -12,6 +12,7 @@ from conftest import bench_devices, bench_scale
 from mgcl import _backend
 from mgcl.bench import harness
 from mgcl.bench.contrastive_distill import _case, _free
+from mgcl.ops.contrastive_distill import BACKENDS
 from mgcl.testing import distill_batch
 
 
@@ -22,7 +23,7 @@ def size(device):
 @pytest.mark.parametrize("device", bench_devices())
 @pytest.mark.parametrize("name", ["torch", "chunked", "triton"])
 def test_contrastive_distill(run_bench, benchmark, device, name):
-    if name != "torch" and not _backend.available(name, device):
+    if name != "torch" and not _backend.runs(BACKENDS, name, device):
         pytest.skip(f"{name} not available on {device}")
     if device == "cpu" and name == "triton":
         pytest.skip("the Triton interpreter is not a benchmark")

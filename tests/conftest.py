@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 def available_backends(table: dict, device_type: str) -> list[str]:
     from mgcl import _backend
 
-    return [b for b in table if _backend.available(b, device_type)]
+    return [b for b in table if _backend.runs(table, b, device_type)]
 
 
 def devices() -> list[str]:

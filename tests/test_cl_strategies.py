@@ -1,6 +1,7 @@
 """Every strategy end to end on two tiny tasks (TinyCLIP, coloured shapes, a toy
 memory bank), and the semantics of each: what the guard saw, what was merged,
 what was remembered."""
+import dataclasses
 import json
 import os
 
@@ -164,11 +165,11 @@ def test_guard_and_losses_use_the_default_fused_backends(tasks, bank, tmp_path, 
 
     calls = []
     for mod, op in ((fg, "fisher_guard"), (cd, "contrastive_distill")):
-        for name, fn in list(mod.BACKENDS.items()):
-            def wrapped(*a, _fn=fn, _name=name, _op=op, **k):
+        for name, entry in list(mod.BACKENDS.items()):
+            def wrapped(*a, _fn=entry.fn, _name=name, _op=op, **k):
                 calls.append((_op, _name))
                 return _fn(*a, **k)
-            monkeypatch.setitem(mod.BACKENDS, name, wrapped)
+            monkeypatch.setitem(mod.BACKENDS, name, dataclasses.replace(entry, fn=wrapped))
     monkeypatch.delenv("MGCL_BACKEND", raising=False)
     run(tiny_model(tasks), S.create("primed", siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path,
         iters_per_task=2)

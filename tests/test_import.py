@@ -83,25 +83,3 @@ def test_mgcl_info_runs_and_names_backends():
 
     info = json.loads(r.stdout)
     assert info["backends"]["fisher_guard"]["cpu"] in ("cpp", "torch")
-
-
-def test_backend_override_and_errors(monkeypatch):
-    import torch
-
-    from mgcl import _backend
-    from mgcl.ops.fisher_guard import BACKENDS
-
-    monkeypatch.setenv("MGCL_BACKEND", "torch")
-    assert _backend.select("fisher_guard", BACKENDS, "cpu") == "torch"
-    monkeypatch.setenv("MGCL_BACKEND", "chunked")  # a global name this op does not offer: ignored
-    assert _backend.select("fisher_guard", BACKENDS, "cpu") in ("cpp", "torch")
-    monkeypatch.setenv("MGCL_BACKEND", "similarity_topk=torch,fisher_guard=torch")
-    assert _backend.select("fisher_guard", BACKENDS, "cpu") == "torch"
-    monkeypatch.setenv("MGCL_BACKEND", "fisher_guard=bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        _backend.select("fisher_guard", BACKENDS, "cpu")
-    monkeypatch.delenv("MGCL_BACKEND")
-    with pytest.raises(RuntimeError, match="not available"):
-        _backend.select("fisher_guard", BACKENDS, torch.device("cpu"), "cuda")
-    with pytest.raises(ValueError, match="not offered"):
-        _backend.select("fisher_guard", BACKENDS, "cpu", "triton")

@@ -40,6 +40,13 @@ if not HAS_C:
     )
 
 
+def cuda_problem() -> str | None:
+    """Why the ``cuda`` backends cannot run here, or None."""
+    if _C_cuda is None:
+        return f"it needs mgcl._C_cuda, which was not built (no nvcc at build time) or not importable ({C_CUDA_ERROR})"
+    return None
+
+
 def cuda_archs() -> str | None:
     """The CUDA architectures _C_cuda was compiled for, or None when it is absent."""
     return None if _C_cuda is None else str(_C_cuda.archs)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..ops.fisher_guard import fisher_guard
+from ..ops.fisher_guard import BACKENDS, fisher_guard
 from ..ops.fisher_guard import reference
 from . import harness
 
@@ -74,7 +74,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, dtype=torch.f
     fused = "cuda" if dev.type == "cuda" else "cpp"
     from .. import _backend  # noqa: PLC0415
 
-    if _backend.available(fused, dev.type):
+    if _backend.runs(BACKENDS, fused, dev.type):
         impls[fused] = lambda: fisher_guard(grads, params, anchors, lam=lam, backend=fused)
     rows = []
     for name, fn in impls.items():

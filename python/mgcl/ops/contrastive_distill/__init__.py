@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from ... import _backend
+from ..._backend import Entry
 from . import chunked, fused, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,10 +54,11 @@ def _triton(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row
 # The dispatch table. "torch" is the differentiable reference (autograd through
 # the dense definition); the fused entries return (loss, d_img, d_txt, d_scale,
 # parts), the gradients computed in the forward when need_grad (Liger-style).
+# Entries in order of preference (see mgcl._backend).
 BACKENDS = {
-    "torch": reference.contrastive_distill,
-    "chunked": _chunked,
-    "triton": _triton,
+    "triton": Entry(_triton, devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+    "chunked": Entry(_chunked, devices=("cpu",), dtypes=DTYPES),
+    "torch": Entry(reference.contrastive_distill, devices=("cpu", "cuda"), dtypes=DTYPES),
 }
 
 
@@ -246,11 +248,8 @@ def contrastive_distill(
     weights, negative weights, wrong weight length, mixed devices or dtypes).
     """
     _check(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight)
-    name = _backend.select("contrastive_distill", BACKENDS, img_s.device, backend)
-    if name == "triton" and (img_s.dtype == torch.float64 or img_t.dtype == torch.float64):
-        if backend is not None:
-            raise ValueError("contrastive_distill: the triton backend takes float32, float16 or bfloat16 features")
-        name = "chunked" if _backend.available("chunked", img_s.device.type) else "torch"
+    name = _backend.select("contrastive_distill", BACKENDS, img_s.device, backend,
+                           dtypes=(img_s.dtype, img_t.dtype), B=img_s.shape[0])
     kd, cmc, i2t, t2i = float(kd), float(cmc), float(i2t), float(t2i)
     img_t, txt_t = img_t.detach(), txt_t.detach()
     row_weight = None if row_weight is None else row_weight.detach()

@@ -14,16 +14,18 @@ from typing import Optional, Sequence
 import torch
 
 from ... import _backend
+from ..._backend import Entry
 from . import native, reference
 
 MODES = ("dfg", "ewc", "l2")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The dispatch table: backend name -> implementation (same signature).
+# The dispatch table, in order of preference (see mgcl._backend): every entry
+# has the signature (grads, params, anchors, fisher, lam, mode, ema, normalize).
 BACKENDS = {
-    "torch": reference.fisher_guard,
-    "cpp": native.fisher_guard_cpu,
-    "cuda": native.fisher_guard_cuda,
+    "cuda": Entry(native.fisher_guard_cuda, devices=("cuda",), dtypes=DTYPES),
+    "cpp": Entry(native.fisher_guard_cpu, devices=("cpu",), dtypes=DTYPES),
+    "torch": Entry(reference.fisher_guard, devices=("cpu", "cuda"), dtypes=DTYPES),
 }
 
 
@@ -132,7 +134,7 @@ def fisher_guard(
     fisher = list(fisher) if fisher is not None else None
     _check(grads, params, anchors, fisher, lam, mode, ema, normalize)
     device = grads[0].device if grads else torch.device("cpu")
-    name = _backend.select("fisher_guard", BACKENDS, device, backend)
+    name = _backend.select("fisher_guard", BACKENDS, device, backend, dtypes=(grads[0].dtype,) if grads else ())
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     if fisher is not None and not (mode == "ewc" or ema > 0):
