@@ -525,16 +525,16 @@ def test_return_parts(backend):
 
 
 SM90_COMPILE = r"""
-import os, sys
+import os, re, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mgcl.ops.contrastive_distill import triton as tr
 
-PTRS = {"SCALE_S", "SCALE_T", "OUT", "DIAG", "ROW", "COL"}
+PTRS = {"SCALE_S", "SCALE_T", "ROWP", "COLP", "DROW", "DCOL", "GSCALE", "ROW", "COL", "U", "V"}
 UNIT = {"sxk", "syk", "stk", "suk"}  # contiguous features: the JIT specialises unit strides to 1
-for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True})):
+for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True, "WITH_V": True})):
     fn, cfg = kernel.fn, kernel.configs[0]
     for dt in ("bf16", "fp32"):
         prec = "ieee" if dt == "fp32" else "tf32"
@@ -542,17 +542,17 @@ for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, 
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in consts else f"*{dt}" if name in ("X", "Y", "XT", "YT")
-                         else "*fp32" if name in PTRS else "fp32" if name == "gscale" else "i32")
+                         else "*fp32" if name in PTRS else "i32")
         # sizes and strides that are multiples of 16 (B, d = 512, ...) as the JIT would specialise them
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if sig[n] not in ("constexpr", "fp32")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                         attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = k.asm["ptx"]
         print(fn.__name__, dt, "wgmma" if "wgmma" in ptx else "no-wgmma",
-              "pipelined" if "cp.async" in ptx else "not-pipelined", len(k.asm["cubin"]) > 0)
+              "pipelined" if "cp.async" in ptx else "not-pipelined", len(k.asm["cubin"]) > 0,
+              "atomics" if re.search(r"\b(red|atom)\.global", ptx) else "no-atomics")
 """
 
 
@@ -571,9 +571,10 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("no ptxas for the CUDA backend here")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert "_stats_kernel bf16 wgmma pipelined True" in lines, r.stdout
-    assert "_grad_kernel bf16 wgmma pipelined True" in lines, r.stdout
+    assert any(line.startswith("_stats_kernel bf16 wgmma pipelined True") for line in lines), r.stdout
+    assert any(line.startswith("_grad_kernel bf16 wgmma pipelined True atomics") for line in lines), r.stdout
     assert any(line.startswith("_stats_kernel fp32 no-wgmma") for line in lines), r.stdout
+    assert not any(line.startswith("_stats_kernel") and line.endswith(" atomics") for line in lines), r.stdout
 
 
 def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
