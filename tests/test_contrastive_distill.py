@@ -635,8 +635,41 @@ def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
     for r in result["rows"]:
         assert r["status"] == "ok" and r["median"] > 0 and r["peak_bytes"] is not None
         assert r["vs_torch"] > 0 and r["floor_ratio"] > 0
+    for B in (32, 64, 128):  # the two implementations compute one loss
+        a, b = (r["loss"] for r in result["rows"] if r["B"] == B)
+        assert a == pytest.approx(b, rel=1e-5)
+    c = result["crossover"]
+    assert c["backend"] == "chunked" and c["declared"] == cd_mod.CHUNKED_MIN_BATCH
+    assert set(c["fused_over_torch"]) == {32, 64, 128}
+    assert c["measured"] in (None, 32, 64, 128)
+    for B, v in c["default"].items():
+        assert v["backend"] == ("torch" if B < cd_mod.CHUNKED_MIN_BATCH else "chunked")
     text = bench.table(result)
-    assert "chunked" in text and "x floor" in text
+    assert "chunked" in text and "x floor" in text and "crossover (chunked vs torch)" in text
+    harness.write_json(str(tmp_path / "cd.json"), result)
+    assert (tmp_path / "cd.json").stat().st_size > 100
+
+
+def test_bench_survives_a_failing_peer(tmp_path, monkeypatch):
+    """inf-cl 1.2.1's cal_inf_loss(..., scale=) raised ValueError outside a process
+    group: a peer that raises is recorded and the rest of the bench, and its JSON, go on."""
+    from mgcl.bench import contrastive_distill as bench
+    from mgcl.bench import harness
+
+    def raising_peer(q, k, scale=None, head_dim=256):
+        raise ValueError("Default process group has not been initialized")
+
+    rate = bench.matmul_rate
+    monkeypatch.setattr(bench, "matmul_rate", lambda dev, dt: rate(dev, dt, n=128))
+    monkeypatch.setattr(bench, "_inf_cl", lambda: raising_peer)
+    monkeypatch.setattr(bench, "_impls", lambda dev: {"torch": ("op", "torch", 0.0, 1.0),
+                                                      "inf-cl cmc": ("inf-cl", None, 0.0, 1.0),
+                                                      "chunked": ("op", "chunked", 0.0, 1.0)})
+    result = bench.run("cpu", scale=1 / 64, repeats=1)
+    peer = [r for r in result["rows"] if r["impl"] == "inf-cl cmc"]
+    assert peer and all(r["status"].startswith("error: ValueError: Default process group") for r in peer)
+    assert all(r["status"] == "ok" for r in result["rows"] if r["impl"] != "inf-cl cmc")
+    assert "error: ValueError" in bench.table(result)
     harness.write_json(str(tmp_path / "cd.json"), result)
     assert (tmp_path / "cd.json").stat().st_size > 100
 
