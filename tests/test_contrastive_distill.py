@@ -466,7 +466,10 @@ def test_custom_op_opcheck(backend, need_grad):
     x, y = img.requires_grad_(need_grad), txt.requires_grad_(need_grad)
     s = torch.tensor(5.0, requires_grad=need_grad)
     args = (x, y, img_t, txt_t, s, torch.tensor(6.0), weights(7, 0), None, 1.0, 0.25, 1.0, 0.5, need_grad, backend)
-    torch.library.opcheck(torch.ops.mgcl.contrastive_distill.default, args)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+              "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(torch.ops.mgcl.contrastive_distill.default, args, test_utils=checks)
+    assert set(result) == set(checks) and all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_FAST if b == "chunked"])
@@ -582,8 +585,9 @@ from mgcl.ops.contrastive_distill import triton as tr
 PTRS = {"SCALE_S", "SCALE_T", "ROWP", "COLP", "DROW", "DCOL", "GSCALE", "ROW", "COL", "U", "V"}
 UNIT = {"sxk", "syk", "stk", "suk"}  # contiguous features: the JIT specialises unit strides to 1
 for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True, "WITH_V": True})):
-    fn, cfg = kernel.fn, kernel.configs[0]
+    fn = kernel.fn
     for dt in ("bf16", "fp32"):
+        cfg = next(c for c in kernel.configs if c.feature_bytes == (4 if dt == "fp32" else 2))
         prec = "ieee" if dt == "fp32" else "tf32"
         consts = dict(cfg.kwargs, PREC=prec, PREC_T=prec, **extra, **{k: 1 for k in UNIT})
         sig = {}
@@ -686,10 +690,13 @@ def _gpu_configs():
         stats, grads = tr._stats_configs(), tr._grad_configs()
     finally:
         tr.INTERPRET = saved
-    uniq = {tuple(sorted(c.kwargs.items())): c for c in stats}
-    return ([pytest.param("stats", c, id="stats-" + "-".join(f"{k}{v}" for k, v in key)) for key, c in uniq.items()]
-            + [pytest.param("grads", c, id="grads-" + "-".join(f"{k}{v}" for k, v in sorted(c.kwargs.items())))
-               for c in grads])
+    def name(which, c):
+        tiles = "-".join(f"{k}{v}" for k, v in sorted(c.kwargs.items()))
+        return f"{which}-{c.feature_bytes}B-{tiles}-w{c.num_warps}-s{c.num_stages}"
+
+    uniq = {(which, tuple(sorted(c.kwargs.items()))): (which, c) for which, cs in (("stats", stats), ("grads", grads))
+            for c in reversed(cs)}  # the interpreter ignores warps and stages: one run per tile shape
+    return [pytest.param(which, c, id=name(which, c)) for which, c in reversed(list(uniq.values()))]
 
 
 @pytest.mark.slow

@@ -222,13 +222,27 @@ def test_float32_dots_follow_torch_matmul_precision():
 
 
 @interpreter_only
-def test_one_config_mode_keeps_the_first_gpu_config(monkeypatch):
+def test_gpu_configs_by_feature_width_and_the_one_config_mode(monkeypatch):
+    """16-bit and float32 features get their own tiles; MGCL_TRITON_AUTOTUNE=0
+    keeps the first of each; output chunks much wider than d are pruned."""
     monkeypatch.setattr(tr, "INTERPRET", False)
     full = tr._grad_configs(), tr._stats_configs()
     monkeypatch.setattr(tr, "ONE_CONFIG", True)
     one = tr._grad_configs(), tr._stats_configs()
     for f, o in zip(full, one):
-        assert len(f) > 1 and len(o) == 1 and o[0].kwargs == f[0].kwargs
+        for width in (2, 4):
+            mine = [c for c in f if c.feature_bytes == width]
+            assert len(mine) > 1 and [c.kwargs for c in o if c.feature_bytes == width] == [mine[0].kwargs]
+    grads = full[0]
+
+    def pruned(dtype, K):
+        return tr._prune_configs(grads, {"X": torch.empty(0, dtype=dtype), "K": K})
+
+    assert {c.feature_bytes for c in pruned(torch.bfloat16, 512)} == {2}
+    assert 512 in {c.kwargs["BD"] for c in pruned(torch.bfloat16, 512)}
+    assert {c.feature_bytes for c in pruned(torch.float32, 512)} == {4}
+    small = pruned(torch.bfloat16, 40)  # every 16-bit chunk is wider than 64: the narrowest one
+    assert len(small) == 1 and small[0].kwargs["BD"] == min(c.kwargs["BD"] for c in grads if c.feature_bytes == 2)
 
 
 # ---- GPU --------------------------------------------------------------------------------------

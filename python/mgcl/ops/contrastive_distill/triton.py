@@ -55,36 +55,52 @@ _INTERP = dict(BM=64, BN=64, BK=32, BD=32, BDV=32)
 G_CEILING = 2.0**14
 
 
-# GPU configs, the first of each list the default (MGCL_TRITON_AUTOTUNE=0). Each
-# compiles for sm_90 in bf16 without register spills (ptxas -v) except BD = 512
-# (a few hundred bytes), kept because at d = 512 it skips the S and T recompute
-# of a second feature chunk (6 products instead of 8).
-def _stats_configs():
+# GPU configs: (tile sizes, warps, stages), one list for 16-bit features and one
+# for float32 (fp32 operand tiles take twice the registers); the first of each
+# list is the default (MGCL_TRITON_AUTOTUNE=0). Checked with ptxas -v for sm_90:
+# the 16-bit ones and the float32 ones with TF32 dots compile without register
+# spills, except BD = 512 (a hundred bytes), kept because at d = 512 it skips
+# the S and T recompute of a second feature chunk (6 products instead of 8).
+# IEEE float32 dots spill some hundred bytes in every tile tried.
+_STATS_16 = [(dict(BM=64, BN=64, BK=64), 8, 3), (dict(BM=64, BN=64, BK=64), 8, 2), (dict(BM=64, BN=64, BK=32), 8, 3),
+             (dict(BM=64, BN=32, BK=64), 8, 3), (dict(BM=128, BN=32, BK=32), 8, 2)]
+_STATS_32 = [(dict(BM=64, BN=32, BK=64), 8, 3), (dict(BM=64, BN=64, BK=32), 8, 3), (dict(BM=128, BN=32, BK=32), 8, 2)]
+_GRAD_16 = [(dict(BM=64, BN=32, BK=64, BD=256, BDV=64), 8, 3), (dict(BM=64, BN=64, BK=64, BD=512, BDV=64), 8, 2),
+            (dict(BM=64, BN=64, BK=64, BD=256, BDV=64), 8, 2), (dict(BM=64, BN=64, BK=64, BD=128, BDV=64), 8, 3),
+            (dict(BM=64, BN=32, BK=64, BD=128, BDV=64), 8, 3), (dict(BM=128, BN=32, BK=64, BD=128, BDV=64), 8, 2)]
+_GRAD_32 = [(dict(BM=64, BN=32, BK=32, BD=64, BDV=32), 8, 2), (dict(BM=64, BN=32, BK=32, BD=64, BDV=32), 4, 2),
+            (dict(BM=32, BN=32, BK=32, BD=64, BDV=32), 4, 2), (dict(BM=64, BN=32, BK=32, BD=32, BDV=32), 4, 2)]
+
+
+def _configs(lists, interp: dict):
+    """The autotuner's configs: every list (the first of each under ONE_CONFIG), each
+    config tagged with the feature width it is for; the interpreter gets one."""
     if INTERPRET:
-        return [triton.Config({"BM": _INTERP["BM"], "BN": _INTERP["BN"], "BK": _INTERP["BK"]}, num_warps=4)]
-    configs = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=8, num_stages=st)
-        for bm, bn, bk, st in [(64, 64, 64, 3), (64, 64, 64, 2), (64, 64, 32, 3), (64, 32, 64, 3), (128, 32, 32, 2)]
-    ]
-    return configs[:1] if ONE_CONFIG else configs
+        return [triton.Config(interp, num_warps=4)]
+    out = []
+    for width, entries in lists:
+        for kw, warps, stages in entries[:1] if ONE_CONFIG else entries:
+            c = triton.Config(dict(kw), num_warps=warps, num_stages=stages)
+            c.feature_bytes = width
+            out.append(c)
+    return out
+
+
+def _stats_configs():
+    return _configs(((2, _STATS_16), (4, _STATS_32)), {k: _INTERP[k] for k in ("BM", "BN", "BK")})
 
 
 def _grad_configs():
-    if INTERPRET:
-        return [triton.Config(dict(_INTERP), num_warps=4)]
-    configs = [
-        triton.Config({"BM": bm, "BN": bn, "BK": 64, "BD": bd, "BDV": 64}, num_warps=8, num_stages=st)
-        for bm, bn, bd, st in [(64, 32, 256, 3), (64, 64, 512, 2), (64, 64, 256, 2), (64, 64, 128, 3),
-                               (64, 32, 128, 3), (128, 32, 128, 2)]
-    ]
-    return configs[:1] if ONE_CONFIG else configs
+    return _configs(((2, _GRAD_16), (4, _GRAD_32)), dict(_INTERP))
 
 
-def _prune_grad_configs(configs, named_args, **kwargs):
-    """Drop output chunks much wider than the feature dimension."""
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs for the features' width, and no output chunk much wider than d."""
+    width = named_args["X"].element_size()
+    kept = [c for c in configs if getattr(c, "feature_bytes", width) == width]
     widest = max(64, triton.next_power_of_2(int(named_args["K"])))
-    kept = [c for c in configs if c.kwargs["BD"] <= widest]
-    return kept or [min(configs, key=lambda c: c.kwargs["BD"])]
+    narrow = [c for c in kept if c.kwargs.get("BD", 0) <= widest]
+    return narrow or [min(kept or configs, key=lambda c: c.kwargs.get("BD", 0))]
 
 
 @triton.jit
@@ -143,7 +159,8 @@ def _logaddexp(a, b):
 # positive-pair logit S[i, i + OFF] is written, from the same tile value the
 # statistics used, to DROW[i] and DCOL[i + OFF]: one entry among zeros summed,
 # so exactly that value (B = 1 then gives lse - S_ii = 0 exactly).
-@triton.autotune(configs=_stats_configs(), key=["MB", "NB", "K", "KT"], restore_value=["COLP"])
+@triton.autotune(configs=_stats_configs(), key=["MB", "NB", "K", "KT"], restore_value=["COLP"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["OFF", "M", "N", "MB", "NB", "cols_per_split", "n_groups"])
 def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROWP, COLP, DROW, DCOL, OFF, M, N, K, KT, MB, NB,
                   cols_per_split, n_groups, sxm, sxk, sym, syk, stm, stk, sum_, suk,
@@ -242,7 +259,7 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROWP, COLP, DROW, DCOL, OFF, M
 # sit far above fp16's subnormal range. GSCALE is computed on the device (no
 # host sync). With d > BD the feature chunks each recompute S and T.
 @triton.autotune(configs=_grad_configs(), key=["MB", "NB", "K", "KT"], reset_to_zero=["V"],
-                 prune_configs_by={"early_config_prune": _prune_grad_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["M", "N", "MB", "NB", "cols_per_split"])
 def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, GSCALE, ROW, COL, U, V, M, N, K, KT, MB, NB, cols_per_split,
                  sxm, sxk, sym, syk, stm, stk, sum_, suk, su_split, su_m, sv_n,
