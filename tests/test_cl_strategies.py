@@ -171,6 +171,7 @@ def test_guard_and_losses_use_the_default_fused_backends(tasks, bank, tmp_path, 
                 return _fn(*a, **k)
             monkeypatch.setitem(mod.BACKENDS, name, dataclasses.replace(entry, fn=wrapped))
     monkeypatch.delenv("MGCL_BACKEND", raising=False)
+    monkeypatch.setattr(cd, "CHUNKED_MIN_BATCH", 1)  # a reference batch of 6 is below chunked's CPU crossover
     run(tiny_model(tasks), S.create("primed", siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path,
         iters_per_task=2)
     expect = {("fisher_guard", _backend.select("fisher_guard", fg.BACKENDS, "cpu")),
