@@ -81,7 +81,8 @@ ERRORS = [
 # explicit backend choices that cannot run the call (the same for every run)
 BACKEND_ERRORS = [
     ("unknown-backend", call(backend="fast"), "contrastive_distill: unknown backend 'fast'"),
-    ("cuda-backend-on-cpu", call(backend="cuda"), "contrastive_distill: backend 'cuda' (from backend=) is known but not"),
+    ("cuda-backend-on-cpu", call(backend="cuda"),
+     "contrastive_distill: backend 'cuda' (from backend=) is known but not"),
     ("triton-float64", call(**{k: v.double() for k, v in feats().items()}, backend="triton"),
      "contrastive_distill: backend 'triton' (from backend=) cannot run this call: it takes float32"),
 ]

@@ -228,8 +228,8 @@ class PrimedLoss(torch.nn.Module):
         row_weight, col_weight = _weights(weight, row_weight, col_weight)
         distill, ckt, cmc = contrastive_distill(
             img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.alpha * self.term_scale,
-            cmc=self.beta * self.term_scale, i2t=self.i2t, t2i=self.t2i, row_weight=row_weight, col_weight=col_weight, backend=self.backend,
-            gather=self.gather, process_group=self.process_group, return_parts=True,
+            cmc=self.beta * self.term_scale, i2t=self.i2t, t2i=self.t2i, row_weight=row_weight, col_weight=col_weight,
+            backend=self.backend, gather=self.gather, process_group=self.process_group, return_parts=True,
         )
         if self.term_scale != 1.0:
             ckt, cmc = ckt * self.term_scale, cmc * self.term_scale

@@ -153,7 +153,7 @@ def _run_row(row: dict, impl, feats, dev: torch.device, repeats: int, max_second
     fn, setup = _case(*impl, feats)
     try:
         setup()
-        row["loss"] = float(fn().detach())  # warm-up: Triton compiles and autotunes here (its autotuner allocates scratch)
+        row["loss"] = float(fn().detach())  # warm-up: Triton compiles and autotunes here (with scratch memory)
         harness.sync(dev)
         setup()
         _free(dev)

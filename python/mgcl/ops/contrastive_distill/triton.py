@@ -22,8 +22,9 @@ Launch rules: a device guard makes the tensors' GPU current (so cuda:1 works),
 no host synchronisation happens (the gradient scale below is computed on the
 device), and the autotuner is keyed by power-of-two buckets of M and N (plus
 the exact feature dims and the dtypes), so a new batch size reuses its bucket's
-tuning. ``MGCL_TRITON_AUTOTUNE=0`` runs only the first GPU config (tests,
-one-shot GPU checks); the interpreter always runs one small config.
+tuning. ``MGCL_TRITON_AUTOTUNE=0`` runs only the first GPU config of each
+feature width (tests, one-shot GPU checks); the interpreter always runs one
+small config.
 """
 from __future__ import annotations
 
@@ -322,9 +323,7 @@ def _sm_count(index: int) -> int:
 
 
 def _target_programs(device: torch.device) -> int:
-    """About two programs per SM fill the GPU; the interpreter gets a few."""
-    if device.type != "cuda":
-        return 4
+    """About two programs per SM fill the GPU."""
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
