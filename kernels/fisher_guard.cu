@@ -6,9 +6,10 @@
 //   grad += 2*lam*W*d,   penalty += lam*W*d^2.
 //
 // Layout of work: Python splits every tensor into chunks of chunk_size
-// elements and uploads, once per distinct parameter list, the pointer arrays
-// and the chunk -> (tensor, start) map. One block owns one chunk, so a single
-// launch covers ~300 tensors of any sizes without a launch per tensor.
+// elements and uploads the pointer arrays and the chunk -> (tensor, start) map
+// (the packed metadata of fisher_guard.h) when the tensors' addresses change.
+// One block owns one chunk, so a single launch covers ~300 tensors of any
+// sizes without a launch per tensor.
 //
 // Performance: the update is a pure stream (fp32 DFG: read grad, param,
 // anchor; write grad = 16 B/element) with ~6 flops per element, so the only

@@ -163,12 +163,18 @@ def select(op: str, table: dict, device, requested: Optional[str] = None, *,
     raise ValueError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
 
 
-def _explicit(op: str, table: dict, name: str, call: dict, source: str) -> str:
+def offered(op: str, table: dict, name: str, source: str = "backend=") -> str:
+    """``name`` if ``table`` offers it, else a ValueError saying whether it is unknown or just not offered."""
     if name not in KNOWN:
         raise ValueError(f"{op}: unknown backend {name!r} (from {source}); known backends: {', '.join(KNOWN)}")
     if name not in table:
         raise ValueError(f"{op}: backend {name!r} (from {source}) is known but not offered by this op; "
                          f"it offers {', '.join(table)}")
+    return name
+
+
+def _explicit(op: str, table: dict, name: str, call: dict, source: str) -> str:
+    offered(op, table, name, source)
     why = problem(table[name], name, call)
     if why is not None:
         raise ValueError(f"{op}: backend {name!r} (from {source}) cannot run this call: {why}")
