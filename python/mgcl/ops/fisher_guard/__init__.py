@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -211,7 +212,8 @@ class Prepared:
     that sets grads to None allocates new ones) are re-checked for layout and
     overlap in bulk and re-pointed. torch guarantees that ``p.grad`` has p's
     shape, dtype and device, so those need no re-check. The settings (lam,
-    mode, ema, normalize) are the object's; the backend is selected per call.
+    mode, ema, normalize) are the object's; the backend is selected again
+    when MGCL_BACKEND changes.
     """
 
     def __init__(self, params, anchors, fisher, *, lam, mode, ema, normalize, backend=None):
@@ -219,35 +221,37 @@ class Prepared:
         self.params, self.anchors = list(params), list(anchors)
         self.fisher = list(fisher) if fisher is not None and (mode == "ewc" or ema > 0) else None
         self.lam, self.mode, self.ema, self.normalize, self.backend = float(lam), mode, float(ema), normalize, backend
-        self._meta: Optional[native.Meta] = None
         self._gp = self._pp = None  # the validated grad and param addresses
+        self._env = self._name = None
 
     def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
         if not self.params:
             return fisher_guard([], [], [], lam=self.lam, backend=self.backend)
-        ptr = native._ptr
         try:
-            gp = list(map(ptr, grads))
+            gp = list(map(native._ptr, grads))
         except TypeError:
             raise ValueError("fisher_guard: every grad must be a tensor (a grad is None)") from None
-        pp = list(map(ptr, self.params))
+        pp = list(map(native._ptr, self.params))
         if gp != self._gp or pp != self._pp:
             self._validate(grads, gp, pp)
-        p0 = self.params[0]
-        name = _backend.select("fisher_guard", BACKENDS, p0.device, self.backend, dtypes=(p0.dtype,))
-        if name == "torch":
+        env = os.environ.get("MGCL_BACKEND")
+        if self._name is None or env != self._env:
+            p0 = self.params[0]
+            self._name = _backend.select("fisher_guard", BACKENDS, p0.device, self.backend, dtypes=(p0.dtype,))
+            self._env = env
+        if self._name == "torch":
             return BACKENDS["torch"](grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema,
                                      self.normalize)
-        ptrs = gp + pp + self._fixed_ptrs
-        return native.launch(self._meta, ptrs, p0.dtype, self._fisher_dtype, self.lam, self.mode, self.ema,
-                             self.normalize)
+        return native.launch(self._meta, gp, self._rest, self._dtype, self._fisher_dtype, self.lam, self.mode,
+                             self.ema, self.normalize)
 
     def _validate(self, grads, gp, pp):
         if pp != self._pp or len(gp) != len(self.params):  # first call, or params moved: everything
             _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
             fis = self.fisher
-            self._fixed_ptrs = native.pointers([], [], self.anchors, fis)
+            self._rest = native.pointers(self.params, self.anchors, fis)
             self._meta = native.Meta([p.numel() for p in self.params], self.params[0].device)
+            self._dtype = self.params[0].dtype
             self._fisher_dtype = fis[0].dtype if fis is not None else None
             # the fixed memory (params, anchors, fisher) as sorted disjoint spans, and
             # each param's layout rule, for the cheap re-check of new grads
@@ -256,6 +260,7 @@ class Prepared:
                              dtype=np.int64).reshape(-1, 2)
             self._fixed_starts, self._fixed_ends = spans[:, 0], spans[:, 1]
             self._nbytes = np.array([p.numel() * p.element_size() for p in self.params], dtype=np.int64)
+            self._sized = self._nbytes > 0
             contiguous = [i for i, p in enumerate(self.params) if p.is_contiguous()]
             self._contiguous = None if len(contiguous) == len(pp) else contiguous  # None: all
             self._other = [(i, dense_layout(p)) for i, p in enumerate(self.params) if not p.is_contiguous()]
@@ -271,20 +276,19 @@ class Prepared:
             return False
         if any(dense_layout(grads[i]) != layout for i, layout in self._other):
             return False
-        starts = np.array(gp, dtype=np.int64)
-        keep = self._nbytes > 0
-        starts, ends = starts[keep], starts[keep] + self._nbytes[keep]
+        starts = np.array(gp, dtype=np.int64)[self._sized]
         order = np.argsort(starts)
-        s, e = starts[order], ends[order]
+        s = starts[order]
+        e = s + self._nbytes[self._sized][order]
         if (e[:-1] > s[1:]).any():  # grads among themselves
             return False
+        # against the fixed spans: the last one starting at or before each grad must
+        # end before it, and the next one must start after the grad's end
         fs, fe = self._fixed_starts, self._fixed_ends
-        j = np.searchsorted(fs, s, side="right")  # fixed spans starting at or before each grad: [.. j)
-        before = j > 0
-        if (fe[np.maximum(j - 1, 0)][before] > s[before]).any():
-            return False
-        after = j < len(fs)
-        return not (fs[np.minimum(j, len(fs) - 1)][after] < e[after]).any()
+        j = np.searchsorted(fs, s, side="right")
+        prev_end = np.where(j > 0, fe[np.maximum(j - 1, 0)], np.iinfo(np.int64).min)
+        next_start = np.where(j < len(fs), fs[np.minimum(j, len(fs) - 1)], np.iinfo(np.int64).max)
+        return not ((prev_end > s) | (next_start < e)).any()
 
 
 __all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES"]

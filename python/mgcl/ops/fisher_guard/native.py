@@ -23,10 +23,10 @@ CHUNK = 1 << 16
 _ptr = torch.Tensor.data_ptr
 
 
-def pointers(grads, params, anchors, fisher) -> list[int]:
-    """The four address sections of the metadata (fisher addresses 0 when absent)."""
+def pointers(params, anchors, fisher) -> list[int]:
+    """The param, anchor and fisher address sections (fisher addresses 0 when absent)."""
     fis = map(_ptr, fisher) if fisher is not None else [0] * len(anchors)
-    return [*map(_ptr, grads), *map(_ptr, params), *map(_ptr, anchors), *fis]
+    return [*map(_ptr, params), *map(_ptr, anchors), *fis]
 
 
 class Meta:
@@ -48,29 +48,37 @@ class Meta:
         self.n, self.n_chunks, self.device = n, len(chunk_tensor), device
         self.host = torch.zeros(6 * n + 1 + 2 * self.n_chunks, dtype=torch.int64)
         self.host[4 * n:] = torch.tensor(numels + first + chunk_tensor + chunk_start, dtype=torch.int64)
-        self._addresses = self.host.numpy()[:4 * n]
-        self._ptrs: list[int] | None = None
+        self._addresses = self.host.numpy()
+        self._grads: list[int] | None = None
+        self._rest: list[int] | None = None
         self.buf = self.host  # the array the kernel reads (a device copy on CUDA)
+        self.address = self.buf.data_ptr()
         self.workspace = None
         if device.type == "cuda":
             self.workspace = torch.empty(2 * self.n_chunks + n, dtype=torch.float32, device=device)
 
-    def point(self, ptrs: list[int]) -> int:
-        """Set the addresses (``pointers()``); the address of the array to pass."""
-        if ptrs != self._ptrs:
-            self._addresses[:] = ptrs
-            if self.device.type == "cuda":
-                # A fresh pinned copy and a fresh device array each time: torch's
-                # allocators keep both alive until the stream has used them, so
-                # an earlier launch still reading the old array is never raced.
-                self.buf = self.host.pin_memory().to(self.device, non_blocking=True)
-            self._ptrs = ptrs
-        return self.buf.data_ptr()
+    def point(self, grads: list[int], rest: list[int]) -> int:
+        """Set the grad addresses and the rest (``pointers()``); the address of the array to pass."""
+        changed = False
+        if rest is not self._rest:
+            self._addresses[self.n:4 * self.n] = rest
+            self._rest, changed = rest, True
+        if grads != self._grads:
+            self._addresses[:self.n] = grads
+            self._grads, changed = grads, True
+        if changed and self.device.type == "cuda":
+            # A fresh pinned copy and a fresh device array each time: torch's
+            # allocators keep both alive until the stream has used them, so an
+            # earlier launch still reading the old array is never raced.
+            self.buf = self.host.pin_memory().to(self.device, non_blocking=True)
+            self.address = self.buf.data_ptr()
+        return self.address
 
 
-def launch(meta: Meta, ptrs: list[int], dtype, fisher_dtype, lam, mode, ema, normalize) -> torch.Tensor:
-    """Run the native kernel over the tensors at ``ptrs``; the penalty (0-d float32)."""
-    address = meta.point(ptrs)
+def launch(meta: Meta, grads: list[int], rest: list[int], dtype, fisher_dtype, lam, mode, ema,
+           normalize) -> torch.Tensor:
+    """Run the native kernel over the tensors at the given addresses; the penalty (0-d float32)."""
+    address = meta.point(grads, rest)
     args = (meta.n, meta.n_chunks, CHUNK, fisher_dtype is not None, _native.DTYPE_CODE[dtype],
             _native.DTYPE_CODE[fisher_dtype or dtype], MODE_CODE[mode], float(lam), float(ema), normalize == "mean")
     if meta.device.type == "cpu":
@@ -90,5 +98,5 @@ def fisher_guard(grads, params, anchors, fisher, lam, mode, ema, normalize):
     """The dispatch table's cpp and cuda entry (the signature of reference.fisher_guard)."""
     meta = Meta([g.numel() for g in grads], grads[0].device)
     fisher_dtype = fisher[0].dtype if fisher is not None else None
-    return launch(meta, pointers(grads, params, anchors, fisher), grads[0].dtype, fisher_dtype, lam, mode, ema,
-                  normalize)
+    return launch(meta, list(map(_ptr, grads)), pointers(params, anchors, fisher), grads[0].dtype, fisher_dtype,
+                  lam, mode, ema, normalize)
