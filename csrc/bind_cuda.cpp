@@ -62,6 +62,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("similarity_topk_select", &similarity_topk_select, py::arg("scores"), py::arg("ld"), py::arg("rows"),
         py::arg("cols"), py::arg("col0"), py::arg("best_cap"), py::arg("distinct"), py::arg("best_v"),
         py::arg("best_i"), py::arg("best_n"), py::arg("stream"));
+  // The CUDA version the installed driver supports (e.g. 13000), 0 without a
+  // driver; cudaDriverGetVersion creates no context (mgcl._native's load check).
+  m.def("driver_version", [] {
+    int v = 0;
+    if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
+    return v;
+  });
   m.attr("max_best_cap") = mgcl::kMaxBestCap;
   m.attr("archs") = MGCL_CUDA_ARCHS;
   m.attr("cuda_version") = CUDART_VERSION;

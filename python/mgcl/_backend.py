@@ -81,16 +81,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def machine_problem(name: str, device_type: str) -> Optional[str]:
-    """Why backend ``name`` cannot run on ``device_type`` tensors on this machine, or None."""
+def machine_problem(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on tensors on ``device`` on this machine, or None."""
     if name == "cpp" and not _native.HAS_C:
         return f"it needs mgcl._C, which could not be imported ({_native.C_ERROR})"
-    if name == "cuda" and device_type == "cuda":
-        return _native.cuda_problem()
+    if name == "cuda" and device.type == "cuda":
+        return _native.cuda_problem(device.index)
     if name == "triton":
         if not triton_available():
             return "it needs the triton package, which is not installed"
-        if device_type == "cpu" and not triton_interpreting():
+        if device.type == "cpu" and not triton_interpreting():
             return "it runs on CPU tensors only under TRITON_INTERPRET=1"
     return None
 
@@ -108,7 +108,7 @@ def problem(entry: Entry, name: str, call: dict) -> Optional[str]:
     if bad:
         return (f"it takes {', '.join(map(_dtype_name, entry.dtypes))} tensors, not "
                 f"{', '.join(sorted(set(map(_dtype_name, bad))))}")
-    why = machine_problem(name, dev)
+    why = machine_problem(name, call["device"])
     if why is None and entry.limit is not None:
         why = entry.limit(call)
     return why
