@@ -81,6 +81,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_one_config() -> bool:
+    """``MGCL_TRITON_ONE_CONFIG=1``: Triton kernels autotune over one config only
+    (benches/gpu_check.sh sets it for the GPU tests: ~100 autotune compiles
+    would not fit the run); the interpreter always uses one."""
+    return triton_interpreting() or os.environ.get("MGCL_TRITON_ONE_CONFIG", "0") not in ("", "0")
+
+
 def machine_problem(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on tensors on ``device`` on this machine, or None."""
     if name == "cpp" and not _native.HAS_C:
