@@ -15,7 +15,7 @@ namespace {
 // fisher_guard: the pointer arrays and chunk map in one host int64 array
 // (layout: mgcl/fisher_guard.h).
 void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t chunk_size, bool has_fisher,
-                  int dtype, int fisher_dtype, int mode, float lam, float ema, bool normalize, uintptr_t penalty) {
+                  int dtype, int fisher_dtype, int mode, float lam, double ema, bool normalize, uintptr_t penalty) {
   auto p = mgcl::fisher_guard_params(reinterpret_cast<const int64_t*>(meta), n_tensors, n_chunks, chunk_size,
                                      has_fisher, dtype, fisher_dtype, mode, lam, ema, normalize,
                                      reinterpret_cast<float*>(penalty));

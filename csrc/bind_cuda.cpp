@@ -18,7 +18,7 @@ cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); 
 // fisher_guard: the pointer arrays and chunk map in one device int64 array
 // (layout: mgcl/fisher_guard.h); the workspace holds 2 * n_chunks + n_tensors floats.
 void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t chunk_size,
-                  bool has_fisher, int dtype, int fisher_dtype, int mode, float lam, float ema,
+                  bool has_fisher, int dtype, int fisher_dtype, int mode, float lam, double ema,
                   bool normalize, uintptr_t workspace, uintptr_t penalty, uintptr_t stream) {
   auto p = mgcl::fisher_guard_params(reinterpret_cast<const int64_t*>(meta), n_tensors, n_chunks, chunk_size,
                                      has_fisher, dtype, fisher_dtype, mode, lam, ema, normalize,

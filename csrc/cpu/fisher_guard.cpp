@@ -3,7 +3,8 @@
 // Work is split into the chunks of the packed metadata (at most chunk_size
 // elements of one tensor; see fisher_guard.h), so a model's ~300 tensors of
 // very different sizes spread evenly over the threads. Per element (d = param - anchor):
-//   W     = grad^2 | fisher | 1    (DFG with ema: fisher <- ema*fisher + (1-ema)*grad^2, W = fisher)
+//   W     = grad^2 | fisher | 1    (DFG with ema: fisher <- ema*fisher + ema_rest*grad^2, W = fisher;
+//                                   ema_rest = 1 - ema rounded once from double)
 //   W    /= mean(W over the tensor)          (normalize; W = 0 where the mean is 0)
 //   grad += (2*lam) * W * d
 //   pen  += W * d * d                        (times lam once at the end)
@@ -41,12 +42,12 @@ inline Chunk chunk_at(const FisherGuardParams& p, int64_t c) {
 // W for one element, before normalisation. For DFG with ema the fisher value
 // is updated and W is the value as stored (rounded to the fisher dtype).
 template <int Mode, bool Ema, typename T, typename F>
-inline float importance(const T* g, F* f, int64_t i, float ema) {
+inline float importance(const T* g, F* f, int64_t i, float ema, float ema_rest) {
   if constexpr (Mode == kModeDfg) {
     float gi = load(g, i);
     float w = gi * gi;
     if constexpr (Ema) {
-      float nf = ema * load(f, i) + (1.f - ema) * w;
+      float nf = ema * load(f, i) + ema_rest * w;
       store(f, i, nf);
       return load(f, i);
     }
@@ -60,13 +61,13 @@ inline float importance(const T* g, F* f, int64_t i, float ema) {
 
 // Same as importance() but never writes: used by the normalize pre-pass.
 template <int Mode, bool Ema, typename T, typename F>
-inline float importance_peek(const T* g, const F* f, int64_t i, float ema) {
+inline float importance_peek(const T* g, const F* f, int64_t i, float ema, float ema_rest) {
   if constexpr (Mode == kModeDfg) {
     float gi = load(g, i);
     float w = gi * gi;
     if constexpr (Ema) {
       F tmp[1];
-      store(tmp, 0, ema * load(f, i) + (1.f - ema) * w);
+      store(tmp, 0, ema * load(f, i) + ema_rest * w);
       return load(tmp, 0);
     }
     return w;
@@ -86,7 +87,7 @@ double chunk_w_sum(const FisherGuardParams& p, const Chunk& c) {
     const int64_t e = std::min(c.len, b + kSub);
     float sb = 0.f;
 #pragma omp simd reduction(+ : sb)
-    for (int64_t i = b; i < e; ++i) sb += importance_peek<Mode, Ema, T, F>(g, f, i, p.ema);
+    for (int64_t i = b; i < e; ++i) sb += importance_peek<Mode, Ema, T, F>(g, f, i, p.ema, p.ema_rest);
     s += sb;
   }
   return s;
@@ -106,7 +107,7 @@ double chunk_update(const FisherGuardParams& p, const Chunk& c, float mean) {
     float sb = 0.f;
 #pragma omp simd reduction(+ : sb)
     for (int64_t i = b; i < e; ++i) {
-      float w = importance<Mode, Ema, T, F>(g, f, i, p.ema);
+      float w = importance<Mode, Ema, T, F>(g, f, i, p.ema, p.ema_rest);
       if constexpr (Normalize) w = zero_mean ? 0.f : w / mean;
       float d = load(x, i) - load(a, i);
       float wd = w * d;

@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import _backend
-from .ops.fisher_guard import BACKENDS, MODES, Prepared, check_settings, dense_layout, fisher_guard
+from .ops.fisher_guard import BACKENDS, Prepared, check_settings, dense_layout, describe_layout, fisher_guard
 
 _grad = operator.attrgetter("grad")
 
@@ -92,8 +92,8 @@ class FisherGuard:
             if not p.is_floating_point():
                 raise ValueError(f"FisherGuard: params[{i}] has dtype {p.dtype}; the guard needs floating parameters")
             if dense_layout(p) is None:
-                raise ValueError(f"FisherGuard: params[{i}] is not dense (shape {tuple(p.shape)}, strides "
-                                 f"{p.stride()}): the fused guard walks each tensor as one flat array")
+                raise ValueError(f"FisherGuard: params[{i}] is not dense ({describe_layout(p)}): the fused guard "
+                                 "walks each tensor as one flat array")
         check_settings(lam, mode, ema, normalize, "FisherGuard")
         if backend is not None:
             _backend.offered("fisher_guard", BACKENDS, backend)

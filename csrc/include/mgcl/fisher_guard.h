@@ -74,6 +74,9 @@ struct FisherGuardParams {
   float lam = 0.f;
   /// EMA factor in [0, 1); only used by DFG.
   float ema = 0.f;
+  /// 1 - ema, rounded once from double (1.f - ema would differ by up to 1e-4
+  /// relative for ema near 1, e.g. 0.9999).
+  float ema_rest = 1.f;
   /// Nonzero: divide W by its per-tensor mean.
   int normalize = 0;
   /// Output: float32 scalar receiving lam * sum(W*d^2).
@@ -93,7 +96,7 @@ struct FisherGuardParams {
 /// workspaces are left for the CUDA binding to set.
 inline FisherGuardParams fisher_guard_params(const int64_t* meta, int64_t n, int64_t n_chunks, int64_t chunk_size,
                                              bool has_fisher, int dtype, int fisher_dtype, int mode, float lam,
-                                             float ema, bool normalize, float* penalty) {
+                                             double ema, bool normalize, float* penalty) {
   FisherGuardParams p;
   p.n_tensors = n;
   p.grad = reinterpret_cast<void* const*>(meta);
@@ -110,7 +113,8 @@ inline FisherGuardParams fisher_guard_params(const int64_t* meta, int64_t n, int
   p.fisher_dtype = fisher_dtype;
   p.mode = mode;
   p.lam = lam;
-  p.ema = ema;
+  p.ema = float(ema);
+  p.ema_rest = float(1.0 - ema);
   p.normalize = normalize ? 1 : 0;
   p.penalty = penalty;
   return p;

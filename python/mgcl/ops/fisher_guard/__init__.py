@@ -54,6 +54,8 @@ def dense_layout(t: torch.Tensor) -> Optional[tuple]:
     """The strides of ``t``'s dims of size > 1 when ``t`` is dense (its elements
     fill numel consecutive slots from ``data_ptr()``), else None. Two dense
     tensors with one shape and one layout line up element for element in memory."""
+    if t.layout != torch.strided:
+        return None
     dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
     expect = 1
     for st, sz in dims:
@@ -63,16 +65,24 @@ def dense_layout(t: torch.Tensor) -> Optional[tuple]:
     return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
 
 
+def describe_layout(t: torch.Tensor) -> str:
+    if t.layout != torch.strided:
+        return f"layout {t.layout}"
+    return f"shape {tuple(t.shape)}, strides {t.stride()}"
+
+
 def check_no_overlap(named: list[tuple[str, torch.Tensor]], who: str = "fisher_guard") -> None:
-    """No two of the (dense) tensors share memory; the error names the first pair."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name) for name, t in named if t.numel())
+    """No two of the (dense) tensors share memory; the error names a pair, in list order."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k)
+                   for k, (_, t) in enumerate(named) if t.numel())
     reach, owner = 0, None
-    for start, end, name in spans:
+    for start, end, k in spans:
         if start < reach:
-            raise ValueError(f"{who}: {owner} and {name} overlap in memory (aliased tensors); the op writes grads "
-                             "(and fisher) in place, so every tensor needs memory of its own")
+            a, b = sorted((owner, k))
+            raise ValueError(f"{who}: {named[a][0]} and {named[b][0]} overlap in memory (aliased tensors); the op "
+                             "writes grads (and fisher) in place, so every tensor needs memory of its own")
         if end > reach:
-            reach, owner = end, name
+            reach, owner = end, k
 
 
 def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
@@ -115,8 +125,8 @@ def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
                 raise ValueError(f"fisher_guard: {name}[{i}] has dtype {t.dtype}, grads[0] {dt} (mixed dtypes)")
             here = dense_layout(t)
             if here is None:
-                raise ValueError(f"fisher_guard: {name}[{i}] is not dense (shape {tuple(t.shape)}, strides "
-                                 f"{t.stride()}): the fused paths walk each tensor as one flat array")
+                raise ValueError(f"fisher_guard: {name}[{i}] is not dense ({describe_layout(t)}): the fused paths walk "
+                                 "each tensor as one flat array")
             if layout is not None and here != layout:
                 raise ValueError(f"fisher_guard: {name}[{i}] has strides {t.stride()}, grads[{i}] {g.stride()}: "
                                  "grad, param, anchor and fisher of one index must share one memory layout")
@@ -291,4 +301,4 @@ class Prepared:
         return not ((prev_end > s) | (next_start < e)).any()
 
 
-__all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES"]
+__all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES", "check_settings", "dense_layout", "describe_layout"]
