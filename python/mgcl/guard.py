@@ -174,28 +174,37 @@ class FisherGuard:
         self._check_step()
         if self.scaler is not None:
             distill, ce = self.scaler.scale(distill), self.scaler.scale(ce)
-        if self.mode != "dfg":  # W does not depend on g_kd: one backward of the sum
-            (distill + ce).backward(retain_graph=retain_graph)
+        if self.mode != "dfg":  # W does not read g_kd: one backward of the sum, apply() as in the original order
+            total = distill + ce
+            if total.requires_grad:
+                total.backward(retain_graph=retain_graph)
             return
-        idx = [i for i, p in enumerate(self.params) if p.requires_grad]
-        kd = torch.autograd.grad(distill, [self.params[i] for i in idx], retain_graph=True, allow_unused=True)
         if self._kd is None:
             self._kd = [None] * len(self.params)
-        with torch.no_grad():
-            into, more = [], []
-            for i, g in zip(idx, kd):
-                if g is None:
-                    continue
-                if self._kd[i] is None:  # autograd.grad's layout is the graph's; the op wants the param's
-                    p = self.params[i]
-                    self._kd[i] = g if g.stride() == p.stride() or dense_layout(g) == dense_layout(p) \
-                        else torch.empty_like(p).copy_(g)
-                else:
-                    into.append(self._kd[i])
-                    more.append(g)
-            if into:
-                torch._foreach_add_(into, more)
-        ce.backward(retain_graph=retain_graph)
+        if distill.requires_grad:  # (a first task without a teacher passes a constant)
+            self._keep(distill)
+        if ce.requires_grad:
+            ce.backward(retain_graph=retain_graph)
+
+    @torch.no_grad()
+    def _keep(self, distill: torch.Tensor) -> None:
+        """Add this micro-batch's g_kd to the step's (torch.autograd.grad: no .grad, no DDP hook)."""
+        idx = [i for i, p in enumerate(self.params) if p.requires_grad]
+        with torch.enable_grad():
+            kd = torch.autograd.grad(distill, [self.params[i] for i in idx], retain_graph=True, allow_unused=True)
+        into, more = [], []
+        for i, g in zip(idx, kd):
+            if g is None:
+                continue
+            if self._kd[i] is None:  # autograd.grad's layout is the graph's; the op wants the param's
+                p = self.params[i]
+                self._kd[i] = g if g.stride() == p.stride() or dense_layout(g) == dense_layout(p) \
+                    else torch.empty_like(p).copy_(g)
+            else:
+                into.append(self._kd[i])
+                more.append(g)
+        if into:
+            torch._foreach_add_(into, more)
 
     def _check_step(self) -> None:
         """A step's micro-batches must end with apply() before the optimizer moves the weights."""
@@ -219,10 +228,15 @@ class FisherGuard:
             raise RuntimeError("FisherGuard(mode='ewc'): call estimate_fisher() before apply()")
         kd, self._kd, self._versions = self._kd, None, None
         if kd is None:
-            if self.scaler is not None and self.mode == "dfg" and _enabled(self.scaler):
+            grads = list(map(_grad, self.params))
+            if self.scaler is None or not _enabled(self.scaler):
+                return self._guard(grads, uses_fisher)
+            if self.mode == "dfg":
                 raise RuntimeError("FisherGuard with a GradScaler: use guard.backward(distill, ce) then "
                                    "guard.apply(); in the original order p.grad holds the scaled g_kd")
-            return self._guard(list(map(_grad, self.params)), uses_fisher)
+            # l2 / ewc: W does not read p.grad; the guard gradient joins p.grad's scale
+            scale = float(self.scaler.get_scale())
+            return self._guard(grads, uses_fisher, self.lam * scale) / scale
         kd = self._all_reduce(kd)
         grads = list(map(_grad, self.params))
         scale = 1.0
@@ -235,11 +249,12 @@ class FisherGuard:
         _add(grads, kd, self.params, scale)
         return penalty
 
-    def _guard(self, grads: list, uses_fisher: bool) -> torch.Tensor:
+    def _guard(self, grads: list, uses_fisher: bool, lam: Optional[float] = None) -> torch.Tensor:
         """fisher_guard over the present ``grads``, one call per (device, dtype) group."""
         fisher = self.fisher if uses_fisher else None
+        lam = self.lam if lam is None else lam
         if torch.compiler.is_compiling():  # the op itself; the prepared path reads addresses
-            return self._unprepared(grads, fisher)
+            return self._unprepared(grads, fisher, lam)
         if not any(map(operator.is_, grads, self._nones)):  # the common case: every grad set
             key = self._all
         else:
@@ -259,11 +274,11 @@ class FisherGuard:
         if not groups:
             return torch.zeros((), dtype=torch.float32)
         if len(groups) == 1 and len(key) == len(grads):
-            return groups[0][1](grads)
-        pens = [run([grads[i] for i in idx]) for idx, run in groups]
+            return groups[0][1](grads, lam)
+        pens = [run([grads[i] for i in idx], lam) for idx, run in groups]
         return sum(p.to(pens[0].device) for p in pens[1:]) if len(pens) > 1 else pens[0]
 
-    def _unprepared(self, grads, fisher):
+    def _unprepared(self, grads, fisher, lam):
         total = torch.zeros((), dtype=torch.float32)
         by: dict = {}
         for i, g in enumerate(grads):
@@ -271,7 +286,7 @@ class FisherGuard:
                 by.setdefault((g.device, g.dtype), []).append(i)
         for idx in by.values():
             pen = fisher_guard([grads[i] for i in idx], [self.params[i] for i in idx],
-                               [self.anchors[i] for i in idx], lam=self.lam, mode=self.mode,
+                               [self.anchors[i] for i in idx], lam=lam, mode=self.mode,
                                fisher=None if fisher is None else [fisher[i] for i in idx], ema=self.ema,
                                normalize=self.normalize, backend=self.backend)
             total = total.to(pen.device) + pen

@@ -221,9 +221,9 @@ class Prepared:
     the validated ones: equal addresses cost nothing more; new grads (a loop
     that sets grads to None allocates new ones) are re-checked for layout and
     overlap in bulk and re-pointed. torch guarantees that ``p.grad`` has p's
-    shape, dtype and device, so those need no re-check. The settings (lam,
-    mode, ema, normalize) are the object's; the backend is selected again
-    when MGCL_BACKEND changes.
+    shape, dtype and device, so those need no re-check. The settings (mode,
+    ema, normalize, and lam unless a call gives its own) are the object's;
+    the backend is selected again when MGCL_BACKEND changes.
     """
 
     def __init__(self, params, anchors, fisher, *, lam, mode, ema, normalize, backend=None):
@@ -234,9 +234,11 @@ class Prepared:
         self._gp = self._pp = None  # the validated grad and param addresses
         self._env = self._name = None
 
-    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None) -> torch.Tensor:
+        """The op on ``grads``; ``lam`` for this call only (FisherGuard under a GradScaler)."""
+        lam = self.lam if lam is None else float(lam)
         if not self.params:
-            return fisher_guard([], [], [], lam=self.lam, backend=self.backend)
+            return fisher_guard([], [], [], lam=lam, backend=self.backend)
         try:
             gp = list(map(native._ptr, grads))
         except TypeError:
@@ -250,10 +252,10 @@ class Prepared:
             self._name = _backend.select("fisher_guard", BACKENDS, p0.device, self.backend, dtypes=(p0.dtype,))
             self._env = env
         if self._name == "torch":
-            return BACKENDS["torch"](grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema,
+            return BACKENDS["torch"](grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema,
                                      self.normalize)
-        return native.launch(self._meta, gp, self._rest, self._dtype, self._fisher_dtype, self.lam, self.mode,
-                             self.ema, self.normalize)
+        return native.launch(self._meta, gp, self._rest, self._dtype, self._fisher_dtype, lam, self.mode, self.ema,
+                             self.normalize)
 
     def _validate(self, grads, gp, pp):
         if pp != self._pp or len(gp) != len(self.params):  # first call, or params moved: everything
