@@ -138,3 +138,88 @@ def test_describe_matches_the_table():
     assert cuda["devices"] == ["cuda"] and "max_best_cap" in cuda["limit"]
     cpp = rows[1]
     assert cpp["runs_here"] == {"cpu": _native.HAS_C}
+
+
+# ---- the load-time CUDA compatibility check (mgcl._native), on injected values ---------------
+
+ARCHS = "80-real,90-real,90-virtual"  # the wheel's default (cmake/cuda.cmake)
+
+
+@pytest.mark.parametrize("capability,ok", [
+    ((8, 0), True), ((8, 6), True), ((8, 7), True), ((8, 9), True),   # sm_80 SASS
+    ((9, 0), True),                                                    # sm_90 SASS
+    ((10, 0), True), ((12, 0), True),                                  # compute_90 PTX, JIT
+    ((7, 5), False), ((7, 0), False), ((6, 1), False),                 # below sm_80
+])
+def test_compatibility_by_architecture(capability, ok):
+    why = _native.compatibility(capability, ARCHS, driver=13000, runtime=13000)
+    assert (why is None) == ok, why
+    if not ok:
+        assert f"sm_{10 * capability[0] + capability[1]}, below sm_80" in why
+
+
+def test_compatibility_without_ptx_and_with_old_drivers():
+    why = _native.compatibility((10, 0), "80-real;90-real", driver=13000, runtime=13000)
+    assert why == "no code for sm_100 in mgcl._C_cuda (built for sm_80 SASS, sm_90 SASS)"
+    assert _native.compatibility((8, 9), "80-real;90-real", driver=13000, runtime=13000) is None
+    assert _native.compatibility((9, 0), ARCHS, driver=13020, runtime=13000) is None   # newer driver
+    assert _native.compatibility((9, 0), ARCHS, driver=13000, runtime=13010) is None   # minor version compatibility
+    why = _native.compatibility((9, 0), ARCHS, driver=12080, runtime=13000)
+    assert why == "the driver supports CUDA 12.8; mgcl._C_cuda's CUDA 13.0 runtime needs CUDA 13.0 or newer"
+    assert "no CUDA driver" in _native.compatibility((9, 0), ARCHS, driver=0, runtime=13000)
+    assert _native.parse_archs("80-real;86;90-virtual") == ({80, 86}, {86, 90})
+
+
+class _FakeCudaModule:
+    archs, cuda_version = ARCHS, 13000
+
+    @staticmethod
+    def driver_version():
+        return 13000
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """mgcl._C_cuda 'loaded' and CUDA 'initialised' with a GPU of the capability set."""
+    gpu = {"capability": (7, 5), "name": "Tesla T4"}
+    monkeypatch.setattr(_native, "_C_cuda", _FakeCudaModule)
+    monkeypatch.setattr(_native, "_checked", {})
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_native, "_gpu", lambda index: (gpu["name"], gpu["capability"]))
+    return gpu
+
+
+def test_an_unsupported_gpu_turns_the_cuda_backends_off_with_one_warning(fake_gpu):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert _backend.select("fisher_guard", FG, "cuda", dtypes=(F32,)) == "torch"
+            assert _backend.select("similarity_topk", TK, "cuda:0", dtypes=(F32,), k=5) == "torch"
+    msgs = [str(w.message) for w in seen if "mgcl" in str(w.message)]
+    assert msgs == ["mgcl: the CUDA kernels are off: GPU 0 (Tesla T4): the GPU is sm_75, below sm_80 (mgcl._C_cuda "
+                    "is built for sm_80 SASS, sm_90 SASS, compute_90 PTX); Triton or the PyTorch reference run "
+                    "instead"], msgs
+    with pytest.raises(ValueError, match="'cuda' .* cannot run this call: GPU 0 \\(Tesla T4\\): the GPU is sm_75"):
+        _backend.select("fisher_guard", FG, "cuda", "cuda", dtypes=(F32,))
+
+
+def test_a_supported_gpu_keeps_the_cuda_backends(fake_gpu):
+    fake_gpu.update(capability=(8, 6), name="RTX A6000")
+    assert _backend.select("fisher_guard", FG, "cuda", dtypes=(F32,)) == "cuda"
+
+
+def test_the_check_never_initialises_cuda(monkeypatch):
+    monkeypatch.setattr(_native, "_C_cuda", _FakeCudaModule)
+    monkeypatch.setattr(_native, "_checked", {})
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def boom(*a):
+        raise AssertionError("queried the GPU before CUDA was initialised")
+
+    monkeypatch.setattr(_native, "_gpu", boom)
+    monkeypatch.setattr(torch.cuda, "current_device", boom)
+    assert _native.cuda_problem() is None
+    assert _backend.select("fisher_guard", FG, "cuda") == "cuda"

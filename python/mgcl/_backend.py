@@ -81,16 +81,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def machine_problem(name: str, device_type: str) -> Optional[str]:
-    """Why backend ``name`` cannot run on ``device_type`` tensors on this machine, or None."""
+def triton_one_config() -> bool:
+    """``MGCL_TRITON_ONE_CONFIG=1``: Triton kernels autotune over one config only
+    (benches/gpu_check.sh sets it for the GPU tests: ~100 autotune compiles
+    would not fit the run); the interpreter always uses one."""
+    return triton_interpreting() or os.environ.get("MGCL_TRITON_ONE_CONFIG", "0") not in ("", "0")
+
+
+def machine_problem(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on tensors on ``device`` on this machine, or None."""
     if name == "cpp" and not _native.HAS_C:
         return f"it needs mgcl._C, which could not be imported ({_native.C_ERROR})"
-    if name == "cuda" and device_type == "cuda":
-        return _native.cuda_problem()
+    if name == "cuda" and device.type == "cuda":
+        return _native.cuda_problem(device.index)
     if name == "triton":
         if not triton_available():
             return "it needs the triton package, which is not installed"
-        if device_type == "cpu" and not triton_interpreting():
+        if device.type == "cpu" and not triton_interpreting():
             return "it runs on CPU tensors only under TRITON_INTERPRET=1"
     return None
 
@@ -108,7 +115,7 @@ def problem(entry: Entry, name: str, call: dict) -> Optional[str]:
     if bad:
         return (f"it takes {', '.join(map(_dtype_name, entry.dtypes))} tensors, not "
                 f"{', '.join(sorted(set(map(_dtype_name, bad))))}")
-    why = machine_problem(name, dev)
+    why = machine_problem(name, call["device"])
     if why is None and entry.limit is not None:
         why = entry.limit(call)
     return why
@@ -163,12 +170,18 @@ def select(op: str, table: dict, device, requested: Optional[str] = None, *,
     raise ValueError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
 
 
-def _explicit(op: str, table: dict, name: str, call: dict, source: str) -> str:
+def offered(op: str, table: dict, name: str, source: str = "backend=") -> str:
+    """``name`` if ``table`` offers it, else a ValueError saying whether it is unknown or just not offered."""
     if name not in KNOWN:
         raise ValueError(f"{op}: unknown backend {name!r} (from {source}); known backends: {', '.join(KNOWN)}")
     if name not in table:
         raise ValueError(f"{op}: backend {name!r} (from {source}) is known but not offered by this op; "
                          f"it offers {', '.join(table)}")
+    return name
+
+
+def _explicit(op: str, table: dict, name: str, call: dict, source: str) -> str:
+    offered(op, table, name, source)
     why = problem(table[name], name, call)
     if why is not None:
         raise ValueError(f"{op}: backend {name!r} (from {source}) cannot run this call: {why}")

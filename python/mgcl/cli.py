@@ -33,7 +33,8 @@ def cmd_info(args) -> int:
         f"  mgcl._C       {'built' if _native.HAS_C else 'missing (' + str(_native.C_ERROR) + ')'}"
         + (f", OpenMP {'on' if _native._C.openmp else 'off'}" if _native.HAS_C else ""),
         f"  mgcl._C_cuda  "
-        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()})" if _native.HAS_C_CUDA
+        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()} runtime; "
+           f"the driver here supports {_native.driver_version() or 'no CUDA'})" if _native.HAS_C_CUDA
            else "not built (no nvcc at build time, or MGCL_CUDA=OFF)"),
         "GPU       " + (f"{torch.cuda.device_count()} visible: {torch.cuda.get_device_name(0)}" if gpu else "none visible"),
         "backends: the default for CPU / CUDA tensors, then each op's table in order of preference",
@@ -54,7 +55,8 @@ def cmd_info(args) -> int:
         print(json.dumps({
             "mgcl": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "C": _native.HAS_C, "C_cuda": _native.HAS_C_CUDA,
-            "cuda_archs": _native.cuda_archs(), "gpu": gpu, "backends": table,
+            "cuda_archs": _native.cuda_archs(), "cuda_driver": _native.driver_version(), "gpu": gpu,
+            "backends": table,
         }, indent=2))
     else:
         print("\n".join(lines))
