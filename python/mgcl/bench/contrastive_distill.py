@@ -14,8 +14,9 @@ the peak memory above the inputs (``harness.peak_extra_memory``), the loss value
 (the cmc rows, inf-cl's included, compute the same number), the speed-up over
 the reference and the ratio to the GEMM floor: a forward+backward needs the
 four B x B x d products S, T, dL/dS @ txt and dL/dS.T @ img, 8*B^2*d flops,
-timed against the measured matmul rate of this device and dtype. A row that
-fails is recorded with its error and the bench goes on.
+timed against the measured matmul rate of this device and dtype; on a GPU also
+the device time (CUDA events). A row that fails is recorded with its error and
+the bench goes on (``harness.run_rows``).
 
 ``crossover``: the smallest B from which the fused backend is never slower than
 the reference (over the sizes run), beside the crossover the dispatch table
@@ -33,7 +34,6 @@ it fails.
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from .. import _backend
 from ..ops import contrastive_distill as op
@@ -144,24 +144,18 @@ def _free(device: torch.device) -> None:
         pass
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg or "alloc" in msg
-
-
-def _run_row(row: dict, impl, feats, dev: torch.device, repeats: int, max_seconds: float) -> None:
+def _measure(impl, feats, dev: torch.device, repeats: int, max_seconds: float) -> dict:
+    """The measured fields of one row: its loss, peak extra memory and times."""
     fn, setup = _case(*impl, feats)
     try:
         setup()
-        row["loss"] = float(fn().detach())  # warm-up: Triton compiles and autotunes here (with scratch memory)
+        out = {"loss": float(fn().detach())}  # warm-up: Triton compiles and autotunes here (with scratch memory)
         harness.sync(dev)
         setup()
         _free(dev)
-        row["peak_bytes"] = harness.peak_extra_memory(fn, dev)
-        t = harness.time_fn(fn, device=dev, repeats=repeats, warmup=0, setup=setup, max_seconds=max_seconds)
-        row.update(median=t["median"], min=t["min"], max=t["max"], n=t["n"])
-    except Exception as exc:  # noqa: BLE001  (one failing implementation never stops the bench)
-        row["status"] = "OOM" if _out_of_memory(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
+        out["peak_bytes"] = harness.peak_extra_memory(fn, dev)
+        out.update(harness.time_fn(fn, device=dev, repeats=repeats, warmup=0, setup=setup, max_seconds=max_seconds))
+        return out
     finally:
         del fn, setup
         _free(dev)
@@ -174,26 +168,31 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, d: int | None
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     rate = matmul_rate(dev, dtype)
     impls = _impls(dev)
-    rows = []
     Bs = sizes(dev, scale)
-    feats_B, feats = None, None
-    for B, name in tqdm([(B, n) for B in Bs for n in impls], desc="contrastive_distill", leave=False):
-        if feats_B != B:
-            feats, feats_B = None, None
+    held = {}  # the features of one B at a time
+
+    def feats_for(B):
+        if B not in held:
+            held.clear()
             _free(dev)
-            feats, feats_B = distill_batch(B, d, dtype=dtype, device=dev, seed=B), B
-        kind, backend, kd, cmc = impls[name]
-        row = {"B": B, "d": d, "impl": name, "kd": kd, "cmc": cmc, "status": "ok", "median": None, "min": None,
-               "max": None, "n": 0, "peak_bytes": None, "loss": None}
-        fits, why = _reference_fits(B, dev) if backend == "torch" else (True, "")
-        if fits:
-            _run_row(row, impls[name], feats, dev, repeats, max_seconds)
-        else:
-            row["status"] = why
-        if row["median"] is not None:
-            row["floor_ratio"] = row["median"] / (8.0 * B * B * d / rate)
-        rows.append(row)
+            held[B] = distill_batch(B, d, dtype=dtype, device=dev, seed=B)
+        return held[B]
+
+    def cases():
+        for B in Bs:
+            for name, impl in impls.items():
+                row = {"B": B, "d": d, "impl": name, "kd": impl[2], "cmc": impl[3], "median": None, "min": None,
+                       "max": None, "n": 0, "peak_bytes": None, "loss": None}
+                fits, why = _reference_fits(B, dev) if impl[1] == "torch" else (True, "")
+                if not fits:
+                    yield {**row, "status": why}, dict
+                    continue
+                yield row, lambda impl=impl, B=B: _measure(impl, feats_for(B), dev, repeats, max_seconds)
+
+    rows = harness.run_rows(cases(), "contrastive_distill")
+    held.clear()
     for r in rows:
+        r["floor_ratio"] = r["median"] / (8.0 * r["B"] ** 2 * d / rate) if r["median"] else None
         base = _row(rows, r["B"], "torch cmc" if (r["kd"], r["cmc"]) == (0.0, 1.0) else "torch")
         ok = base is not None and base["median"] and r["median"]
         r["vs_torch"] = base["median"] / r["median"] if ok else None
@@ -258,11 +257,14 @@ def table(result: dict) -> str:
         rows.append({
             **r,
             "median_ms": harness.ms(r["median"]), "min_ms": harness.ms(r["min"]), "max_ms": harness.ms(r["max"]),
+            "device_ms": harness.ms(r.get("device_median")),
             "peak_mib": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
         })
-    cols = [("B", "B"), ("impl", "impl"), ("median_ms", "median ms"), ("min_ms", "min ms"), ("max_ms", "max ms"),
-            ("peak_mib", "peak MiB"), ("loss", "loss"), ("vs_torch", "x torch"), ("floor_ratio", "x floor"),
-            ("status", "status")]
+    cols = [("B", "B"), ("impl", "impl"), ("median_ms", "median ms"), ("min_ms", "min ms"), ("max_ms", "max ms")]
+    if any(r["device_ms"] is not None for r in rows):  # CUDA events (GPU)
+        cols.append(("device_ms", "device ms"))
+    cols += [("peak_mib", "peak MiB"), ("loss", "loss"), ("vs_torch", "x torch"), ("floor_ratio", "x floor"),
+             ("status", "status")]
     c = result["crossover"]
     lines = [head, harness.format_table(rows, cols),
              f"crossover ({c['backend']} vs torch): measured B >= {c['measured']}, declared B >= {c['declared']}; "

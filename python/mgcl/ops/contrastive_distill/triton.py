@@ -21,8 +21,8 @@ whether the reference's cuBLAS products use TF32.
 Launch rules: a device guard makes the tensors' GPU current (so cuda:1 works),
 no host synchronisation happens (the gradient scale below is computed on the
 device), and the autotuner is keyed by power-of-two buckets of M and N (plus
-the exact feature dims and the dtypes), so a new batch size reuses its bucket's
-tuning. ``MGCL_TRITON_AUTOTUNE=0`` runs only the first GPU config of each
+the exact feature dims, the dtypes and the kernel variant), so a new batch size
+reuses its bucket's tuning. ``MGCL_TRITON_AUTOTUNE=0`` runs only the first GPU config of each
 feature width (tests, one-shot GPU checks); the interpreter always runs one
 small config.
 """
@@ -160,7 +160,7 @@ def _logaddexp(a, b):
 # positive-pair logit S[i, i + OFF] is written, from the same tile value the
 # statistics used, to DROW[i] and DCOL[i + OFF]: one entry among zeros summed,
 # so exactly that value (B = 1 then gives lse - S_ii = 0 exactly).
-@triton.autotune(configs=_stats_configs(), key=["MB", "NB", "K", "KT"], restore_value=["COLP"],
+@triton.autotune(configs=_stats_configs(), key=["MB", "NB", "K", "KT", "PREC", "PREC_T"], restore_value=["COLP"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["OFF", "M", "N", "MB", "NB", "cols_per_split", "n_groups"])
 def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROWP, COLP, DROW, DCOL, OFF, M, N, K, KT, MB, NB,
@@ -259,7 +259,8 @@ def _stats_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, ROWP, COLP, DROW, DCOL, OFF, M
 # (|G| GSCALE <= 2^14 < 65504, whatever the weights), and the typical entries
 # sit far above fp16's subnormal range. GSCALE is computed on the device (no
 # host sync). With d > BD the feature chunks each recompute S and T.
-@triton.autotune(configs=_grad_configs(), key=["MB", "NB", "K", "KT"], reset_to_zero=["V"],
+@triton.autotune(configs=_grad_configs(), key=["MB", "NB", "K", "KT", "PREC", "PREC_T", "HAS_T", "WITH_V"],
+                 reset_to_zero=["V"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["M", "N", "MB", "NB", "cols_per_split"])
 def _grad_kernel(X, Y, XT, YT, SCALE_S, SCALE_T, GSCALE, ROW, COL, U, V, M, N, K, KT, MB, NB, cols_per_split,
