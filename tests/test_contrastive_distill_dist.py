@@ -1,14 +1,12 @@
 """contrastive_distill over a process group: 2 gloo processes on the CPU give the
 single-process loss and gradients of the concatenated batch."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import available_backends
+from conftest import available_backends, free_port, run_ranks
 from mgcl.ops.contrastive_distill import BACKENDS, contrastive_distill
 from mgcl.testing import distill_batch
 
@@ -98,17 +96,9 @@ def _worker(rank, world, port, out_dir, backends):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, _free_port(), str(out), BACKENDS_HERE), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"), BACKENDS_HERE)
 
 
 def rel_err(a, b):
@@ -140,7 +130,7 @@ def test_fused_double_backward_over_ranks_is_a_clear_error(rank_results, backend
 
 def test_single_process_world_falls_back_to_local(tmp_path):
     """gather=True with a world of one is the plain call."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         feats = distill_batch(10, 6, seed=1)

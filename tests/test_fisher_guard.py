@@ -133,6 +133,21 @@ def test_known_values():
         assert torch.allclose(gg[0], torch.tensor([1 + 3.25, -2 - 1.0, 0.5]))
 
 
+@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in CASES])
+def test_normalize_mean_when_the_sum_of_w_passes_float32s_range(backend):
+    """(issue 15) sum(g**2) = 2.9e39 > float32's 3.4e38 while mean(g**2) = 2.9e34 is fine:
+    W = g**2 / mean = 1 everywhere, so the penalty is l2's, on every backend."""
+    dev = "cuda" if backend == "cuda" else "cpu"
+    n = 100_000
+    g = torch.full((n,), 1.7e17, device=dev)
+    p = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(dev)
+    a = torch.zeros(n, device=dev)
+    pen = fisher_guard([g.clone()], [p], [a], lam=0.5, normalize="mean", backend=backend)
+    want = fisher_guard([g.clone()], [p], [a], lam=0.5, mode="l2", backend="torch")
+    assert float(want) > 1e4
+    torch.testing.assert_close(pen.cpu(), want.cpu(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_nan_and_inf_propagate_like_reference(backend, device):
     for mode, ema in MODES:

@@ -4,15 +4,14 @@ single-process run on the concatenated batch, and the guard adds exactly one
 all-reduce per step (g_kd; DDP's reducer all-reduces the CE gradient)."""
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import guard_fixtures as gf
+from conftest import run_ranks
 
 STEPS = 4
 # name -> (guard options, micro-batches per step on each rank)
@@ -73,17 +72,9 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

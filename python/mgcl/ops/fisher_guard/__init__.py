@@ -251,11 +251,11 @@ class Prepared:
             p0 = self.params[0]
             self._name = _backend.select("fisher_guard", BACKENDS, p0.device, self.backend, dtypes=(p0.dtype,))
             self._env = env
+        run = BACKENDS[self._name]
         if self._name == "torch":
-            return BACKENDS["torch"](grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema,
-                                     self.normalize)
-        return native.launch(self._meta, gp, self._rest, self._dtype, self._fisher_dtype, lam, self.mode, self.ema,
-                             self.normalize)
+            return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize)
+        return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize,
+                   prepared=(self._meta, gp, self._rest))
 
     def _validate(self, grads, gp, pp):
         if pp != self._pp or len(gp) != len(self.params):  # first call, or params moved: everything
@@ -263,8 +263,6 @@ class Prepared:
             fis = self.fisher
             self._rest = native.pointers(self.params, self.anchors, fis)
             self._meta = native.Meta([p.numel() for p in self.params], self.params[0].device)
-            self._dtype = self.params[0].dtype
-            self._fisher_dtype = fis[0].dtype if fis is not None else None
             # the fixed memory (params, anchors, fisher) as sorted disjoint spans, and
             # each param's layout rule, for the cheap re-check of new grads
             fixed = [t for ts in (self.params, self.anchors, fis or ()) for t in ts if t.numel()]

@@ -94,9 +94,12 @@ def launch(meta: Meta, grads: list[int], rest: list[int], dtype, fisher_dtype, l
     return penalty
 
 
-def fisher_guard(grads, params, anchors, fisher, lam, mode, ema, normalize):
-    """The dispatch table's cpp and cuda entry (the signature of reference.fisher_guard)."""
-    meta = Meta([g.numel() for g in grads], grads[0].device)
+def fisher_guard(grads, params, anchors, fisher, lam, mode, ema, normalize, *, prepared=None):
+    """The dispatch table's cpp and cuda entry (the signature of reference.fisher_guard).
+
+    ``prepared``: ``(meta, grad addresses, the other addresses)`` from the caller
+    (``Prepared``, which validated them) instead of packing them here."""
+    meta, gp, rest = prepared or (Meta([g.numel() for g in grads], grads[0].device), list(map(_ptr, grads)),
+                                  pointers(params, anchors, fisher))
     fisher_dtype = fisher[0].dtype if fisher is not None else None
-    return launch(meta, list(map(_ptr, grads)), pointers(params, anchors, fisher), grads[0].dtype, fisher_dtype,
-                  lam, mode, ema, normalize)
+    return launch(meta, gp, rest, grads[0].dtype, fisher_dtype, lam, mode, ema, normalize)
