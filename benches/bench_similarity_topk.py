@@ -13,7 +13,7 @@ import torch
 from conftest import bench_devices, bench_scale
 from mgcl import _backend
 from mgcl.bench.similarity_topk import K, gemm_tiles, make_case, torch_topk
-from mgcl.ops.similarity_topk import similarity_topk
+from mgcl.ops.similarity_topk import BACKENDS, similarity_topk
 
 _CASES = {}
 
@@ -63,9 +63,9 @@ NAMES = {"cpu": ["reference", "torch_topk", "cpp", "cpp_plain", "faiss"],
 def test_similarity_topk(run_bench, benchmark, device, name):
     if name not in NAMES[device]:
         pytest.skip(f"{name} is not a {device} implementation")
-    if name.startswith("cpp") and not _backend.available("cpp", device):
+    if name.startswith("cpp") and not _backend.runs(BACKENDS, "cpp", device):
         pytest.skip("cpp not available")
-    if name.startswith("cuda") and not _backend.available("cuda", device):
+    if name.startswith("cuda") and not _backend.runs(BACKENDS, "cuda", device):
         pytest.skip("cuda not available")
     benchmark.group = f"similarity_topk-{device}"
     fn = impl(name, device)

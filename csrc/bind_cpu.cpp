@@ -2,10 +2,8 @@
 // GIL released around the work, nothing else: validation and allocation live
 // in Python (mgcl/ops/<op>/native.py).
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "mgcl/fisher_guard.h"
 #include "mgcl/similarity_topk.h"
@@ -14,35 +12,13 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-std::vector<T> as_ptrs(const std::vector<uintptr_t>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<T>(v[i]);
-  return out;
-}
-
-void fisher_guard(const std::vector<uintptr_t>& grad, const std::vector<uintptr_t>& param,
-                  const std::vector<uintptr_t>& anchor, const std::vector<uintptr_t>& fisher,
-                  const std::vector<int64_t>& numel, int dtype, int fisher_dtype, int mode,
-                  float lam, float ema, bool normalize, uintptr_t penalty) {
-  auto g = as_ptrs<void*>(grad);
-  auto x = as_ptrs<const void*>(param);
-  auto a = as_ptrs<const void*>(anchor);
-  auto f = as_ptrs<void*>(fisher);
-  mgcl::FisherGuardParams p;
-  p.n_tensors = int64_t(numel.size());
-  p.grad = g.data();
-  p.param = x.data();
-  p.anchor = a.data();
-  p.fisher = f.empty() ? nullptr : f.data();
-  p.numel = numel.data();
-  p.dtype = dtype;
-  p.fisher_dtype = fisher_dtype;
-  p.mode = mode;
-  p.lam = lam;
-  p.ema = ema;
-  p.normalize = normalize ? 1 : 0;
-  p.penalty = reinterpret_cast<float*>(penalty);
+// fisher_guard: the pointer arrays and chunk map in one host int64 array
+// (layout: mgcl/fisher_guard.h).
+void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t chunk_size, bool has_fisher,
+                  int dtype, int fisher_dtype, int mode, float lam, double ema, bool normalize, uintptr_t penalty) {
+  auto p = mgcl::fisher_guard_params(reinterpret_cast<const int64_t*>(meta), n_tensors, n_chunks, chunk_size,
+                                     has_fisher, dtype, fisher_dtype, mode, lam, ema, normalize,
+                                     reinterpret_cast<float*>(penalty));
   py::gil_scoped_release release;
   mgcl::fisher_guard_cpu(p);
 }
@@ -93,9 +69,9 @@ void similarity_topk_finish(int64_t n_queries, int64_t k, int64_t best_cap, bool
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mgcl CPU kernels (C++/OpenMP); called from mgcl.ops.*.native";
-  m.def("fisher_guard", &fisher_guard, py::arg("grad"), py::arg("param"), py::arg("anchor"),
-        py::arg("fisher"), py::arg("numel"), py::arg("dtype"), py::arg("fisher_dtype"),
-        py::arg("mode"), py::arg("lam"), py::arg("ema"), py::arg("normalize"), py::arg("penalty"));
+  m.def("fisher_guard", &fisher_guard, py::arg("meta"), py::arg("n_tensors"), py::arg("n_chunks"),
+        py::arg("chunk_size"), py::arg("has_fisher"), py::arg("dtype"), py::arg("fisher_dtype"), py::arg("mode"),
+        py::arg("lam"), py::arg("ema"), py::arg("normalize"), py::arg("penalty"));
   m.def("similarity_topk_update", &similarity_topk_update, py::arg("scores"), py::arg("ld"), py::arg("rows"),
         py::arg("cols"), py::arg("row0"), py::arg("col0"), py::arg("best_cap"), py::arg("distinct"),
         py::arg("best_v"), py::arg("best_n"), py::arg("cand_v"), py::arg("cand_i"), py::arg("cand_n"),

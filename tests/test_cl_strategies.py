@@ -1,6 +1,7 @@
 """Every strategy end to end on two tiny tasks (TinyCLIP, coloured shapes, a toy
 memory bank), and the semantics of each: what the guard saw, what was merged,
 what was remembered."""
+import dataclasses
 import json
 import os
 
@@ -166,12 +167,13 @@ def test_guard_and_losses_use_the_default_fused_backends(tasks, bank, tmp_path, 
 
     calls = []
     for mod, op in ((fg, "fisher_guard"), (cd, "contrastive_distill")):
-        for name, fn in list(mod.BACKENDS.items()):
-            def wrapped(*a, _fn=fn, _name=name, _op=op, **k):
+        for name, entry in list(mod.BACKENDS.items()):
+            def wrapped(*a, _fn=entry.fn, _name=name, _op=op, **k):
                 calls.append((_op, _name))
                 return _fn(*a, **k)
-            monkeypatch.setitem(mod.BACKENDS, name, wrapped)
+            monkeypatch.setitem(mod.BACKENDS, name, dataclasses.replace(entry, fn=wrapped))
     monkeypatch.delenv("MGCL_BACKEND", raising=False)
+    monkeypatch.setattr(cd, "CHUNKED_MIN_BATCH", 1)  # a reference batch of 6 is below chunked's CPU crossover
     run(tiny_model(tasks), S.create("primed", siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path,
         iters_per_task=2)
     expect = {("fisher_guard", _backend.select("fisher_guard", fg.BACKENDS, "cpu")),

@@ -33,23 +33,30 @@ def cmd_info(args) -> int:
         f"  mgcl._C       {'built' if _native.HAS_C else 'missing (' + str(_native.C_ERROR) + ')'}"
         + (f", OpenMP {'on' if _native._C.openmp else 'off'}" if _native.HAS_C else ""),
         f"  mgcl._C_cuda  "
-        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()})" if _native.HAS_C_CUDA
+        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()} runtime; "
+           f"the driver here supports {_native.driver_version() or 'no CUDA'})" if _native.HAS_C_CUDA
            else "not built (no nvcc at build time, or MGCL_CUDA=OFF)"),
         "GPU       " + (f"{torch.cuda.device_count()} visible: {torch.cuda.get_device_name(0)}" if gpu else "none visible"),
-        "backends (CPU tensors / CUDA tensors):",
+        "backends: the default for CPU / CUDA tensors, then each op's table in order of preference",
     ]
     table = {}
     for op in OPS:
         mod = importlib.import_module(f"mgcl.ops.{op}")
         cpu = _backend.default_for(op, mod.BACKENDS, "cpu")
         cuda = _backend.default_for(op, mod.BACKENDS, "cuda")
-        table[op] = {"cpu": cpu, "cuda": cuda, "offered": sorted(mod.BACKENDS)}
-        lines.append(f"  {op:<20} {cpu:<8} / {cuda:<8} (offered: {', '.join(sorted(mod.BACKENDS))})")
+        entries = _backend.describe(mod.BACKENDS)
+        table[op] = {"cpu": cpu, "cuda": cuda, "offered": list(mod.BACKENDS), "entries": entries}
+        lines.append(f"  {op:<20} {cpu} / {cuda}")
+        for e in entries:
+            limits = "".join(f"; {k}: {e[k]}" for k in ("limit", "prefer") if e[k])
+            why = "".join(f"; not on {d} here: {w}" for d, w in e["why_not"].items())
+            lines.append(f"    {e['backend']:<8} {'+'.join(e['devices']):<9} {', '.join(e['dtypes'])}{limits}{why}")
     if args.json:
         print(json.dumps({
             "mgcl": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "C": _native.HAS_C, "C_cuda": _native.HAS_C_CUDA,
-            "cuda_archs": _native.cuda_archs(), "gpu": gpu, "backends": table,
+            "cuda_archs": _native.cuda_archs(), "cuda_driver": _native.driver_version(), "gpu": gpu,
+            "backends": table,
         }, indent=2))
     else:
         print("\n".join(lines))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.similarity_topk import reference, similarity_topk
+from ..ops.similarity_topk import BACKENDS, reference, similarity_topk
 from . import harness
 
 FULL = {"cpu": dict(q=3000, n=200_000, d=384, dtype=torch.float32),
@@ -106,7 +106,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5) -> dict:
     }
     extra = {}
     if dev.type == "cpu":
-        if _backend.available("cpp", "cpu"):
+        if _backend.runs(BACKENDS, "cpp", "cpu"):
             impls["cpp"] = lambda: similarity_topk(queries, keys, K, backend="cpp")
             impls["cpp_plain"] = lambda: similarity_topk(queries, keys, K, ties=False, backend="cpp")
         try:
@@ -122,7 +122,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5) -> dict:
             pass
     else:
         impls["gemm"] = lambda: gemm_tiles(queries, keys)
-        if _backend.available("cuda", "cuda"):
+        if _backend.runs(BACKENDS, "cuda", "cuda"):
             impls["cuda"] = lambda: similarity_topk(queries, keys, K, backend="cuda")
             host = keys.cpu().pin_memory()
             impls["cuda_host"] = lambda: similarity_topk(queries, host, K, backend="cuda")

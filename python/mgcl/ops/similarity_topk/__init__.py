@@ -15,17 +15,25 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ... import _backend
+from ... import _backend, _native
+from ..._backend import Entry
 from . import native, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The dispatch table: backend name -> implementation with the signature
-# (queries, shards: list[Tensor], k, ties, max_per_query) -> 4 tensors.
+
+def _within_cuda_cap(call):
+    """k <= mgcl._C_cuda.max_best_cap (the CUDA select's shared memory)"""
+    k, cap = call.get("k"), int(_native._C_cuda.max_best_cap)
+    return None if k is None or k <= cap else f"k={k} is above the CUDA select's cap of {cap}"
+
+
+# The dispatch table, in order of preference (see mgcl._backend): every entry
+# has the signature (queries, shards: list[Tensor], k, ties, max_per_query) -> 4 tensors.
 BACKENDS = {
-    "torch": reference.similarity_topk,
-    "cpp": native.similarity_topk_cpu,
-    "cuda": native.similarity_topk_cuda,
+    "cuda": Entry(native.similarity_topk_cuda, devices=("cuda",), dtypes=DTYPES, limit=_within_cuda_cap),
+    "cpp": Entry(native.similarity_topk_cpu, devices=("cpu",), dtypes=DTYPES),
+    "torch": Entry(reference.similarity_topk, devices=("cpu", "cuda"), dtypes=DTYPES),
 }
 
 
@@ -140,9 +148,10 @@ def similarity_topk(
     """
     shards = reference.as_shards(keys)
     _check(queries, shards, k, ties, max_per_query)
-    name = _backend.select("similarity_topk", BACKENDS, queries.device, backend)
     # k beyond N changes nothing (k' <= |U| <= N) but would size the per-query state [Q, k]
     k = max(1, min(k, sum(s.shape[0] for s in shards)))
+    name = _backend.select("similarity_topk", BACKENDS, queries.device, backend,
+                           dtypes=(queries.dtype,) + tuple(s.dtype for s in shards[:1]), k=k)
     out = _similarity_topk_op(queries.detach(), [s.detach() for s in shards], int(k), bool(ties),
                               int(max_per_query or 0), name)
     return TopK(*out)
