@@ -41,26 +41,19 @@ def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: 
     return values.astype(np.float32), indices.astype(np.int64), offsets
 
 
-# Re-scoring FAISS candidates: each query's candidates in matmuls of this one
-# width, through similarity_topk's fixed-width scoring, so that copies of one
-# embedding score identically whatever the candidate count (a BLAS picks its
-# kernel, and so its float32 rounding, by the matrix shape).
-RESCORE_WIDTH = 512
-
-
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
                backend: str | None = None):
     """Exact candidates of every query over ``shards`` (float16 [n_i, d] each,
-    memory-mapped) with ``similarity_topk``: on the CPU the float32 queries meet
-    each key block upcast to float32; on a GPU the queries are cast to float16
-    and the shards stream from host memory through the device in blocks."""
+    memory-mapped) with ``similarity_topk``: float32 queries, exact scores (the
+    op's definition, the same on CPU and GPU); on a GPU the shards stream from
+    host memory through the device in blocks."""
     from ..ops.similarity_topk import similarity_topk  # noqa: PLC0415
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n_q = q.shape[0]
     if not shards or not sum(s.shape[0] for s in shards) or n_q == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n_q + 1, np.int64)
-    qd = q.to(device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.float16).contiguous()
+    qd = q.to(device=dev, dtype=torch.float32).contiguous()
     r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend)
     return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 
@@ -166,24 +159,11 @@ def faiss_topk(bank, q: torch.Tensor, k: int, ties: bool = True, *, overfetch: i
 
 
 def _rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Exact float32 cosine scores of (query, entry) pairs from the float16 rows."""
+    """Exact scores (similarity_topk's definition) of (query, entry) pairs: the
+    float32 queries against the stored float16 rows."""
+    from ..ops.similarity_topk import pair_scores  # noqa: PLC0415
+
     if not len(idx):
         return np.zeros(0, np.float32)
-    qid = np.asarray(qid, dtype=np.int64)
-    idx = np.asarray(idx, dtype=np.int64)
-    out = np.empty(len(idx), dtype=np.float32)
-    qf = q.float().cpu()
-    order = np.argsort(qid, kind="stable")
-    bounds = np.searchsorted(qid[order], np.arange(qf.shape[0] + 1))
-    from ..ops.similarity_topk.reference import MIN_QUERY_ROWS, fixed_width_scores, pad_queries  # noqa: PLC0415
-
-    buf = torch.empty(MIN_QUERY_ROWS * RESCORE_WIDTH, dtype=torch.float32)
-    pad = [None]
-    for j in np.nonzero(np.diff(bounds))[0]:
-        sel = order[bounds[j]:bounds[j + 1]]
-        rows = bank.embeddings(idx[sel]).float()
-        qp = pad_queries(qf[j:j + 1])
-        for a in range(0, len(sel), RESCORE_WIDTH):
-            out[sel[a:a + RESCORE_WIDTH]] = fixed_width_scores(qp, 1, rows[a:a + RESCORE_WIDTH], RESCORE_WIDTH,
-                                                               buf, pad)[0].numpy()
-    return out
+    qf = q.float().cpu()[torch.from_numpy(np.asarray(qid, dtype=np.int64))]
+    return pair_scores(qf, bank.embeddings(np.asarray(idx, dtype=np.int64))).numpy()
