@@ -729,3 +729,17 @@ def test_cuda_runs_on_the_callers_stream(small_tiles):
     s.synchronize()
     assert_same(got, want, "device keys on a side stream")
     assert_same(got_host, want, "host keys on a side stream")
+
+
+@needs_c
+def test_bench_reports_path_rescoring_and_checks():
+    from mgcl.bench import similarity_topk as bench
+
+    res = bench.run("cpu", scale=0.005, repeats=1)
+    assert [c["config"]["case"] for c in res["cases"]] == list(bench.CASES["cpu"])
+    for case in res["cases"]:
+        assert case["checks"] and all(case["checks"].values()), case["checks"]
+        assert case["extra"]["screen_path"] == native.screen_path()
+        assert case["extra"]["rescored_per_query_mean"] >= case["extra"]["result_per_query_mean"]
+        assert {"cpp", "reference", "quantize"} <= {r["impl"] for r in case["rows"]}
+    assert "screen: " + native.screen_path() in bench.table(res)
