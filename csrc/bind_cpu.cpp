@@ -59,6 +59,21 @@ P addr(const py::dict& a, const char* name) {
   return reinterpret_cast<P>(field<uintptr_t>(a, name));
 }
 
+mgcl::SimilarityTopkState topk_state(const py::dict& a) {
+  mgcl::SimilarityTopkState s;
+  s.n_queries = field<int64_t>(a, "n_queries");
+  s.k = field<int64_t>(a, "k");
+  s.distinct = field<bool>(a, "distinct") ? 1 : 0;
+  s.best_v = addr<float*>(a, "best_v");
+  s.best_n = addr<int64_t*>(a, "best_n");
+  s.cand_v = addr<float*>(a, "cand_v");
+  s.cand_i = addr<int64_t*>(a, "cand_i");
+  s.cand_n = addr<int64_t*>(a, "cand_n");
+  s.cand_cap = field<int64_t>(a, "cand_cap");
+  s.overflow = addr<uint8_t*>(a, "overflow");
+  return s;
+}
+
 void similarity_topk_quantize(const py::dict& a) {
   mgcl::SimilarityTopkQuantizeParams p;
   p.src = addr<const void*>(a, "src");
@@ -86,7 +101,6 @@ void similarity_topk_screen(const py::dict& a) {
   mgcl::SimilarityTopkScreenParams p;
   p.queries = addr<const void*>(a, "queries");
   p.q_dtype = field<int>(a, "q_dtype");
-  p.n_queries = field<int64_t>(a, "n_queries");
   p.d = field<int64_t>(a, "d");
   p.q_ld = field<int64_t>(a, "q_ld");
   p.row0 = field<int64_t>(a, "row0");
@@ -109,15 +123,7 @@ void similarity_topk_screen(const py::dict& a) {
   p.approx = addr<const float*>(a, "approx");
   p.approx_ld = field<int64_t>(a, "approx_ld");
   p.approx_rel = field<float>(a, "approx_rel");
-  p.k = field<int64_t>(a, "k");
-  p.distinct = field<bool>(a, "distinct") ? 1 : 0;
-  p.best_v = addr<float*>(a, "best_v");
-  p.best_n = addr<int64_t*>(a, "best_n");
-  p.cand_v = addr<float*>(a, "cand_v");
-  p.cand_i = addr<int64_t*>(a, "cand_i");
-  p.cand_n = addr<int64_t*>(a, "cand_n");
-  p.cand_cap = field<int64_t>(a, "cand_cap");
-  p.overflow = addr<uint8_t*>(a, "overflow");
+  p.state = topk_state(a);
   p.floor = addr<const float*>(a, "floor");
   p.rescored = addr<int64_t*>(a, "rescored");
   py::gil_scoped_release release;
@@ -126,16 +132,7 @@ void similarity_topk_screen(const py::dict& a) {
 
 void similarity_topk_finish(const py::dict& a) {
   mgcl::SimilarityTopkFinishParams p;
-  p.n_queries = field<int64_t>(a, "n_queries");
-  p.k = field<int64_t>(a, "k");
-  p.distinct = field<bool>(a, "distinct") ? 1 : 0;
-  p.best_v = addr<const float*>(a, "best_v");
-  p.best_n = addr<const int64_t*>(a, "best_n");
-  p.cand_v = addr<float*>(a, "cand_v");
-  p.cand_i = addr<int64_t*>(a, "cand_i");
-  p.cand_n = addr<int64_t*>(a, "cand_n");
-  p.cand_cap = field<int64_t>(a, "cand_cap");
-  p.overflow = addr<const uint8_t*>(a, "overflow");
+  p.state = topk_state(a);
   p.tau = addr<float*>(a, "tau");
   p.count = addr<int64_t*>(a, "count");
   py::gil_scoped_release release;
@@ -144,16 +141,9 @@ void similarity_topk_finish(const py::dict& a) {
 
 void similarity_topk_pair_scores(uintptr_t x, int x_dtype, int64_t x_ld, uintptr_t k, int k_dtype, int64_t k_ld,
                                  int64_t n_pairs, int64_t d, uintptr_t out) {
-  mgcl::SimilarityTopkPairParams p;
-  p.x = reinterpret_cast<const void*>(x);
-  p.x_dtype = x_dtype;
-  p.x_ld = x_ld;
-  p.k = reinterpret_cast<const void*>(k);
-  p.k_dtype = k_dtype;
-  p.k_ld = k_ld;
-  p.n_pairs = n_pairs;
-  p.d = d;
-  p.out = reinterpret_cast<float*>(out);
+  auto p = mgcl::similarity_topk_pair_params(reinterpret_cast<const void*>(x), x_dtype, x_ld,
+                                             reinterpret_cast<const void*>(k), k_dtype, k_ld, n_pairs, d,
+                                             reinterpret_cast<float*>(out));
   py::gil_scoped_release release;
   mgcl::similarity_topk_pair_scores_cpu(p);
 }

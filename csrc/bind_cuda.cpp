@@ -72,16 +72,9 @@ void similarity_topk_select(uintptr_t scores, int64_t ld, int64_t rows, int64_t 
 // The definition for row-wise pairs (x row i with k row i); device memory.
 void similarity_topk_pair_scores(uintptr_t x, int x_dtype, int64_t x_ld, uintptr_t k, int k_dtype, int64_t k_ld,
                                  int64_t n_pairs, int64_t d, uintptr_t out, uintptr_t stream) {
-  mgcl::SimilarityTopkPairParams p;
-  p.x = reinterpret_cast<const void*>(x);
-  p.x_dtype = x_dtype;
-  p.x_ld = x_ld;
-  p.k = reinterpret_cast<const void*>(k);
-  p.k_dtype = k_dtype;
-  p.k_ld = k_ld;
-  p.n_pairs = n_pairs;
-  p.d = d;
-  p.out = reinterpret_cast<float*>(out);
+  auto p = mgcl::similarity_topk_pair_params(reinterpret_cast<const void*>(x), x_dtype, x_ld,
+                                             reinterpret_cast<const void*>(k), k_dtype, k_ld, n_pairs, d,
+                                             reinterpret_cast<float*>(out));
   py::gil_scoped_release release;
   mgcl::similarity_topk_pair_scores_cuda(p, as_stream(stream));
 }

@@ -17,8 +17,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from mgcl import _backend
 from mgcl.ops.similarity_topk import BACKENDS, native, similarity_topk
 
 GOLDEN = {
@@ -131,6 +133,17 @@ def test_other_shard_splits_and_query_batches_give_the_golden_hashes():
     assert solve(run, q, keys, cuts=[1, 2, 3, 1199]) == GOLDEN
     assert solve(run, q, keys, batches=[1, 8, 20]) == GOLDEN
     assert solve(run, q, keys, cuts=[50, 51, 1000], batches=[16]) == GOLDEN
+
+
+@pytest.mark.gpu
+def test_gpu_gives_the_golden_hashes():
+    q, keys = problem()
+    for b in ("cuda", "chunked", "torch"):
+        if b == "cuda" and not _backend.runs(BACKENDS, "cuda", "cuda"):
+            continue
+        run = by_backend(b)
+        assert solve(lambda q, s, k, t, m: run(q.cuda(), [x.cuda() for x in s], k, t, m), q, keys) == GOLDEN, b
+        assert solve(lambda q, s, k, t, m: run(q.cuda(), s, k, t, m), q, keys) == GOLDEN, f"{b} host keys"
 
 
 ENVIRONMENTS = {

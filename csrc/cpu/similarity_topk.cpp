@@ -234,22 +234,24 @@ struct State {
   const SimilarityTopkScreenParams* p;
 
   Row load(int64_t q) const {
+    const SimilarityTopkState& s = p->state;
     Row r;
-    r.bv = p->best_v + q * k;
-    r.bn = p->best_n[q];
-    r.cv = p->cand_v + q * cap;
-    r.ci = p->cand_i + q * cap;
-    r.cn = p->cand_n[q];
-    r.ovf = p->overflow[q] != 0;
+    r.bv = s.best_v + q * k;
+    r.bn = s.best_n[q];
+    r.cv = s.cand_v + q * cap;
+    r.ci = s.cand_i + q * cap;
+    r.cn = s.cand_n[q];
+    r.ovf = s.overflow[q] != 0;
     r.floor = p->floor[q];
     r.rescored = 0;
     refresh(r);
     return r;
   }
   void store(int64_t q, const Row& r) const {
-    p->best_n[q] = r.bn;
-    p->cand_n[q] = r.cn;
-    p->overflow[q] = r.ovf ? 1 : 0;
+    const SimilarityTopkState& s = p->state;
+    s.best_n[q] = r.bn;
+    s.cand_n[q] = r.cn;
+    s.overflow[q] = r.ovf ? 1 : 0;
     p->rescored[q] += r.rescored;
   }
   void refresh(Row& r) const {
@@ -398,11 +400,17 @@ void screen_blas_row(const SimilarityTopkScreenParams& p, const float* approx, f
   }
 }
 
+void check_state(const SimilarityTopkState& s, const char* what) {
+  if (!s.best_v || !s.best_n || !s.cand_v || !s.cand_i || !s.cand_n || !s.overflow)
+    throw Error(std::string("similarity_topk ") + what + ": a state pointer is null");
+  if (s.k < 1 || s.cand_cap <= s.k) throw Error(std::string("similarity_topk ") + what + ": need k >= 1 and cand_cap > k");
+}
+
 void check_screen(const SimilarityTopkScreenParams& p) {
-  if (!p.best_v || !p.best_n || !p.cand_v || !p.cand_i || !p.cand_n || !p.overflow || !p.floor || !p.rescored)
-    throw Error("similarity_topk screen: a state pointer is null");
-  if (p.k < 1 || p.cand_cap <= p.k) throw Error("similarity_topk screen: need k >= 1 and cand_cap > k");
-  if (p.row0 < 0 || p.rows < 0 || p.row0 + p.rows > p.n_queries) throw Error("similarity_topk screen: bad row range");
+  check_state(p.state, "screen");
+  if (!p.floor || !p.rescored) throw Error("similarity_topk screen: floor or rescored is null");
+  if (p.row0 < 0 || p.rows < 0 || p.row0 + p.rows > p.state.n_queries)
+    throw Error("similarity_topk screen: bad row range");
   if (p.d < 1) throw Error("similarity_topk screen: d must be >= 1");
   if (p.rows == 0 || p.n_keys == 0) return;
   if (!p.queries || !p.keys || !p.q_scale || !p.q_err || !p.q_norm || !p.k_err || !p.k_norm)
@@ -493,12 +501,12 @@ void similarity_topk_pack_queries_cpu(const int8_t* codes, int64_t rows, int64_t
 void similarity_topk_screen_cpu(const SimilarityTopkScreenParams& p) {
   check_screen(p);
   if (p.rows == 0 || p.n_keys == 0) return;
-  const State st{p.k, p.cand_cap, p.distinct != 0, &p};
+  const State st{p.state.k, p.state.cand_cap, p.state.distinct != 0, &p};
   const bool blas = p.path == kPathBlas;
   const Int8Tile tile = blas ? nullptr : int8_tile(p.path);
   const int64_t d4 = (p.d + 3) / 4;
   const int64_t units = (p.rows + kQB - 1) / kQB;
-  const size_t flush = size_t(512 + 2 * p.k);
+  const size_t flush = size_t(512 + 2 * p.state.k);
 #pragma omp parallel if (units > 1)
   {
     Worker w;
@@ -548,42 +556,42 @@ void similarity_topk_screen_cpu(const SimilarityTopkScreenParams& p) {
 // ---- finish ------------------------------------------------------------------------------------
 
 void similarity_topk_finish_cpu(const SimilarityTopkFinishParams& p) {
-  if (!p.best_v || !p.best_n || !p.cand_v || !p.cand_i || !p.cand_n || !p.overflow || !p.tau || !p.count)
-    throw Error("similarity_topk finish: a pointer is null");
-  if (p.k < 1 || p.cand_cap <= p.k) throw Error("similarity_topk finish: need k >= 1 and cand_cap > k");
-#pragma omp parallel if (p.n_queries >= 64)
+  const SimilarityTopkState& s = p.state;
+  check_state(s, "finish");
+  if (!p.tau || !p.count) throw Error("similarity_topk finish: tau or count is null");
+#pragma omp parallel if (s.n_queries >= 64)
   {
     std::vector<std::pair<float, int64_t>> tmp;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t q = 0; q < p.n_queries; ++q) {
-      const int64_t bn = p.best_n[q];
+    for (int64_t q = 0; q < s.n_queries; ++q) {
+      const int64_t bn = s.best_n[q];
       if (bn == 0) {  // no non-NaN score at all
         p.tau[q] = std::numeric_limits<float>::quiet_NaN();
         p.count[q] = 0;
-        p.cand_n[q] = 0;
+        s.cand_n[q] = 0;
         continue;
       }
-      const float tau = p.best_v[q * p.k + bn - 1];
+      const float tau = s.best_v[q * s.k + bn - 1];
       p.tau[q] = tau;
-      if (p.overflow[q]) {
+      if (s.overflow[q]) {
         p.count[q] = -1;
         continue;
       }
-      float* cv = p.cand_v + q * p.cand_cap;
-      int64_t* ci = p.cand_i + q * p.cand_cap;
+      float* cv = s.cand_v + q * s.cand_cap;
+      int64_t* ci = s.cand_i + q * s.cand_cap;
       tmp.clear();
-      for (int64_t i = 0; i < p.cand_n[q]; ++i)
+      for (int64_t i = 0; i < s.cand_n[q]; ++i)
         if (cv[i] >= tau) tmp.emplace_back(cv[i], ci[i]);
       std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
       });
       int64_t n = int64_t(tmp.size());
-      if (!p.distinct) n = std::min(n, p.k);
+      if (!s.distinct) n = std::min(n, s.k);
       for (int64_t i = 0; i < n; ++i) {
         cv[i] = tmp[size_t(i)].first;
         ci[i] = tmp[size_t(i)].second;
       }
-      p.cand_n[q] = n;
+      s.cand_n[q] = n;
       p.count[q] = n;
     }
   }

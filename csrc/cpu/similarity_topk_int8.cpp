@@ -103,6 +103,12 @@ void tile_scalar(const uint8_t* qpack, int ng, const int8_t* codes, int64_t d, i
     }                                                                                         \
   }
 
+// The ymm tiles' step: 16 queries (two ymm of packed codes) by the four key
+// words, with MGCL_STEP (defined by each tile) folding one word into (l, h).
+#define MGCL_YMM_BODY(w0, w1, w2, w3)                                                  \
+  const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj));         \
+  const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + 32));    \
+  MGCL_STEP(w0, l0, h0) MGCL_STEP(w1, l1, h1) MGCL_STEP(w2, l2, h2) MGCL_STEP(w3, l3, h3)
 #define MGCL_YMM_INIT __m256i l0 = _mm256_setzero_si256(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0;
 #define MGCL_YMM_STORE                                                      \
   const __m256i lo[4] = {l0, l1, l2, l3}, hi[4] = {h0, h1, h2, h3};         \
@@ -121,12 +127,7 @@ __attribute__((target("avx2"))) void tile_avx2(const uint8_t* qpack, int ng, con
     l = _mm256_add_epi32(l, _mm256_madd_epi16(_mm256_maddubs_epi16(q0, b), ones)); \
     h = _mm256_add_epi32(h, _mm256_madd_epi16(_mm256_maddubs_epi16(q1, b), ones)); \
   }
-#define MGCL_BODY(w0, w1, w2, w3)                                                  \
-  const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj));     \
-  const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + 32)); \
-  MGCL_STEP(w0, l0, h0) MGCL_STEP(w1, l1, h1) MGCL_STEP(w2, l2, h2) MGCL_STEP(w3, l3, h3)
-  MGCL_TILE_LOOPS(MGCL_YMM_INIT, MGCL_BODY, MGCL_YMM_STORE)
-#undef MGCL_BODY
+  MGCL_TILE_LOOPS(MGCL_YMM_INIT, MGCL_YMM_BODY, MGCL_YMM_STORE)
 #undef MGCL_STEP
 }
 
@@ -138,12 +139,7 @@ __attribute__((target("avx2,avxvnni"))) void tile_avxvnni(const uint8_t* qpack, 
     l = _mm256_dpbusd_avx_epi32(l, q0, b);          \
     h = _mm256_dpbusd_avx_epi32(h, q1, b);          \
   }
-#define MGCL_BODY(w0, w1, w2, w3)                                                  \
-  const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj));     \
-  const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + 32)); \
-  MGCL_STEP(w0, l0, h0) MGCL_STEP(w1, l1, h1) MGCL_STEP(w2, l2, h2) MGCL_STEP(w3, l3, h3)
-  MGCL_TILE_LOOPS(MGCL_YMM_INIT, MGCL_BODY, MGCL_YMM_STORE)
-#undef MGCL_BODY
+  MGCL_TILE_LOOPS(MGCL_YMM_INIT, MGCL_YMM_BODY, MGCL_YMM_STORE)
 #undef MGCL_STEP
 }
 
@@ -168,6 +164,7 @@ __attribute__((target("avx512f,avx512vnni"))) void tile_avx512vnni(const uint8_t
 
 #undef MGCL_YMM_STORE
 #undef MGCL_YMM_INIT
+#undef MGCL_YMM_BODY
 #undef MGCL_TILE_LOOPS
 #endif  // MGCL_X86
 

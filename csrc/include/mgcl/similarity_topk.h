@@ -93,14 +93,39 @@ enum SimilarityTopkPath : int {
   kPathAvx512Vnni = 3,  // vpdpbusd zmm (AVX512-VNNI: Cascade Lake+, Ice Lake+, Zen 4)
 };
 
+/// The per-query state of the CPU path, allocated by Python and kept across
+/// screen calls (one per shard) until finish.
+struct SimilarityTopkState {
+  /// Rows of the state (all queries of the call).
+  int64_t n_queries = 0;
+  /// k (>= 1): entries of best_v per query.
+  int64_t k = 0;
+  /// Nonzero: ties=True (best keeps each value once). Zero: plain top-k.
+  int distinct = 0;
+  /// best_v[q * k + j], j < best_n[q]: the k best exact scores so far,
+  /// descending (strictly, when distinct). float32 [n_queries, k].
+  float* best_v = nullptr;
+  /// best_n[q]: filled entries of best_v. int64 [n_queries], start at 0.
+  int64_t* best_n = nullptr;
+  /// cand_v / cand_i [n_queries, cand_cap]: exact scores >= the running
+  /// threshold and their global key indices, in arrival order; finish sorts
+  /// each query's result (value desc, index asc) to the front.
+  float* cand_v = nullptr;
+  int64_t* cand_i = nullptr;
+  /// cand_n[q]: filled candidates. int64 [n_queries], start at 0.
+  int64_t* cand_n = nullptr;
+  /// Candidate capacity per query (> k).
+  int64_t cand_cap = 0;
+  /// overflow[q]: nonzero once query q's candidates no longer fit. uint8 [n_queries], start at 0.
+  uint8_t* overflow = nullptr;
+};
+
 struct SimilarityTopkScreenParams {
   // ---- queries: the rows of the state
-  /// Query values (the definition uses these): n_queries rows of d, row r at queries + r * q_ld.
+  /// Query values (the definition uses these): state.n_queries rows of d, row r at queries + r * q_ld.
   const void* queries = nullptr;
   /// mgcl::DType code of queries.
   int q_dtype = kFloat32;
-  /// Rows of the state (all queries of the call).
-  int64_t n_queries = 0;
   /// Values per row (queries and keys).
   int64_t d = 0;
   /// Row stride of queries in elements.
@@ -143,26 +168,8 @@ struct SimilarityTopkScreenParams {
   /// kPathBlas: |approx - x.k| <= approx_rel * ||x||_2 ||k||_2 for every pair.
   float approx_rel = 0.f;
 
-  // ---- per-query state, allocated by Python, kept across calls (shards)
-  /// k (>= 1): entries of best_v per query.
-  int64_t k = 0;
-  /// Nonzero: ties=True (best keeps each value once). Zero: plain top-k.
-  int distinct = 0;
-  /// best_v[q * k + j], j < best_n[q]: the k best exact scores so far,
-  /// descending (strictly, when distinct). float32 [n_queries, k].
-  float* best_v = nullptr;
-  /// best_n[q]: filled entries of best_v. int64 [n_queries], start at 0.
-  int64_t* best_n = nullptr;
-  /// cand_v / cand_i [n_queries, cand_cap]: exact scores >= the running
-  /// threshold and their global key indices, in arrival order.
-  float* cand_v = nullptr;
-  int64_t* cand_i = nullptr;
-  /// cand_n[q]: filled candidates. int64 [n_queries], start at 0.
-  int64_t* cand_n = nullptr;
-  /// Candidate capacity per query (> k).
-  int64_t cand_cap = 0;
-  /// overflow[q]: nonzero once query q's candidates no longer fit. uint8 [n_queries], start at 0.
-  uint8_t* overflow = nullptr;
+  // ---- the state
+  SimilarityTopkState state;
   /// floor[q]: scores below it are never kept (-inf normally; a rerun of an
   /// overflowed query passes its known tau). float32 [n_queries].
   const float* floor = nullptr;
@@ -177,17 +184,8 @@ struct SimilarityTopkScreenParams {
 void similarity_topk_screen_cpu(const SimilarityTopkScreenParams& p);
 
 struct SimilarityTopkFinishParams {
-  /// The state of the screen calls (same fields and sizes).
-  int64_t n_queries = 0;
-  int64_t k = 0;
-  int distinct = 0;
-  const float* best_v = nullptr;
-  const int64_t* best_n = nullptr;
-  float* cand_v = nullptr;
-  int64_t* cand_i = nullptr;
-  int64_t* cand_n = nullptr;
-  int64_t cand_cap = 0;
-  const uint8_t* overflow = nullptr;
+  /// The state of the screen calls.
+  SimilarityTopkState state;
   /// Output: tau[q], the threshold (best_v's last entry; NaN when query q has
   /// no non-NaN score). float32 [n_queries].
   float* tau = nullptr;
@@ -215,6 +213,23 @@ struct SimilarityTopkPairParams {
   /// Output: float32 [n_pairs], the definition's score of each pair.
   float* out = nullptr;
 };
+
+/// The pair params from the bindings' arguments (both modules take the same ones).
+inline SimilarityTopkPairParams similarity_topk_pair_params(const void* x, int x_dtype, int64_t x_ld, const void* k,
+                                                            int k_dtype, int64_t k_ld, int64_t n_pairs, int64_t d,
+                                                            float* out) {
+  SimilarityTopkPairParams p;
+  p.x = x;
+  p.x_dtype = x_dtype;
+  p.x_ld = x_ld;
+  p.k = k;
+  p.k_dtype = k_dtype;
+  p.k_ld = k_ld;
+  p.n_pairs = n_pairs;
+  p.d = d;
+  p.out = out;
+  return p;
+}
 
 /// The definition, row-wise (OpenMP over pairs).
 void similarity_topk_pair_scores_cpu(const SimilarityTopkPairParams& p);

@@ -135,7 +135,7 @@ def _screen(queries, qq, shards, kqs, k, ties, cap, floor, path, rescored):
     (cand_v, cand_i, count, tau) with count -1 for overflowed queries."""
     nq, d = queries.shape
     f32, i64 = torch.float32, torch.int64
-    state = dict(k=k, distinct=ties, best_v=torch.empty(nq, k), best_n=torch.zeros(nq, dtype=i64),
+    state = dict(n_queries=nq, k=k, distinct=ties, best_v=torch.empty(nq, k), best_n=torch.zeros(nq, dtype=i64),
                  cand_v=torch.empty(nq, cap), cand_i=torch.empty(nq, cap, dtype=i64),
                  cand_n=torch.zeros(nq, dtype=i64), cand_cap=cap, overflow=torch.zeros(nq, dtype=torch.uint8))
     blas = path == "blas"
@@ -145,7 +145,7 @@ def _screen(queries, qq, shards, kqs, k, ties, cap, floor, path, rescored):
         _native._C.similarity_topk_pack_queries(qq.codes.data_ptr(), nq, d, packed.data_ptr())
     qf = queries.float() if blas else None
     rel = streaming.gemm_rel(d, "cpu") if blas else 0.0
-    base = dict(queries=queries, q_dtype=_native.DTYPE_CODE[queries.dtype], n_queries=nq, d=d,
+    base = dict(queries=queries, q_dtype=_native.DTYPE_CODE[queries.dtype], d=d,
                 q_ld=queries.stride(0), q_packed=packed, q_scale=qq.scale, q_err=qq.err, q_norm=qq.norm,
                 path=PATHS[path], approx=None, approx_ld=0, approx_rel=rel, floor=floor, rescored=rescored, **state)
     tau = torch.empty(nq, dtype=f32)
@@ -173,15 +173,14 @@ def _screen(queries, qq, shards, kqs, k, ties, cap, floor, path, rescored):
                         keys=kb, k_dtype=kd, n_keys=kb.shape[0], k_ld=shard.stride(0), col0=col0 + a,
                         k_codes=None, k_scale=kq.scale[a:], k_err=kq.err[a:], k_norm=kq.norm[a:], k_sum=None))
         col0 += n
-    _native._C.similarity_topk_finish(_params(n_queries=nq, tau=tau, count=count, **state))
+    _native._C.similarity_topk_finish(_params(tau=tau, count=count, **state))
     return state["cand_v"], state["cand_i"], count, tau
 
 
 def _listed(cand_v, cand_i, count, rows):
-    """(query, index, value) triples of the finished lists (count >= 0)."""
+    """(query, index, value) triples of the finished lists (count >= 0), in row order."""
     keep = torch.arange(cand_v.shape[1])[None, :] < count[:, None]
-    r, j = keep.nonzero(as_tuple=True)
-    return rows[r], cand_i[r, j], cand_v[r, j]
+    return torch.repeat_interleave(rows, keep.sum(1)), cand_i[keep], cand_v[keep]
 
 
 def similarity_topk_cpu(queries, shards, k, ties, max_per_query, quantized=None, *, path=None, stats=None):
@@ -201,9 +200,9 @@ def similarity_topk_cpu(queries, shards, k, ties, max_per_query, quantized=None,
     rows = torch.arange(nq)
     floor = torch.full((nq,), -math.inf)
     cap = cand_capacity(k)
-    pieces, reruns = [], 0
-    while reruns == 0 or rows.numel():
-        sub = rows if reruns else slice(None)
+    pieces, passes = [], 0
+    while passes == 0 or rows.numel():
+        sub = rows if passes else slice(None)
         qsub = queries[sub]
         qqs = QuantizedKeys(*(t[sub].contiguous() for t in qq))
         scored = torch.zeros(rows.numel(), dtype=torch.int64)
@@ -214,13 +213,13 @@ def similarity_topk_cpu(queries, shards, k, ties, max_per_query, quantized=None,
         floor[rows[over]] = tau[over]
         rows = rows[over]
         cap = min(2 * cap, n_total + k + 1)
-        reruns += 1
+        passes += 1
     q, n, v = (torch.cat(t) for t in zip(*pieces))
-    if reruns > 1:  # each query's triples come from one pass, already in order
+    if passes > 1:  # each query's triples come from one pass, already in order
         order = q.argsort(stable=True)
         q, n, v = q[order], n[order], v[order]
     if stats is not None:
-        stats.update(path=path, rescored=rescored, passes=reruns)
+        stats.update(path=path, rescored=rescored, passes=passes)
     return streaming.ragged(q, n, v, nq, max_per_query)
 
 

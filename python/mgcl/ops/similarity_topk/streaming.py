@@ -40,6 +40,7 @@ from . import reference
 NEG_INF = float("-inf")
 ETA = 2.0 ** -16
 ABS = 2.0 ** -126
+EXACT_CHUNK = 1 << 16  # pairs scored exactly per call
 
 
 def as_shards(keys) -> list[torch.Tensor]:
@@ -148,7 +149,8 @@ def reduced_fp32_matmul(device_type: str) -> bool:
     if torch.get_float32_matmul_precision() != "highest":
         return True
     if device_type == "cuda":
-        return bool(torch.backends.cuda.matmul.allow_tf32)
+        m = torch.backends.cuda.matmul
+        return bool(m.allow_tf32) or str(getattr(m, "fp32_precision", "none")).lower() not in ("none", "ieee")
     mkl = getattr(torch.backends.mkldnn, "matmul", None)
     if mkl is not None and str(getattr(mkl, "fp32_precision", "none")).lower() not in ("none", "ieee"):
         return True
@@ -219,10 +221,12 @@ def screened_topk(queries: torch.Tensor, shards: list[torch.Tensor], k: int, tie
     for n0, kt in tiles(shards, tile):
         select(upper_bounds(xf, ax, kt.float(), rel), n0, lv, li, ln)
 
-    def exact(q, n):
-        if not q.numel():
-            return torch.empty(0, dtype=torch.float32, device=dev)
-        return pair_scores(queries[q], gather_rows(shards, n, dev))
+    def exact(q, n):  # in chunks: the gathered rows take O(chunk d) memory
+        out = torch.empty(q.shape[0], dtype=torch.float32, device=dev)
+        for a in range(0, q.shape[0], EXACT_CHUNK):
+            b = a + EXACT_CHUNK
+            out[a:b] = pair_scores(queries[q[a:b]], gather_rows(shards, n[a:b], dev))
+        return out
 
     listed = torch.arange(cap, device=dev)[None, :] < ln[:, None]
     q, pos = listed.nonzero(as_tuple=True)
