@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mgcl.ops.similarity_topk import reference as topk_reference
-from mgcl.retrieval import BankError, MemoryBank, build_bank, get_embedder, open_image, write_bank
+from mgcl.retrieval import BankError, MemoryBank, build_bank, build_index, get_embedder, open_image, write_bank
 from mgcl.retrieval.bm25 import tokenize
 from mgcl.retrieval.corpus import Record, Skipped, read_corpus
 from retrieval_fixtures import file_hashes, make_records, write_corpus
@@ -134,13 +134,31 @@ def test_malformed_records_counted(tmp_path):
     assert [g.caption for g in good] == ["fine caption one", "fine caption two", "ok caption"]
     reasons = sorted(s.reason.split(":")[0] for s in bad)
     assert reasons == sorted(["invalid JSON", "empty caption", "no caption field", "not a JSON object (list)",
-                              "caption is int, not a string", "blank line", "no caption (txt member or json caption)",
-                              "no image member", "empty caption"])
+                              "caption is int, not a string", "no caption (txt member or json caption)",
+                              "no image member", "empty caption"])  # a blank line holds no record
+    assert [s.position for s in bad[:3]] == ["line 2", "line 3", "line 4"]
     out = tmp_path / "bank"
-    m = build_bank([str(p), str(tp)], str(out), embedder=EMB, progress=False)
-    assert m["count"] == 3 and m["build"]["skipped_total"] == len(bad) == 9
-    lines = (out / "skipped.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and all("source" in json.loads(x) for x in lines)
+    m = build_bank([str(p), str(tp)], str(out), embedder=EMB, progress=False, external_images=True)
+    assert m["count"] == 3 and m["build"]["skipped_total"] == len(bad) == 8
+    assert m["build"]["unreadable_images"] == 2  # "a.png" does not exist, k3.png holds b"x"; both kept (no VLM)
+    rows = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sum(r["action"] == "skipped" for r in rows) == 8 and all({"file", "position", "reason"} <= set(r)
+                                                                     for r in rows)
+
+
+def test_folder_order_is_sorted_paths(tmp_path):
+    """A folder's files come in sorted folder-path order (the record numbering,
+    so the bank, depends on it), '-' sorting before '/'."""
+    from mgcl.retrieval.corpus import expand
+
+    for d in ("b", "b/c", "b-x", "a"):
+        os.makedirs(tmp_path / d, exist_ok=True)
+        for f in ("z.jsonl", "y.jsonl", "n.txt"):
+            (tmp_path / d / f).write_text("")
+    got = [os.path.relpath(f.path, tmp_path) for f in expand(tmp_path)]
+    assert got == ["a/y.jsonl", "a/z.jsonl", "b/y.jsonl", "b/z.jsonl", "b-x/y.jsonl", "b-x/z.jsonl",
+                   "b/c/y.jsonl", "b/c/z.jsonl"]
+    assert all(f.root == str(tmp_path) for f in expand(tmp_path))
 
 
 def test_empty_corpus_is_an_error(tmp_path):
@@ -204,15 +222,19 @@ def test_open_errors(tmp_path, bank):
         MemoryBank.open(b1)
     with pytest.raises(FileNotFoundError, match="shard-00002"):
         MemoryBank.open(b1)
-    # checksum mismatch: same size, one byte changed (found with verify=True)
+    # checksum mismatch: same size, one byte changed (headers still consistent: found on
+    # the shard's first read, or at once with verify=True)
     b2 = tmp_path / "b2"
     shutil.copytree(bank.path, b2)
     p = b2 / "embeddings/shard-00003.safetensors"
     data = bytearray(p.read_bytes())
     data[-3] ^= 0xFF
     p.write_bytes(bytes(data))
-    MemoryBank.open(b2)  # headers still consistent
-    with pytest.raises(BankError, match="checksum mismatch for 'embeddings/shard-00003"):
+    opened = MemoryBank.open(b2)
+    opened.embeddings([0, 40])  # shards 0 and 1 are intact
+    with pytest.raises(BankError, match="'embeddings/shard-00003.safetensors' does not match its sha256"):
+        opened.embeddings([100])
+    with pytest.raises(BankError, match="'embeddings/shard-00003.safetensors' does not match its sha256"):
         MemoryBank.open(b2, verify=True)
     # truncated shard: caught without verify
     b3 = tmp_path / "b3"
@@ -242,6 +264,8 @@ def test_open_errors(tmp_path, bank):
     (b5 / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BankError, match="meta.parquet"):
         MemoryBank.open(b5, verify=True)
+    with pytest.raises(BankError, match="meta.parquet"):
+        MemoryBank.open(b5).meta
 
 
 # ---- resume after a kill ----------------------------------------------------------------
@@ -460,7 +484,7 @@ def test_faiss_flat_equals_exact(bank, tmp_path):
     p = tmp_path / "fb"
     shutil.copytree(bank.path, p)
     b = MemoryBank.open(p)
-    entry = b.build_index("flat")
+    entry = build_index(b, "flat")
     assert entry["kind"] == "flat" and MemoryBank.open(p, verify=True).manifest["index"]["path"] == entry["path"]
     texts = ["chest x-ray with pleural effusion", "dermoscopy image of nevus", "histology of lobular carcinoma"]
     for k in (1, 5, 40):
@@ -480,7 +504,7 @@ def test_faiss_ivfpq_rescored(tmp_path):
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(3000, 32, generator=g)
     b = write_bank(str(tmp_path / "ivf"), emb, [f"c{i}" for i in range(3000)], shard_size=1000)
-    b.build_index("ivfpq", nlist=16, m=8, nbits=6)
+    build_index(b, "ivfpq", nlist=16, m=8, nbits=6)
     q = torch.nn.functional.normalize(torch.randn(5, 32, generator=g), dim=1)
     v, i, off = b.topk(q, 10, True, backend="faiss")
     keys = all_keys(b)
@@ -495,7 +519,7 @@ def test_faiss_ivfpq_rescored(tmp_path):
         recall.append(len(set(idx.tolist()) & {x for x, _ in exact[j]}) / 10)
     assert np.mean(recall) >= 0.5
     with pytest.raises(ValueError, match="m=5 must divide"):
-        b.build_index("ivfpq", nlist=16, m=5, nbits=6)
+        build_index(b, "ivfpq", nlist=16, m=5, nbits=6)
 
 
 # ---- BM25 ------------------------------------------------------------------------------------
@@ -544,5 +568,6 @@ def test_cli_db_build_and_query(corpus, tmp_path, capsys):
         for flag in (["--index", "flat"], ["--index"]):
             assert main(["db", "query", out, "retinal image showing glaucoma", "-k", "3", *flag]) == 0
             assert capsys.readouterr().out == text_exact
-    with pytest.raises(SystemExit, match="--vlm"):
-        main(["db", "build", *files, "--out", str(tmp_path / "v"), "--embedder", EMB, "--vlm", "no-such-model"])
+    assert main(["db", "build", *files, "--out", str(tmp_path / "v"), "--embedder", EMB, "--vlm", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mgcl db build: --vlm 'no-such-model'") and err.count("\n") == 1

@@ -125,9 +125,9 @@ def test_stored_vlm_embeddings_match_on_the_fly(banks, vlm):
     plain, withv = banks
     assert withv.has_vlm and withv.manifest["vlm"]["name"] == "fixture" and withv.manifest["vlm"]["dim"] == 8
     stored = withv.image_embeddings(np.arange(withv.count)).float()
-    from mgcl.retrieval.rerank import vlm_image_features
+    from mgcl.retrieval.rerank import image_features
 
-    fresh = vlm_image_features(plain, vlm, np.arange(plain.count), {})
+    fresh = image_features(plain, vlm, np.arange(plain.count), {}, 8)
     assert torch.allclose(stored, fresh, atol=2e-3)
     a = retrieve(plain, QUERIES, 6, vlm=vlm, k_v=1)
     b = retrieve(withv, QUERIES, 6, vlm=vlm, k_v=1)
@@ -140,9 +140,11 @@ def test_unreadable_images_are_dropped_and_counted(tmp_path, vlm):
     recs = make_records(30, seed=2)
     files = write_corpus(str(tmp_path), recs)
     os.remove(os.path.join(str(tmp_path), "images", f"{recs[0]['id']}.png"))
+    refused = build_bank(files, str(tmp_path / "refused"), embedder=EMB, vlm=vlm, shard_size=16, progress=False)
+    assert refused["count"] == 29 and refused["build"]["skipped"] == {"unreadable image": 1}  # the default
     out = str(tmp_path / "bank")
-    m = build_bank(files, out, embedder=EMB, vlm=vlm, shard_size=16, progress=False)
-    assert m["build"]["image_failures"] == 1
+    m = build_bank(files, out, embedder=EMB, vlm=vlm, shard_size=16, progress=False, missing_images="keep")
+    assert m["build"]["image_failures"] == 1 and m["build"]["unreadable_images"] == 1
     bank = MemoryBank.open(out)
     assert not bank.image_embeddings([0]).any()
     stats: dict = {}
@@ -180,6 +182,97 @@ def test_retrieve_bad_inputs(banks, vlm):
     with pytest.raises(ValueError, match="k_v"):
         retrieve(plain, ["x"], 3, k_v=0)
     assert retrieve(plain, [], 3) == []
+
+
+# ---- the stages, one at a time ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """12 entries: captions repeat (groups), image embeddings are chosen per
+    entry (entries 3 and 8 have none: zero rows)."""
+    from mgcl.retrieval import write_bank
+
+    g = torch.Generator().manual_seed(5)
+    caps = ["chest x-ray", "chest x-ray", "fundus photo of drusen", "skin lesion", "chest x-ray",
+            "fundus photo of drusen", "x-ray of the chest with effusion", "skin lesion", "colon polyp",
+            "chest x-ray with pneumothorax", "fundus", "skin"]
+    emb = torch.randn(12, 16, generator=g)
+    img = torch.randn(12, 4, generator=g)
+    img[3] = img[8] = 0
+    bank = write_bank(str(tmp_path_factory.mktemp("st") / "b"), emb, caps, image_embeddings=img, embedder="hashing:16")
+    return bank, torch.nn.functional.normalize(emb, dim=1), torch.nn.functional.normalize(img, dim=1)
+
+
+def test_stage_dense(staged):
+    from mgcl.retrieval.rerank import dense
+    from mgcl.retrieval.search import topk
+
+    bank, emb, _ = staged
+    q = emb[[0, 5]] + 0.01
+    c = dense(bank, q, 3)
+    v, i, off = topk(bank, q, 3, True)
+    assert np.array_equal(c.index, i) and np.array_equal(c.dense, v) and np.array_equal(c.sv, v)
+    assert c.qid.tolist() == [0] * int(off[1]) + [1] * int(off[2] - off[1]) and np.isnan(c.bm25).all()
+
+
+def test_stage_visual(staged):
+    from mgcl.retrieval.rerank import Candidates, visual
+
+    bank, _, img = staged
+    rows = np.arange(12)
+    c = Candidates(np.repeat([0, 1], 6), rows, np.linspace(1, 0, 12, dtype=np.float32),
+                   np.zeros(12, np.float32), np.full(12, np.nan))
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]]), dim=1)
+    out = visual(bank, c, text)
+    assert out.index.tolist() == [0, 1, 2, 4, 5, 6, 7, 9, 10, 11]  # 3 and 8 have no image
+    stored = bank.image_embeddings(out.index).float()
+    assert np.allclose(out.sv, (text[out.qid] * stored).sum(1).numpy(), atol=1e-6)
+    assert np.allclose(stored, img[out.index], atol=2e-3) and np.array_equal(out.dense, c.dense[out.index])
+    with pytest.raises(ValueError, match="another VLM"):
+        visual(bank, c, torch.ones(2, 5))
+
+
+def test_stage_group(staged):
+    from mgcl.retrieval.rerank import Candidates, group
+
+    bank, _, _ = staged
+    idx = np.array([0, 1, 4, 2, 5, 3, 0, 1, 4])  # query 0: three "chest x-ray", two drusen, one lesion
+    sv = np.array([0.2, 0.9, 0.5, 0.3, 0.3, 0.1, 0.7, 0.7, 0.1], np.float32)
+    c = Candidates(np.array([0] * 6 + [1] * 3), idx, sv, sv, np.full(9, np.nan))
+    assert group(bank, c, 1).index.tolist() == [1, 2, 3, 0]  # the best of each group; equal S_v: lower index
+    assert group(bank, c, 2).index.tolist() == [1, 4, 2, 5, 3, 0, 1]
+
+
+def test_stage_gate(staged):
+    from rank_bm25 import BM25Okapi
+
+    from mgcl.retrieval.rerank import Candidates, gate
+
+    bank, _, _ = staged
+    queries = ["chest x-ray effusion", "skin"]
+    idx = np.array([0, 6, 9, 2, 3, 11])
+    sv = np.array([0.1, 0.2, 0.3, 0.9, 0.5, 0.4], np.float32)
+    c = Candidates(np.array([0, 0, 0, 0, 1, 1]), idx, sv, sv, np.full(6, np.nan))
+    out, cut = gate(bank, c, queries, 2)
+    bm = BM25Okapi([tokenize(x) for x in bank.meta["caption"]]).get_scores(tokenize(queries[0]))
+    want = sorted([0, 6, 9, 2], key=lambda i: (-bm[i], -sv[list(idx).index(i)], i))[:2]
+    assert cut == 1 and out.index.tolist() == sorted(want, key=list(idx).index) + [3, 11]
+    assert np.allclose(out.bm25[:2], bm[out.index[:2]]) and np.isnan(out.bm25[2:]).all()
+    assert gate(bank, c, queries, 4)[1] == 0
+
+
+def test_stage_sort(staged):
+    from mgcl.retrieval.rerank import Candidates, sort
+
+    bank, _, _ = staged
+    c = Candidates(np.array([0, 0, 0, 1]), np.array([5, 2, 7, 1]), np.array([0.1, 0.2, 0.3, 0.4], np.float32),
+                   np.array([0.5, 0.9, 0.5, 0.1], np.float32), np.array([np.nan, 1.5, np.nan, np.nan]))
+    hits = sort(bank, c, 3, True)
+    assert [[h.index for h in hs] for hs in hits] == [[2, 5, 7], [1], []]
+    h = hits[0][0]
+    assert (h.caption, h.score, h.dense, h.visual, h.bm25, h.group) == (bank.meta["caption"][2], pytest.approx(0.9),
+                                                                         pytest.approx(0.2), pytest.approx(0.9), 1.5, 2)
+    assert hits[0][1].bm25 is None and sort(bank, c, 3, False)[0][0].visual is None
 
 
 # ---- the question pool ------------------------------------------------------------------------

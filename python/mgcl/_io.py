@@ -1,23 +1,66 @@
 """Atomic file writes, shared by every room: the file is written under a
-temporary name next to its destination, flushed to disk, then renamed over
-it, so a reader (or a run resumed after a kill) sees the old file or the new
-one, never half of one."""
+temporary name next to its destination, flushed to disk, given the mode the
+umask asks for (0644 under umask 022, as ``open`` would make it), renamed
+over the destination, and the directory is flushed too, so a reader (or a run
+resumed after a kill or a power cut) sees the old file or the new one, never
+half of one and never none."""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Callable
 
 
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows
+    (/proc on Linux); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory entry (a rename or a new file in it) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform (Windows) or file system that cannot open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename itself stands
+    finally:
+        os.close(fd)
+
+
+def is_temp(name: str, of: str | None = None) -> bool:
+    """A temporary file left by an ``atomic_write`` killed before its rename
+    (of a file called ``of``, when given)."""
+    return name.startswith(f".{of}." if of else ".") and name.endswith(".tmp")
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` makes the file; it is fsynced and renamed to ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """``write(tmp_path)`` makes the file; it is fsynced, given the umask's
+    mode, renamed to ``path``, and the directory is fsynced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

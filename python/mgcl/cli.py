@@ -89,52 +89,82 @@ def cmd_bench(args) -> int:
 
 # ---- mgcl db -----------------------------------------------------------------------------
 
+def _printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (\\x1b),
+    so a caption or a file name cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c in " \n" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _load_vlm(name: str, device: str | None):
-    """A VLM by name through mgcl.models (imported only here: retrieval never imports models)."""
+    """A VLM by name through mgcl.models (imported only here: retrieval never imports models).
+    A hub name is checked first: offline and not in the cache, it fails at once."""
+    import os  # noqa: PLC0415
+
+    from ._hub import check  # noqa: PLC0415
+    from .models import BIOMEDCLIP_HUB, load  # noqa: PLC0415
+
+    source = name
+    if not os.path.exists(name) and (name.startswith("hf-hub:") or name.lower() == "biomedclip"):
+        hub = BIOMEDCLIP_HUB if name.lower() == "biomedclip" else name
+        local = check(hub.removeprefix("hf-hub:"), what=f"--vlm {name!r}",
+                      how="download it elsewhere and pass its folder (--vlm /path/to/model, holding "
+                          "open_clip_config.json and the weights)")
+        source = local or hub
     try:
-        from .models import load  # noqa: PLC0415
-    except ImportError as exc:
-        raise SystemExit(f"mgcl db: --vlm needs mgcl.models.load, which is not available here ({exc})") from None
-    try:
-        model = load(name)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"mgcl db: --vlm {name!r}: {exc}") from None
-    if device and hasattr(model, "to"):
-        model = model.to(device)
+        model = load(source, device=device or "cpu")
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        raise ValueError(f"--vlm {name!r}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from None
     if hasattr(model, "eval"):
         model.eval()
     return model
 
 
-def cmd_db_build(args) -> int:
-    from .retrieval.build import build_bank, report
+def _db_fail(cmd: str, exc: Exception) -> int:
+    print(_printable(f"mgcl db {cmd}: {exc}"), file=sys.stderr)
+    return 2
 
-    vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
+
+DB_ERRORS = (ValueError, OSError, ImportError)  # user input: a bad path, file, name or option (BankError included)
+
+
+def cmd_db_build(args) -> int:
+    from .retrieval.bank import resolve_device
+    from .retrieval.build import build_bank, problems, report
+
     try:
+        resolve_device(args.device)
+        vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
         manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
                               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                              image_root=args.image_root)
-        print(report(manifest))
+                              image_root=args.image_root, missing_images=args.missing_images,
+                              max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images)
+        print(_printable(report(manifest)))
         if args.index:
             from .retrieval import MemoryBank
+            from .retrieval.faiss_index import build_index
 
-            entry = MemoryBank.open(args.out).build_index(args.index)
+            entry = build_index(MemoryBank.open(args.out), args.index)
             print(f"FAISS {entry['kind']} index: {entry['path']}")
-    except (ValueError, OSError, ImportError) as exc:
-        print(f"mgcl db build: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
+    except DB_ERRORS as exc:
+        return _db_fail("build", exc)
+    print(_printable(f"wrote {args.out}"))
+    n = problems(manifest)
+    if n and not args.allow_skipped:
+        print(_printable(f"mgcl db build: {n} problem(s) with the corpus (see above and {args.out}/skipped.jsonl); "
+                         "the bank holds every readable record. Exit status 1; --allow-skipped accepts them"),
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_db_index(args) -> int:
     from .retrieval import MemoryBank
+    from .retrieval.faiss_index import build_index
 
     try:
-        entry = MemoryBank.open(args.bank).build_index(args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
-    except (ValueError, OSError, ImportError) as exc:
-        print(f"mgcl db index: {exc}", file=sys.stderr)
-        return 2
+        entry = build_index(MemoryBank.open(args.bank), args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
+    except DB_ERRORS as exc:
+        return _db_fail("index", exc)
     print(f"FAISS {entry['kind']} index written: {entry['path']}")
     return 0
 
@@ -150,49 +180,61 @@ def cmd_db_query(args) -> int:
                             f"(mgcl db index {args.bank} --index {args.index})")
         hits = bank.search(args.text, k=args.k, ties=not args.no_ties,
                            backend="exact" if args.index is None else "faiss")
-    except (ValueError, OSError, ImportError) as exc:
-        print(f"mgcl db query: {exc}", file=sys.stderr)
-        return 2
+    except DB_ERRORS as exc:
+        return _db_fail("query", exc)
     rows = []
     for text, hs in zip(args.text, hits):
         if args.json:
             rows.append({"query": text, "hits": [h.__dict__ for h in hs]})
             continue
-        print(f"query: {text}  ({len(hs)} hit(s))")
+        print(_printable(f"query: {text}  ({len(hs)} hit(s))"))
         for h in hs:
             cap = h.caption if len(h.caption) <= 100 else h.caption[:97] + "..."
-            print(f"  {h.score:7.4f}  [{h.domain or '-'}]  {cap}")
+            print(_printable(f"  {h.score:7.4f}  [{h.domain or '-'}]  {cap}"))
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
 
 
 def cmd_db_info(args) -> int:
-    from .retrieval import BankError, MemoryBank
+    from .retrieval import MemoryBank
     from .retrieval.build import report
 
     try:
         bank = MemoryBank.open(args.bank, verify=args.verify)
-    except BankError as exc:
-        print(f"mgcl db info: {exc}", file=sys.stderr)
-        return 2
-    print(report(bank.manifest))
+    except DB_ERRORS as exc:
+        return _db_fail("info", exc)
+    print(_printable(report(bank.manifest)))
     if args.verify:
-        print("checksums: all files match the manifest")
+        print("checksums: all files match the manifest; embeddings finite")
     return 0
 
 
 def _add_db(sub) -> None:
+    from .retrieval.images import MAX_PIXELS
+
     db = sub.add_parser("db", help="build and query a retrieval bank").add_subparsers(dest="db_command", required=True)
-    s = db.add_parser("build", help="embed a corpus into a bank (resumes an interrupted build)")
+    s = db.add_parser("build", help="embed a corpus into a bank (resumes an interrupted build)",
+                      description="Exit status: 0 when every record was used, 1 when the bank was written but "
+                                  "records were skipped, containers damaged or images unreadable (all listed in "
+                                  "OUT/skipped.jsonl; --allow-skipped makes this 0), 2 on an error (nothing "
+                                  "written).")
     s.add_argument("corpus", nargs="+", help="jsonl / parquet / WebDataset .tar files or folders")
     s.add_argument("--out", required=True, help="bank directory")
-    s.add_argument("--embedder", default="minilm", help="minilm (default) | hashing[:DIM] | a sentence-transformers name or path")
-    s.add_argument("--vlm", help="store this VLM's image embeddings for reranking (mgcl.models name)")
+    s.add_argument("--embedder", default="minilm", help="minilm (default) | hashing[:DIM] | a sentence-transformers folder or hub name")
+    s.add_argument("--vlm", help="store this VLM's image embeddings for reranking (mgcl.models name or folder)")
     s.add_argument("--shard-size", type=int, default=100_000)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     s.add_argument("--image-root", help="folder that relative image paths in jsonl/parquet refer to")
+    s.add_argument("--allow-external-images", action="store_true",
+                   help="accept image paths outside the corpus root (--image-root, else the corpus folder)")
+    s.add_argument("--missing-images", choices=["skip", "keep"], default=None,
+                   help="records without a readable image: skip (default with --vlm) or keep (default without)")
+    s.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                   help=f"larger images count as unreadable (default {MAX_PIXELS:,})")
+    s.add_argument("--allow-skipped", action="store_true",
+                   help="exit 0 even when records were skipped or containers damaged (still listed in skipped.jsonl)")
     s.add_argument("--index", choices=["flat", "ivfpq"], help="also build a FAISS index")
     s.set_defaults(func=cmd_db_build)
     s = db.add_parser("index", help="build a FAISS index for a bank")
@@ -328,7 +370,8 @@ def _add_experiments(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("run", help="one continual-learning run from a YAML config (see configs/)")
-    s.add_argument("config", help="YAML config: benchmark, data_root, model, strategy, retrieval, train, output_dir")
+    s.add_argument("config", help="YAML config (benchmark, data_root, model, strategy, retrieval, train, output_dir), "
+                                  "or a shipped config's name (mgcl run NAME; an unknown name lists them)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished task")
     s.add_argument("--check", action="store_true", help="only validate the config")
     s.add_argument("--no-progress", action="store_true")
@@ -341,7 +384,10 @@ def _add_experiments(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
+    p.add_argument("--version", action="version", version=f"mgcl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, native modules, GPU and the backend each op uses")

@@ -286,14 +286,18 @@ def validate(raw, where: str = "config") -> dict:
 
 
 def load_config(path: str) -> dict:
-    """Read and validate a YAML (or JSON) config file."""
+    """Read and validate a YAML (or JSON) config file, or a shipped config by name."""
     import yaml  # noqa: PLC0415
 
+    from . import configs  # noqa: PLC0415
+
+    path = configs.resolve(path)
     try:
         with open(path) as fh:
             raw = yaml.safe_load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such config file, nor a shipped config "
+                          f"({', '.join(configs.shipped()) or 'none found'})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     return validate(raw, os.path.basename(path))

@@ -4,7 +4,7 @@ multi-stage retrieval and the Dynamic Siphon (SPEC.md sections 2-4).
     from mgcl.retrieval import build_bank, MemoryBank, load_pool, Siphon
     build_bank(["pmc_oa.jsonl"], "bank/", embedder="minilm")
     bank = MemoryBank.open("bank/")
-    hits = bank.search(["chest x-ray with pneumothorax"], k=10)
+    hits = bank.search(["chest x-ray with pneumothorax"], k=10)       # mgcl.retrieval.search
     siphon = Siphon(bank, load_pool(), None, vlm=model, a=30, b=30, c=80, n_general=100, k_v=1, seed=0)
     refs = siphon.reference_set(finished_tasks)
 
@@ -15,11 +15,12 @@ never imports ``mgcl.models`` or ``mgcl.cl``. Heavy dependencies
 from .bank import BankError, BankFileMissing, Hit, MemoryBank, write_bank
 from .build import build_bank
 from .embedders import HashingEmbedder, SentenceTransformerEmbedder, get_embedder
-from .images import open_image
+from .faiss_index import build_index
+from .images import UnreadableImage, open_image
 from .pool import Question, load_pool
 from .rerank import retrieve
 from .siphon import RefBatch, ReferenceSet, Siphon
 
-__all__ = ["MemoryBank", "BankError", "BankFileMissing", "Hit", "write_bank", "build_bank", "get_embedder",
-           "HashingEmbedder", "SentenceTransformerEmbedder", "open_image", "Question", "load_pool", "retrieve",
-           "Siphon", "ReferenceSet", "RefBatch"]
+__all__ = ["MemoryBank", "BankError", "BankFileMissing", "Hit", "write_bank", "build_bank", "build_index",
+           "get_embedder", "HashingEmbedder", "SentenceTransformerEmbedder", "open_image", "UnreadableImage",
+           "Question", "load_pool", "retrieve", "Siphon", "ReferenceSet", "RefBatch"]

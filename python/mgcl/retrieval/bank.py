@@ -10,7 +10,8 @@ Layout (DESIGN.md, "Data on disk"):
                                        (unit rows; zero rows for unreadable images)
     bm25/{vocab.json,tokens.safetensors}  caption term counts + document frequencies
     index/faiss-<kind>.index           optional FAISS index
-    skipped.jsonl                      corpus records the builder could not use
+    skipped.jsonl                      corpus records the builder skipped or repaired, damaged
+                                       containers (file, position, reason, action)
 
 The manifest is written last: a directory without it is an unfinished build.
 ``group`` is the index of the first entry with the same caption, so identical
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -35,7 +38,7 @@ VLM_KEY = "image_embeddings"
 
 
 class BankError(ValueError):
-    """A bank directory that is missing, incomplete or corrupt."""
+    """A bank directory that is missing, incomplete, corrupt or changed since its build."""
 
 
 class BankFileMissing(BankError, FileNotFoundError):
@@ -61,31 +64,47 @@ class Hit:
 
 
 class MemoryBank:
-    """An opened bank; see the module doc for the files. Open with ``MemoryBank.open``."""
+    """An opened bank: storage only (rows, meta, the BM25 cache, the FAISS
+    index file); searching it is ``mgcl.retrieval.search``. Open with
+    ``MemoryBank.open``.
+
+    Integrity: opening reads the manifest and every file's header, never the
+    data. Each file's sha256 is checked against the manifest on its first
+    read through the opened bank (a shard when a search or a gather first touches it,
+    meta.parquet when the captions are first read, the BM25 cache, the FAISS
+    index when loaded), so a flipped byte, a rewritten shard or caption, or
+    two swapped shards are refused with a BankError naming the file before any
+    of it is used; the cost is one hashing pass per file per open.
+    ``verify()`` (``open(..., verify=True)``, ``mgcl db info --verify``) checks
+    every file at once, and the embeddings for NaN or inf.
+    """
 
     def __init__(self, path: str, manifest: dict, shards: list[torch.Tensor], vlm_shards: list[torch.Tensor] | None,
                  embedder=None, device=None):
         self.path = path
         self.manifest = manifest
-        self.shards = shards
-        self.vlm_shards = vlm_shards
+        self._shards = shards
+        self._vlm_shards = vlm_shards or []
         self.count = int(manifest["count"])
         self.dim = int(manifest["dim"])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._embedder = embedder
         self._meta = None
         self._bm25 = {}
-        self._faiss = None
+        self._pending = set(_named_files(manifest))  # relative paths not yet checked against their sha256
+        self._lock = threading.Lock()
         self.offsets = np.concatenate([[0], np.cumsum([s.shape[0] for s in shards])]).astype(np.int64)
 
     # ---- opening and verifying ---------------------------------------------------
 
     @classmethod
     def open(cls, path: str, *, verify: bool = False, embedder=None, device=None) -> "MemoryBank":
-        """Open the bank at ``path``: check the manifest (format version, counts,
-        shard headers) and memory-map every shard. ``verify=True`` also checks
-        the sha256 of every file (reads everything once). ``embedder`` (an object
-        or a name) encodes text queries; by default the one named in the manifest."""
+        """Open the bank at ``path``: check the manifest (format version, types,
+        counts, that it names only files inside the bank) and every shard's
+        header, and memory-map the shards; file contents are checked on first
+        read (class doc). ``verify=True`` checks every file now. ``embedder``
+        (an object or a name) encodes text queries, in place of the one named in
+        the manifest. ``device``: where searches run (default: the CPU)."""
         path = os.path.abspath(os.fspath(path))
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isdir(path):
@@ -94,56 +113,121 @@ class MemoryBank:
             hint = " (an unfinished build: rerun `mgcl db build` to resume)" if os.path.isdir(
                 os.path.join(path, ".build")) else ""
             raise BankFileMissing(f"bank {path!r} has no manifest.json{hint}")
+        dev = resolve_device(device)
         try:
-            with open(mpath) as fh:
-                m = json.load(fh)
-        except json.JSONDecodeError as exc:
+            with open(mpath, "rb") as fh:
+                m = json.loads(fh.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BankError(f"{mpath}: not valid JSON ({exc})") from None
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            what = f"format={m.get('format')!r}" if isinstance(m, dict) else "not a JSON object"
-            raise BankError(f"{mpath}: not an mgcl bank ({what})")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise BankError(f"{mpath}: format version {m.get('format_version')!r}; this mgcl reads {FORMAT_VERSION}")
-        missing = [key for key in ("dim", "count", "shards", "meta") if key not in m]
-        if missing:
-            raise BankError(f"{mpath}: manifest lacks {missing}")
-        if m.get("dtype") != "float16":
-            raise BankError(f"{mpath}: dtype {m.get('dtype')!r}; expected float16")
+        _check_manifest(m, mpath)
+        for rel in _named_files(m):
+            _inside(path, rel)
         dim = int(m["dim"])
-        shards = _open_shards(path, m["shards"], EMB_KEY, dim, verify)
+        shards = _open_shards(path, m["shards"], EMB_KEY, dim)
         total = sum(s.shape[0] for s in shards)
         if total != m["count"]:
             raise BankError(f"{mpath}: shards hold {total} rows but count is {m['count']}")
         vlm = None
         if m.get("vlm"):
-            vlm = _open_shards(path, m["vlm"]["shards"], VLM_KEY, int(m["vlm"]["dim"]), verify)
+            vlm = _open_shards(path, m["vlm"]["shards"], VLM_KEY, int(m["vlm"]["dim"]))
             if [s.shape[0] for s in vlm] != [s.shape[0] for s in shards]:
                 raise BankError(f"{mpath}: VLM image-embedding shards do not match the text shards row for row")
-        _check_file(path, m["meta"], verify)
+        import pyarrow as pa  # noqa: PLC0415
         import pyarrow.parquet as pq  # noqa: PLC0415
 
-        nrows = pq.ParquetFile(os.path.join(path, m["meta"]["path"])).metadata.num_rows
+        meta = _file(path, m["meta"]["path"])
+        try:
+            nrows = pq.ParquetFile(meta).metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise BankError(f"bank {path!r}: {m['meta']['path']!r} is not a readable parquet file ({exc})") from None
         if nrows != m["count"]:
-            raise BankError(f"{os.path.join(path, m['meta']['path'])}: {nrows} rows but the manifest count is {m['count']}")
-        if m.get("bm25"):
-            for part in ("vocab", "tokens"):
-                _check_file(path, m["bm25"][part], verify)
-        if m.get("index"):
-            _check_file(path, m["index"], verify)
-        return cls(path, m, shards, vlm, embedder=embedder, device=device)
+            raise BankError(f"{meta}: {nrows} rows but the manifest count is {m['count']}")
+        for rel in _named_files(m):
+            _file(path, rel)
+        bank = cls(path, m, shards, vlm, embedder=embedder, device=dev)
+        if verify:
+            bank.verify()
+        return bank
 
     def verify(self) -> None:
-        """Check the sha256 of every file against the manifest (raises BankError)."""
-        MemoryBank.open(self.path, verify=True)
+        """Check every file against its sha256 in the manifest, and the stored
+        embeddings for NaN or inf (raises BankError naming the file)."""
+        self.check(force=True)
+        for entries, tensors in ((self.manifest["shards"], self._shards),
+                                 ((self.manifest.get("vlm") or {}).get("shards", []), self._vlm_shards)):
+            for e, t in zip(entries, tensors):
+                for a in range(0, t.shape[0], 1 << 16):  # float16 NaN/inf: all five exponent bits set
+                    if bool(((t[a:a + (1 << 16)].view(torch.int16) & 0x7C00) == 0x7C00).any()):
+                        raise BankError(f"bank {self.path!r}: {e['path']!r} holds NaN or inf values")
+
+    def check(self, files=None, *, force: bool = False) -> None:
+        """Check ``files`` (paths relative to the bank; default: every file the
+        manifest names) against their sha256, each once per bank object unless
+        ``force``; several files are hashed in parallel. Reads run it on first use."""
+        want = _named_files(self.manifest)
+        with self._lock:
+            todo = [r for r in dict.fromkeys(want if files is None else files) if force or r in self._pending]
+            if not todo:
+                return
+            workers = max(1, min(len(todo), 4, os.cpu_count() or 1))
+            with ThreadPoolExecutor(workers) as pool:
+                got = list(pool.map(lambda r: store.sha256_file(os.path.join(self.path, r)), todo))
+            for rel, h in zip(todo, got):
+                if h != want[rel]:
+                    raise BankError(f"bank {self.path!r}: {rel!r} does not match its sha256 in the manifest (changed "
+                                    f"or corrupt since the build; `mgcl db info {self.path} --verify` checks all)")
+                self._pending.discard(rel)
 
     def __len__(self) -> int:
         return self.count
 
     def __repr__(self) -> str:
         return (f"MemoryBank({self.path!r}, count={self.count}, dim={self.dim}, embedder={self.embedder_name!r}, "
-                f"shards={len(self.shards)}, vlm={'yes' if self.vlm_shards else 'no'})")
+                f"shards={len(self._shards)}, vlm={'yes' if self.has_vlm else 'no'})")
 
-    # ---- metadata --------------------------------------------------------------------
+    # ---- rows ------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        """The text-embedding shards (float16 [n_i, dim], memory-mapped), checked."""
+        self.check(e["path"] for e in self.manifest["shards"])
+        return list(self._shards)
+
+    @property
+    def vlm_shards(self) -> list[torch.Tensor]:
+        """The VLM image-embedding shards (empty without ``--vlm``), checked."""
+        self.check(e["path"] for e in (self.manifest.get("vlm") or {}).get("shards", []))
+        return list(self._vlm_shards)
+
+    @property
+    def has_vlm(self) -> bool:
+        return bool(self._vlm_shards)
+
+    def _gather(self, shards, entries, indices) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.count):
+            raise ValueError(f"index out of range [0, {self.count})")
+        d = shards[0].shape[1] if shards else 0
+        out = torch.empty((len(idx), d), dtype=torch.float16)
+        sid = np.searchsorted(self.offsets, idx, side="right") - 1
+        used = np.unique(sid)
+        self.check(entries[s]["path"] for s in used)
+        for s in used:
+            sel = np.nonzero(sid == s)[0]
+            out[torch.from_numpy(sel)] = shards[s][torch.from_numpy(idx[sel] - self.offsets[s])]
+        return out
+
+    def embeddings(self, indices) -> torch.Tensor:
+        """float16 [len(indices), dim] rows of the text embeddings."""
+        return self._gather(self._shards, self.manifest["shards"], indices)
+
+    def image_embeddings(self, indices) -> torch.Tensor:
+        """float16 rows of the stored VLM image embeddings (BankError when absent)."""
+        if not self._vlm_shards:
+            raise BankError(f"bank {self.path!r} has no VLM image embeddings (build with --vlm)")
+        return self._gather(self._vlm_shards, self.manifest["vlm"]["shards"], indices)
+
+    # ---- meta, BM25, the FAISS index file ------------------------------------------------
 
     @property
     def embedder_name(self) -> str:
@@ -151,14 +235,11 @@ class MemoryBank:
 
     @property
     def embedder(self):
+        """The text embedder of queries: the one given to ``open``, else the manifest's."""
         if self._embedder is None or isinstance(self._embedder, str):
-            from .embedders import get_embedder  # noqa: PLC0415
+            from .embedders import for_bank  # noqa: PLC0415
 
-            name = self._embedder or self.embedder_name
-            if name == "external":
-                raise ValueError(f"bank {self.path!r} was written from precomputed embeddings; "
-                                 "pass query embeddings or an embedder to MemoryBank.open(..., embedder=)")
-            self._embedder = get_embedder(name, device=None)
+            self._embedder = for_bank(self._embedder or self.embedder_name, self)
         return self._embedder
 
     @property
@@ -167,115 +248,159 @@ class MemoryBank:
         if self._meta is None:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
-            t = pq.read_table(os.path.join(self.path, self.manifest["meta"]["path"]))
-            self._meta = {c: t.column(c).to_pylist() for c in ("id", "caption", "image", "domain")}
-            self._meta["group"] = t.column("group").to_numpy()
+            rel = self.manifest["meta"]["path"]
+            self.check([rel])
+            t = pq.read_table(os.path.join(self.path, rel))
+            missing = [c for c in ("id", "caption", "image", "domain", "group") if c not in t.column_names]
+            if missing:
+                raise BankError(f"bank {self.path!r}: {rel!r} lacks the column(s) {missing}")
+            meta = {c: t.column(c).to_pylist() for c in ("id", "caption", "image", "domain")}
+            meta["group"] = t.column("group").to_numpy()
+            self._meta = meta
         return self._meta
 
-    @property
-    def has_vlm(self) -> bool:
-        return bool(self.vlm_shards)
-
-    def hit(self, index: int, score: float) -> Hit:
+    def hit(self, index: int, score: float, **stages) -> Hit:
+        """The ``Hit`` of entry ``index``; ``stages``: dense, visual, bm25 scores."""
         m = self.meta
         i = int(index)
-        return Hit(m["id"][i], m["caption"][i], m["domain"][i], m["image"][i], float(score), i, int(m["group"][i]))
-
-    def _gather(self, shards, indices) -> torch.Tensor:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.count):
-            raise ValueError(f"index out of range [0, {self.count})")
-        d = shards[0].shape[1] if shards else 0
-        out = torch.empty((len(idx), d), dtype=torch.float16)
-        sid = np.searchsorted(self.offsets, idx, side="right") - 1
-        for s in np.unique(sid):
-            sel = np.nonzero(sid == s)[0]
-            out[torch.from_numpy(sel)] = shards[s][torch.from_numpy(idx[sel] - self.offsets[s])]
-        return out
-
-    def embeddings(self, indices) -> torch.Tensor:
-        """float16 [len(indices), dim] rows of the text embeddings."""
-        return self._gather(self.shards, indices)
-
-    def image_embeddings(self, indices) -> torch.Tensor:
-        """float16 rows of the stored VLM image embeddings (BankError when absent)."""
-        if not self.vlm_shards:
-            raise BankError(f"bank {self.path!r} has no VLM image embeddings (build with --vlm)")
-        return self._gather(self.vlm_shards, indices)
+        return Hit(m["id"][i], m["caption"][i], m["domain"][i], m["image"][i], float(score), i, int(m["group"][i]),
+                   **stages)
 
     def bm25(self, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
         from .bm25 import BM25  # noqa: PLC0415
 
         key = (k1, b, epsilon)
         if key not in self._bm25:
-            if not self.manifest.get("bm25"):
+            entry = self.manifest.get("bm25")
+            if not entry:
                 raise BankError(f"bank {self.path!r} has no BM25 cache")
-            self._bm25[key] = BM25.open(self.path, self.manifest["bm25"], k1=k1, b=b, epsilon=epsilon)
+            self.check([entry["vocab"]["path"], entry["tokens"]["path"]])
+            self._bm25[key] = BM25.open(self.path, entry, k1=k1, b=b, epsilon=epsilon)
         return self._bm25[key]
 
-    # ---- search -------------------------------------------------------------------------
+    def index_file(self) -> tuple[dict, str]:
+        """The FAISS index entry of the manifest and the file's path, checked."""
+        entry = self.manifest.get("index")
+        if not entry:
+            raise BankError(f"bank {self.path!r} has no FAISS index (mgcl db index {self.path} --index flat|ivfpq)")
+        self.check([entry["path"]])
+        return entry, os.path.join(self.path, entry["path"])
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Query embeddings (float32 [n, dim], unit rows) from the bank's embedder."""
-        emb = torch.from_numpy(np.ascontiguousarray(self.embedder.encode(list(texts), batch_size)))
-        if emb.shape[1] != self.dim:
-            raise ValueError(f"the embedder gives {emb.shape[1]}-d vectors; bank {self.path!r} has dim {self.dim}")
-        return emb
-
-    def _queries(self, queries) -> torch.Tensor:
-        if isinstance(queries, str):
-            raise ValueError("search: pass a list of query strings, not one string")
-        if isinstance(queries, np.ndarray):
-            queries = torch.from_numpy(queries)
-        if isinstance(queries, torch.Tensor):
-            if queries.dim() != 2 or queries.shape[1] != self.dim:
-                raise ValueError(f"search: query embeddings must be [Q, {self.dim}], got {tuple(queries.shape)}")
-            if not torch.isfinite(queries).all():
-                raise ValueError("search: query embeddings contain NaN or inf")
-            return queries.float()
-        queries = list(queries)
-        if not all(isinstance(q, str) for q in queries):
-            raise ValueError("search: queries must be a list of strings or a [Q, dim] tensor")
-        return self.encode(queries)
-
-    def topk(self, queries, k: int, ties: bool = True, *, backend: str = "exact", overfetch: int = 4):
-        """Dense candidates per query as CSR ``(values, indices, offsets)`` (numpy),
-        score desc then index asc. ``backend="exact"`` streams the shards through
-        ``similarity_topk``; ``"faiss"`` asks the FAISS index and re-scores what it
-        returns exactly (the tie rule then holds over those candidates)."""
-        _check_k(k)
-        q = self._queries(queries)
-        if backend == "exact":
-            from .search import exact_topk  # noqa: PLC0415
-
-            return exact_topk(q, self.shards, k, ties, device=self.device)
-        if backend == "faiss":
-            from .search import faiss_topk  # noqa: PLC0415
-
-            return faiss_topk(self, q, k, ties, overfetch=overfetch)
-        raise ValueError(f"search: unknown backend {backend!r}; expected 'exact' or 'faiss'")
-
-    def search(self, queries, k: int, ties: bool = True, *, backend: str = "exact") -> list[list[Hit]]:
-        """One list of ``Hit`` per query: every entry scoring at least the k-th
-        largest distinct cosine score (``ties=True``, so the list can be longer
-        than k), or exactly min(k, count) entries (``ties=False``); sorted by
-        score desc then index asc. ``queries``: a list of strings (encoded with
-        the bank's embedder) or a float [Q, dim] tensor of unit vectors."""
-        values, indices, offsets = self.topk(queries, k, ties, backend=backend)
-        return [[self.hit(indices[j], values[j]) for j in range(offsets[i], offsets[i + 1])]
-                for i in range(len(offsets) - 1)]
-
-    # ---- FAISS ----------------------------------------------------------------------------
-
-    def build_index(self, kind: str = "flat", *, nlist: int | None = None, m: int | None = None, nbits: int = 8,
-                    train_size: int = 200_000, seed: int = 0) -> dict:
-        from .search import build_faiss_index  # noqa: PLC0415
-
-        entry = build_faiss_index(self, kind, nlist=nlist, m=m, nbits=nbits, train_size=train_size, seed=seed)
+    def record_index(self, entry: dict) -> None:
+        """Name a FAISS index file (already written inside the bank) in the manifest."""
+        _check_entry(entry, "index", os.path.join(self.path, "manifest.json"))
+        _inside(self.path, entry["path"])
         self.manifest["index"] = entry
         store.atomic_write_json(os.path.join(self.path, "manifest.json"), self.manifest)
-        self._faiss = None
-        return entry
+        with self._lock:
+            self._pending.discard(entry["path"])
+
+    # ---- conveniences: searching is mgcl.retrieval.search ------------------------------
+
+    def topk(self, queries, k: int, ties: bool = True, *, backend: str = "exact", overfetch: int = 4):
+        """``mgcl.retrieval.search.topk(self, ...)``: CSR (values, indices, offsets)."""
+        from .search import topk  # noqa: PLC0415
+
+        return topk(self, queries, k, ties, backend=backend, overfetch=overfetch)
+
+    def search(self, queries, k: int, ties: bool = True, *, backend: str = "exact") -> list[list[Hit]]:
+        """``mgcl.retrieval.search.search(self, ...)``: one list of ``Hit`` per query."""
+        from .search import search  # noqa: PLC0415
+
+        return search(self, queries, k, ties, backend=backend)
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` (None: the CPU) as a torch.device; ValueError for a bad name or a GPU that is not there."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no GPU is visible (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(e, what: str, mpath: str, rows: bool = False) -> None:
+    ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+    if ok and rows:
+        ok = _is_int(e.get("rows")) and e["rows"] >= 0
+    if not ok:
+        need = "path, sha256" + (" and rows" if rows else "")
+        raise BankError(f"{mpath}: {what} must be an object with {need}, got {json.dumps(e)[:80]}")
+
+
+def _check_manifest(m, mpath: str) -> None:
+    """The manifest's shape and types, so that a hand-edited one fails here, in one line."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        what = f"format={m.get('format')!r}" if isinstance(m, dict) else "not a JSON object"
+        raise BankError(f"{mpath}: not an mgcl bank ({what})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise BankError(f"{mpath}: format version {m.get('format_version')!r}; this mgcl reads {FORMAT_VERSION}")
+    missing = [key for key in ("dim", "count", "shards", "meta") if key not in m]
+    if missing:
+        raise BankError(f"{mpath}: manifest lacks {missing}")
+    if m.get("dtype") != "float16":
+        raise BankError(f"{mpath}: dtype {m.get('dtype')!r}; expected float16")
+    for key in ("dim", "count"):
+        if not _is_int(m[key]) or m[key] < (1 if key == "dim" else 0):
+            raise BankError(f"{mpath}: {key!r} must be a non-negative integer, got {m[key]!r}")
+    if not isinstance(m.get("embedder"), str):
+        raise BankError(f"{mpath}: 'embedder' must be a string, got {m.get('embedder')!r}")
+    if not isinstance(m["shards"], list):
+        raise BankError(f"{mpath}: 'shards' must be a list of shard entries, got {type(m['shards']).__name__}")
+    for i, e in enumerate(m["shards"]):
+        _check_entry(e, f"shards[{i}]", mpath, rows=True)
+    _check_entry(m["meta"], "'meta'", mpath)
+    v = m.get("vlm")
+    if v is not None:
+        if not (isinstance(v, dict) and _is_int(v.get("dim")) and v["dim"] > 0 and isinstance(v.get("shards"), list)):
+            raise BankError(f"{mpath}: 'vlm' must be null or an object with dim and a list of shards")
+        for i, e in enumerate(v["shards"]):
+            _check_entry(e, f"vlm.shards[{i}]", mpath, rows=True)
+    b = m.get("bm25")
+    if b is not None:
+        if not isinstance(b, dict):
+            raise BankError(f"{mpath}: 'bm25' must be null or an object")
+        for part in ("vocab", "tokens"):
+            _check_entry(b.get(part), f"bm25.{part}", mpath)
+    if m.get("index") is not None:
+        _check_entry(m["index"], "'index'", mpath)
+        if m["index"].get("kind") not in ("flat", "ivfpq"):
+            raise BankError(f"{mpath}: index kind {m['index'].get('kind')!r}; expected 'flat' or 'ivfpq'")
+
+
+def _named_files(m: dict) -> dict[str, str]:
+    """Every file the manifest names (relative path -> sha256)."""
+    entries = list(m["shards"]) + [m["meta"]] + list((m.get("vlm") or {}).get("shards", []))
+    if m.get("bm25"):
+        entries += [m["bm25"]["vocab"], m["bm25"]["tokens"]]
+    if m.get("index"):
+        entries.append(m["index"])
+    return {e["path"]: e["sha256"] for e in entries}
+
+
+def _inside(bank: str, rel: str) -> None:
+    """A manifest names only files inside its bank: relative, no '..'."""
+    parts = rel.replace("\\", "/").split("/")
+    if os.path.isabs(rel) or "\0" in rel or ".." in parts or rel in ("", "."):
+        raise BankError(f"bank {bank!r}: the manifest names {rel!r}, which is not a file inside the bank "
+                        "(paths must be relative, without '..')")
+
+
+def _file(bank: str, rel: str) -> str:
+    p = os.path.join(bank, rel)
+    if not os.path.isfile(p):
+        raise BankFileMissing(f"bank {bank!r}: missing file {rel!r}")
+    return p
 
 
 def _check_k(k) -> None:
@@ -283,19 +408,10 @@ def _check_k(k) -> None:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
 
 
-def _check_file(bank: str, entry: dict, verify: bool) -> None:
-    p = os.path.join(bank, entry["path"])
-    if not os.path.exists(p):
-        raise BankFileMissing(f"bank {bank!r}: missing file {entry['path']!r}")
-    if verify and store.sha256_file(p) != entry["sha256"]:
-        raise BankError(f"bank {bank!r}: checksum mismatch for {entry['path']!r} (file changed or corrupt)")
-
-
-def _open_shards(bank: str, entries: list, key: str, dim: int, verify: bool) -> list[torch.Tensor]:
+def _open_shards(bank: str, entries: list, key: str, dim: int) -> list[torch.Tensor]:
     out = []
     for e in entries:
-        _check_file(bank, e, verify)
-        p = os.path.join(bank, e["path"])
+        p = _file(bank, e["path"])
         try:
             t = store.mmap_tensor(p, key)
         except ValueError as exc:
@@ -314,8 +430,13 @@ def shard_name(j: int, sub: str = "embeddings") -> str:
 
 
 def write_shard(bank: str, j: int, emb, sub: str = "embeddings", key: str = EMB_KEY) -> dict:
-    """Write shard ``j`` (float16, atomically); return its manifest entry."""
+    """Write shard ``j`` (float16, atomically); return its manifest entry.
+    Rows with NaN or inf (also after rounding to float16) are refused."""
     t = torch.as_tensor(emb).to(torch.float16).contiguous()
+    bad = torch.nonzero(~torch.isfinite(t).all(1)).flatten()
+    if len(bad):
+        raise ValueError(f"write_shard: {len(bad)} row(s) of {sub} shard {j} hold NaN or inf (the first: row "
+                         f"{int(bad[0])}); a bank stores finite unit vectors")
     rel = shard_name(j, sub)
     store.atomic_write_tensors(os.path.join(bank, rel), {key: t})
     return {"path": rel, "rows": int(t.shape[0]), "sha256": store.sha256_file(os.path.join(bank, rel))}

@@ -13,19 +13,34 @@ Shapes understood (field names are tried in the order listed):
   member's caption field; id and domain from the json member when present
   (BIOMEDICA keeps cluster labels such as ``image_primary_label`` there).
 
-``read_corpus(paths)`` yields ``Record`` for good records and ``Skipped`` (with
-the file, position and reason) for empty or malformed ones, in a deterministic
-order: the paths as given, directories expanded to their sorted files.
+Nothing readable is lost. ``read_corpus(paths)`` yields, in a deterministic
+order (the paths as given, folders expanded to their sorted files):
+- ``Record`` for every usable record; text that is not clean is repaired
+  (invalid UTF-8 and lone surrogates become U+FFFD, NUL and other control
+  characters are dropped) and the record says what was repaired;
+- ``Skipped`` (file, position, reason) for a record that cannot be used, and
+  reading goes on with the next one;
+- ``Damaged`` (file, position, reason, records read so far) for a container
+  that is damaged or ends early: a tar is read on past a damaged member
+  header, a parquet file past an unreadable row group; a gzip stream or a
+  tar that ends early keeps the records read before the damage.
+A tar that holds one member name twice keeps the first sample and skips the
+later one. Image paths must resolve inside the corpus root (``image_root``,
+else the folder the file was found in) unless ``external_images=True``.
+Folders holding an mgcl bank (finished or under construction) are not corpus:
+``expand`` leaves them out and says so.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from .images import parquet_ref, tar_ref
+from .images import parquet_ref, tar_ref, walk_tar
 
 CAPTION_KEYS = ("caption", "text", "txt", "caption_text", "figure_caption")
 IMAGE_KEYS = ("image", "image_path", "img_path", "path", "file_name", "filename", "image_file")
@@ -33,6 +48,7 @@ ID_KEYS = ("id", "__key__", "key", "image_id", "uid", "sample_id")
 DOMAIN_KEYS = ("domain", "modality", "image_primary_label", "primary_label")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
 CORPUS_EXTS = (".jsonl", ".json", ".jsonl.gz", ".parquet", ".tar", ".tar.gz", ".tgz")
+TEXT_MEMBERS = ("json", "txt", "caption", "caption.txt")
 
 
 @dataclass(frozen=True)
@@ -41,42 +57,125 @@ class Record:
     caption: str
     image: str
     domain: str
-    source: str  # "file:position" for error messages
+    file: str
+    position: str          # "line 12", "row 7", "sample k0001"
+    repaired: str = ""     # what was repaired in its text ("" = nothing)
 
 
 @dataclass(frozen=True)
 class Skipped:
-    source: str
+    file: str
+    position: str
     reason: str
 
 
-def expand(paths) -> list[str]:
-    """Corpus files from ``paths`` (files kept in order; folders expanded, sorted)."""
+@dataclass(frozen=True)
+class Damaged:
+    file: str
+    position: str          # where the damage starts ("byte 5120", "row group 2 (rows 513-768)", "line 90")
+    reason: str
+    records_read: int      # records (used or skipped) read from the file before it
+
+
+Item = Union[Record, Skipped, Damaged]
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    path: str              # absolute
+    root: str              # the folder its image paths must stay inside
+
+
+# ---- finding the files -------------------------------------------------------------------
+
+def is_bank_dir(path: str) -> bool:
+    """A finished mgcl bank (manifest.json of format mgcl-bank) or one being built (.build/)."""
+    if os.path.isdir(os.path.join(path, ".build")):
+        return True
+    try:
+        with open(os.path.join(path, "manifest.json"), "rb") as fh:
+            return json.loads(fh.read(1 << 20)).get("format") == "mgcl-bank"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def expand(paths, *, exclude=(), excluded: list | None = None) -> list[CorpusFile]:
+    """Corpus files from ``paths`` (files kept in order; folders expanded, sorted).
+    Folders that hold an mgcl bank, and the folders in ``exclude`` (the bank
+    being built), are left out and appended to ``excluded``."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    skip = {os.path.abspath(os.fspath(p)) for p in exclude}
     out = []
     for p in paths:
-        p = os.fspath(p)
+        p = os.path.abspath(os.fspath(p))
         if os.path.isdir(p):
-            for root, _, files in sorted(os.walk(p)):
-                out += [os.path.join(root, f) for f in sorted(files) if f.endswith(CORPUS_EXTS)]
+            found = []
+            for root, dirs, files in os.walk(p):
+                if root in skip or is_bank_dir(root):
+                    if excluded is not None:
+                        excluded.append(root)
+                    dirs[:] = []
+                    continue
+                found.append((root, files))
+            for root, files in sorted(found):  # folders in sorted path order, then their sorted files
+                out += [CorpusFile(os.path.join(root, f), p) for f in sorted(files) if f.endswith(CORPUS_EXTS)]
         elif os.path.isfile(p):
             if not p.endswith(CORPUS_EXTS):
                 raise ValueError(f"corpus file {p!r}: unknown format; expected one of {CORPUS_EXTS}")
-            out.append(p)
+            out.append(CorpusFile(p, os.path.dirname(p)))
         else:
             raise FileNotFoundError(f"corpus path {p!r} does not exist")
-    return [os.path.abspath(p) for p in out]
+    return out
 
 
-def read_corpus(paths, image_root: str | None = None) -> Iterator[Union[Record, Skipped]]:
-    for path in expand(paths):
-        if path.endswith(".parquet"):
-            yield from _read_parquet(path, image_root)
-        elif path.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from _read_tar(path)
+def read_corpus(paths, image_root: str | None = None, *, external_images: bool = False) -> Iterator[Item]:
+    """Records, skips and damage of the corpus at ``paths`` (module doc)."""
+    return read_files(expand(paths), image_root, external_images=external_images)
+
+
+def read_files(files: list[CorpusFile], image_root: str | None = None, *,
+               external_images: bool = False) -> Iterator[Item]:
+    root = os.path.abspath(image_root) if image_root else None
+    for cf in files:
+        if not _encodable(cf.path):
+            yield Damaged(cf.path, "", "the file name is not valid UTF-8 (rename it)", 0)
+        elif cf.path.endswith(".parquet"):
+            yield from _read_parquet(cf, root, external_images)
+        elif cf.path.endswith((".tar", ".tar.gz", ".tgz")):
+            yield from _read_tar(cf.path)
         else:
-            yield from _read_jsonl(path, image_root)
+            yield from _read_jsonl(cf, root, external_images)
+
+
+# ---- text ---------------------------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")  # control characters that are not whitespace
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in s
+
+
+def _decode(raw: bytes) -> tuple[str, str]:
+    """UTF-8 text, with invalid bytes replaced by U+FFFD; and a note when any were."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return raw.decode("utf-8", errors="replace"), f"invalid UTF-8 at byte {exc.start}"
+
+
+def _clean(s: str, what: str, notes: list) -> str:
+    """``s`` with lone surrogates as U+FFFD and control characters dropped (noted)."""
+    t = _CONTROL.sub("", _SURROGATE.sub("\ufffd", s))
+    if t != s:
+        notes.append(f"{what}: {'lone surrogate' if _SURROGATE.search(s) else 'control character'}")
+    return t
 
 
 def _first(d: dict, keys) -> object:
@@ -94,93 +193,168 @@ def _domain(d: dict) -> str:
     return str(v).strip() if v is not None else ""
 
 
-def _from_dict(d, source: str, base_dir: str, image_root: str | None, fallback_id: str):
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _from_dict(d, file: str, pos: str, base_dir: str, root: str, external: bool, fallback_id: str,
+               notes: list, image_ref: str | None = None):
+    """A record from one JSON object / table row. ``image_ref``: a reference
+    to image bytes inside the container itself (no path to check)."""
     if not isinstance(d, dict):
-        return Skipped(source, f"not a JSON object ({type(d).__name__})")
+        return Skipped(file, pos, f"not a JSON object ({type(d).__name__})")
     cap = _first(d, CAPTION_KEYS)
     if cap is None:
-        return Skipped(source, "no caption field")
+        return Skipped(file, pos, "no caption field")
     if not isinstance(cap, str):
-        return Skipped(source, f"caption is {type(cap).__name__}, not a string")
-    cap = " ".join(cap.split())
+        return Skipped(file, pos, f"caption is {type(cap).__name__}, not a string")
+    cap = " ".join(_clean(cap, "caption", notes).split())
     if not cap:
-        return Skipped(source, "empty caption")
-    img = _first(d, IMAGE_KEYS)
+        return Skipped(file, pos, "empty caption")
+    img = None if image_ref is not None else _first(d, IMAGE_KEYS)
     if img is not None and not isinstance(img, str):
-        return Skipped(source, f"image field is {type(img).__name__}, not a path string")
-    image = ""
+        return Skipped(file, pos, f"image field is {type(img).__name__}, not a path string")
+    image = image_ref or ""
     if img:
-        image = img if os.path.isabs(img) else os.path.abspath(os.path.join(image_root or base_dir, img))
+        if not _encodable(img):
+            return Skipped(file, pos, "image path holds invalid text (lone surrogate or NUL)")
+        image = img if os.path.isabs(img) else os.path.abspath(os.path.join(base_dir, img))
+        if not external and not _inside(image, root):
+            return Skipped(file, pos, f"image outside the corpus root: {img!r} is not under {root} (pass "
+                                      "--image-root FOLDER, or --allow-external-images to accept any path)")
     rid = _first(d, ID_KEYS)
     if rid is None:
         rid = os.path.basename(img) if img else fallback_id
-    return Record(str(rid), cap, image, _domain(d), source)
+    rid = _clean(str(rid), "id", notes)
+    return Record(rid, cap, image, _clean(_domain(d), "domain", notes), file, pos, "; ".join(notes))
 
 
-def _read_jsonl(path: str, image_root):
+# ---- jsonl ----------------------------------------------------------------------------------
+
+def _read_jsonl(cf: CorpusFile, image_root, external):
     import gzip  # noqa: PLC0415
 
-    opener = gzip.open if path.endswith(".gz") else open
+    path = cf.path
     base, name = os.path.dirname(path), os.path.basename(path)
-    with opener(path, "rt", encoding="utf-8", errors="strict") as fh:
-        lineno = 0
+    gz = path.endswith(".gz")
+    read, lineno = 0, 0
+    try:
+        if gz and os.path.getsize(path) == 0:
+            yield Damaged(path, "", "empty file (not a gzip stream)", 0)
+            return
+        fh = gzip.open(path, "rb") if gz else open(path, "rb")
+    except OSError as exc:
+        yield Damaged(path, "", f"cannot open ({exc.strerror or exc})", 0)
+        return
+    with fh:
+        lines = iter(fh)
         while True:
-            source = f"{path}:{lineno + 1}"
             try:
-                line = fh.readline()
-            except UnicodeDecodeError as exc:
-                yield Skipped(source, f"undecodable bytes: {exc.reason}")
-                return  # the stream position is lost after a decode error
-            if not line:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, zlib.error) as exc:
+                yield Damaged(path, f"line {lineno + 1}", f"ends early or is corrupt ({exc})", read)
                 return
             lineno += 1
-            if not line.strip():
-                yield Skipped(source, "blank line")
-                continue
+            if not raw.strip():
+                continue  # a blank line holds no record
+            read += 1
+            pos = f"line {lineno}"
+            text, note = _decode(raw)
             try:
-                d = json.loads(line)
+                d = json.loads(text, strict=False)  # raw control characters in strings are repaired below
             except json.JSONDecodeError as exc:
-                yield Skipped(source, f"invalid JSON: {exc.msg}")
+                yield Skipped(path, pos, f"invalid JSON: {exc.msg}" + (f" ({note})" if note else ""))
                 continue
-            yield _from_dict(d, source, base, image_root, f"{name}:{lineno}")
+            yield _from_dict(d, path, pos, image_root or base, image_root or cf.root, external,
+                             f"{name}:{lineno}", [note] if note else [])
 
 
-def _read_parquet(path: str, image_root):
+# ---- parquet --------------------------------------------------------------------------------
+
+def _read_parquet(cf: CorpusFile, image_root, external):
+    import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
 
+    path = cf.path
     base, name = os.path.dirname(path), os.path.basename(path)
-    pf = pq.ParquetFile(path)
-    image_cols = IMAGE_KEYS + IMAGE_EXTS
-    cols = [c for c in pf.schema_arrow.names if c in CAPTION_KEYS + image_cols + ID_KEYS + DOMAIN_KEYS + ("json",)]
-    row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=256):
-        for d in batch.to_pylist():
-            row += 1
-            source = f"{path}:row{row}"
-            if isinstance(d.get("json"), (str, bytes)):  # WebDataset-style metadata column
-                try:
-                    meta = json.loads(d.pop("json"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    yield Skipped(source, f"invalid json column: {exc}")
-                    continue
-                if isinstance(meta, dict):
-                    d = {**meta, **{k: v for k, v in d.items() if v is not None}}
-            for col in image_cols:
-                v, hint = d.get(col), None
-                if isinstance(v, dict):  # Hugging Face Image struct
-                    hint = v.get("path")
-                    v = v.get("bytes") or hint
-                if v in (None, "", b""):
-                    d[col] = None
-                    continue
-                if isinstance(v, (bytes, bytearray)):  # image bytes in the cell: refer to it
-                    if _first(d, ID_KEYS) is None:
-                        d["id"] = os.path.basename(hint) if isinstance(hint, str) and hint else f"{name}:{row}"
-                    v = parquet_ref(path, col, row - 1)
-                d["image"] = v
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    except (pa.ArrowException, OSError) as exc:
+        yield Damaged(path, "", f"not a readable parquet file ({exc})", 0)
+        return
+    cols = [c for c in names if c in CAPTION_KEYS + IMAGE_KEYS + IMAGE_EXTS + ID_KEYS + DOMAIN_KEYS + ("json",)]
+    strings = {f.name for f in pf.schema_arrow if f.name in cols and (pa.types.is_string(f.type)
+                                                                     or pa.types.is_large_string(f.type))}
+    read, row = 0, 0
+    for g, size in enumerate(sizes):
+        start, done = row, 0
+        batches = pf.iter_batches(columns=cols, batch_size=256, row_groups=[g])
+        while True:
+            try:
+                batch = next(batches)
+                rows = _strings_as_binary(batch, strings).to_pylist()
+            except StopIteration:
                 break
-            yield _from_dict(d, source, base, image_root, f"{name}:{row}")
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                yield Damaged(path, f"row group {g} (rows {start + done + 1}-{start + size})",
+                              f"unreadable ({exc}); its remaining {size - done} rows are lost", read)
+                break
+            for d in rows:
+                done += 1
+                read += 1
+                yield _parquet_row(d, strings, path, start + done, base, image_root, cf.root, external, name)
+        row = start + size
 
+
+def _strings_as_binary(batch, strings: set):
+    """String columns as binary, so that invalid UTF-8 in one cell is repaired
+    for that record (``_decode``) rather than failing the whole batch."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    return batch.cast(pa.schema([pa.field(f.name, pa.large_binary()) if f.name in strings else f
+                                 for f in batch.schema]))
+
+
+def _parquet_row(d: dict, strings: set, path, row: int, base, image_root, root, external, name):
+    pos = f"row {row}"
+    notes: list = []
+    for k in strings:
+        if d.get(k) is not None:
+            d[k], note = _decode(d[k])
+            if note:
+                notes.append(f"{k}: {note}")
+    if isinstance(d.get("json"), (str, bytes)):  # WebDataset-style metadata column
+        try:
+            meta = json.loads(d.pop("json"), strict=False)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return Skipped(path, pos, f"invalid json column: {exc}")
+        if isinstance(meta, dict):
+            d = {**meta, **{k: v for k, v in d.items() if v is not None}}
+    ref = None
+    for col in IMAGE_KEYS + IMAGE_EXTS:
+        v, hint = d.get(col), None
+        if isinstance(v, dict):  # Hugging Face Image struct
+            hint = v.get("path")
+            v = v.get("bytes") or hint
+        if v in (None, "", b""):
+            d[col] = None
+            continue
+        if isinstance(v, (bytes, bytearray)):  # image bytes in the cell: refer to it
+            if _first(d, ID_KEYS) is None:
+                d["id"] = os.path.basename(hint) if isinstance(hint, str) and hint else f"{name}:{row}"
+            ref = parquet_ref(path, col, row - 1)
+        else:
+            d["image"] = v
+        break
+    return _from_dict(d, path, pos, image_root or base, image_root or root, external, f"{name}:{row}", notes, ref)
+
+
+# ---- WebDataset tar -------------------------------------------------------------------------
 
 def _split_member(name: str) -> tuple[str, str]:
     """WebDataset convention: key = path up to the first dot of the basename."""
@@ -189,51 +363,89 @@ def _split_member(name: str) -> tuple[str, str]:
     return (os.path.join(d, stem) if d else stem), ext.lower()
 
 
-def _read_tar(path: str):
-    def flush(key, parts):
-        source = f"{path}::{key}"
-        meta = {}
-        if "json" in parts:
-            try:
-                meta = json.loads(parts["json"][1].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return Skipped(source, f"invalid json member: {exc}")
-            if not isinstance(meta, dict):
-                return Skipped(source, "json member is not an object")
-        cap = None
-        for ext in ("txt", "caption", "caption.txt"):
-            if ext in parts:
-                try:
-                    cap = parts[ext][1].decode("utf-8")
-                except UnicodeDecodeError:
-                    return Skipped(source, f"undecodable {ext} member")
-                break
-        if cap is None:
-            cap = _first(meta, CAPTION_KEYS)
-        if cap is None:
-            return Skipped(source, "no caption (txt member or json caption)")
-        if not isinstance(cap, str):
-            return Skipped(source, "caption is not a string")
-        cap = " ".join(cap.split())
-        if not cap:
-            return Skipped(source, "empty caption")
-        img = next((parts[e][0] for e in IMAGE_EXTS if e in parts), None)
-        if img is None:
-            return Skipped(source, "no image member")
-        rid = _first(meta, ID_KEYS) or key
-        return Record(str(rid), cap, tar_ref(path, img), _domain(meta), source)
+def _tar_sample(path: str, key: str, parts: dict, duplicate):
+    pos = f"sample {key}"
+    if duplicate is not None:
+        name, first = duplicate
+        return Skipped(path, pos, f"duplicate member name: {name!r} (first at byte {first}); the first sample "
+                                  "is kept, this one skipped")
+    if not all(_encodable(name) for name, _ in parts.values()):
+        return Skipped(path, pos, "member name is not valid UTF-8")
+    broken = [ext for ext, (_, data) in parts.items() if isinstance(data, Exception)]
+    if broken:
+        return Skipped(path, pos, f"unreadable member: {parts[broken[0]][0]!r} ({parts[broken[0]][1]})")
+    notes: list = []
+    meta = {}
+    if "json" in parts:
+        text, note = _decode(parts["json"][1])
+        try:
+            meta = json.loads(text, strict=False)
+        except json.JSONDecodeError as exc:
+            return Skipped(path, pos, f"invalid json member: {exc}")
+        if not isinstance(meta, dict):
+            return Skipped(path, pos, "json member is not an object")
+        if note:
+            notes.append(f"json: {note}")
+    cap = None
+    for ext in ("txt", "caption", "caption.txt"):
+        if ext in parts:
+            cap, note = _decode(parts[ext][1])
+            if note:
+                notes.append(f"{ext}: {note}")
+            break
+    if cap is None:
+        cap = _first(meta, CAPTION_KEYS)
+    if cap is None:
+        return Skipped(path, pos, "no caption (txt member or json caption)")
+    if not isinstance(cap, str):
+        return Skipped(path, pos, "caption is not a string")
+    cap = " ".join(_clean(cap, "caption", notes).split())
+    if not cap:
+        return Skipped(path, pos, "empty caption")
+    img = next((parts[e][0] for e in IMAGE_EXTS if e in parts), None)
+    if img is None:
+        return Skipped(path, pos, "no image member")
+    rid = _clean(str(_first(meta, ID_KEYS) or key), "id", notes)
+    return Record(rid, cap, tar_ref(path, img), _clean(_domain(meta), "domain", notes), path, pos, "; ".join(notes))
 
-    with tarfile.open(path, "r:*") as tf:
-        key, parts = None, {}
-        for m in tf:
+
+def _read_tar(path: str):
+    try:
+        tf = tarfile.open(path, "r:*", ignore_zeros=True)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        yield Damaged(path, "", f"not a readable tar archive ({exc})", 0)
+        return
+    damage: list = []
+    reported = 0
+    read = 0
+    seen: dict[str, int] = {}
+    key, parts, dup = None, {}, None
+    with tf:
+        for m in walk_tar(tf, damage):
+            for off, why in damage[reported:]:
+                yield Damaged(path, f"byte {off}", why, read)
+            reported = len(damage)
             if not m.isfile():
                 continue
             k, ext = _split_member(m.name)
-            if k != key:
+            if k != key or ext in parts:  # a new sample (a repeated extension: the same key again)
                 if key is not None:
-                    yield flush(key, parts)
-                key, parts = k, {}
-            data = tf.extractfile(m).read() if ext in ("json", "txt", "caption", "caption.txt") else b""
+                    read += 1
+                    yield _tar_sample(path, key, parts, dup)
+                key, parts, dup = k, {}, None
+            if m.name in seen:
+                dup = dup or (m.name, seen[m.name])
+            else:
+                seen[m.name] = m.offset
+            data = b""
+            if ext in TEXT_MEMBERS:
+                try:
+                    data = tf.extractfile(m).read()
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                    data = exc
             parts[ext] = (m.name, data)
         if key is not None:
-            yield flush(key, parts)
+            read += 1
+            yield _tar_sample(path, key, parts, dup)
+    for off, why in damage[reported:]:
+        yield Damaged(path, f"byte {off}", why, read)

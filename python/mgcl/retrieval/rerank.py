@@ -1,30 +1,51 @@
-"""Multi-stage retrieval (SPEC.md section 3) for a batch of text queries:
+"""Multi-stage retrieval (SPEC.md section 3) for a batch of text queries, one
+function per stage over a table of candidates (``Candidates``):
 
-1. dense: every entry scoring >= the k-th largest distinct cosine score
-   (``MemoryBank.topk``, ties kept);
-2. visual rerank: S_v = cos(VLM text embedding of the query, VLM image
+1. ``dense``: every entry scoring >= the k-th largest distinct cosine score
+   (``search.topk``, ties kept);
+2. ``visual``: S_v = cos(VLM text embedding of the query, VLM image
    embedding of the candidate); stored image embeddings (``--vlm`` at build
    time) are used when the bank has them, else images are opened and encoded
    (cached per bank index in ``image_cache``). Candidates without a usable
    image (unreadable file, zero stored vector) are dropped. Without a VLM,
    S_v is the dense score;
-3. group by caption (meta ``group``): keep each group's top ``k_v`` by S_v;
-4. lexical gate: if more than k remain, keep the k with the highest BM25
-   score of the query against their captions (equal BM25: higher S_v, then
-   lower index);
-5. sort the survivors by S_v (descending, then index ascending).
+3. ``group`` by caption (meta ``group``): keep each group's top ``k_v`` by S_v;
+4. ``gate``: if more than k remain, keep the k with the highest BM25 score of
+   the query against their captions (equal BM25: higher S_v, then lower index);
+5. ``sort`` the survivors by S_v (descending, then index ascending) into hits.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .bank import Hit
+from .bank import Hit, _check_k
+from .search import query_embeddings as embed_queries
+from .search import topk
+from .vlm import encode_images, encode_texts
 
 STAGES = ("embed", "dense", "vlm_text", "vlm_image", "visual", "group", "bm25", "sort")
+
+
+@dataclass
+class Candidates:
+    """Candidate rows of a batch of queries, grouped by query in query order."""
+
+    qid: np.ndarray            # int64: the query of each row
+    index: np.ndarray          # int64: the bank entry
+    dense: np.ndarray          # float32: the dense cosine score
+    sv: np.ndarray             # float32: S_v (the dense score until ``visual``)
+    bm25: np.ndarray           # float64: the BM25 score (NaN where the gate did not score)
+
+    def take(self, rows: np.ndarray) -> "Candidates":
+        return Candidates(self.qid[rows], self.index[rows], self.dense[rows], self.sv[rows], self.bm25[rows])
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 @contextmanager
@@ -35,54 +56,105 @@ def _timed(timings, stage):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _vlm_device(vlm) -> torch.device:
-    try:
-        return next(iter(vlm.parameters())).device
-    except (StopIteration, AttributeError, TypeError):
-        return torch.device("cpu")
-
-
-def vlm_text_features(vlm, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Unit VLM text embeddings (float32, CPU)."""
-    dev = _vlm_device(vlm)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            tok = vlm.tokenize(texts[s:s + batch_size])
-            out.append(torch.nn.functional.normalize(vlm.encode_text(tok.to(dev)).float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-def vlm_image_features(bank, vlm, indices: np.ndarray, cache: dict | None, batch_size: int = 32) -> torch.Tensor:
-    """Unit VLM image embeddings (float32) of bank entries; zero rows for entries
-    without a usable image. Stored embeddings when the bank has them."""
+def image_features(bank, vlm, indices: np.ndarray, cache: dict | None, dim: int) -> torch.Tensor:
+    """Unit VLM image embeddings (float32 [len(indices), dim]) of bank entries;
+    zero rows for entries without a usable image. The stored embeddings when
+    the bank has them, else encoded (``vlm.encode_images``) and cached per
+    bank index in ``cache``."""
     if bank.has_vlm:
         return bank.image_embeddings(indices).float()
-    from .images import open_image  # noqa: PLC0415
-
     cache = {} if cache is None else cache
     todo = [int(i) for i in dict.fromkeys(indices.tolist()) if int(i) not in cache]
-    images = bank.meta["image"]
-    tf = vlm.transform(False)
-    dev = _vlm_device(vlm)
-    for s in range(0, len(todo), batch_size):
-        chunk, pos = [], []
-        for i in todo[s:s + batch_size]:
-            try:
-                chunk.append(tf(open_image(images[i])))
-                pos.append(i)
-            except (OSError, ValueError, SyntaxError):
-                cache[i] = None
-        if chunk:
-            with torch.no_grad():
-                f = torch.nn.functional.normalize(vlm.encode_image(torch.stack(chunk).to(dev)).float(), dim=1).cpu()
-            for i, r in zip(pos, f):
-                cache[i] = r
-    dim = next((v.shape[0] for v in cache.values() if v is not None), 1)
+    if todo:
+        images = bank.meta["image"]
+        feats, ok = encode_images(vlm, [images[i] for i in todo], dim=dim)
+        for i, f, good in zip(todo, feats, ok):
+            cache[i] = f if good else None
     zero = torch.zeros(dim)
-    return torch.stack([cache[int(i)] if cache[int(i)] is not None else zero for i in indices]) if len(indices) \
+    return torch.stack([zero if cache[int(i)] is None else cache[int(i)] for i in indices]) if len(indices) \
         else torch.zeros(0, dim)
 
+
+# ---- the stages ---------------------------------------------------------------------
+
+def dense(bank, q: torch.Tensor, k: int, backend: str = "exact") -> Candidates:
+    """Stage 1: every entry at or above each query's k-th largest distinct score."""
+    dv, di, off = topk(bank, q, k, True, backend=backend)
+    qid = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    return Candidates(qid, di, dv, dv.astype(np.float32), np.full(len(di), np.nan))
+
+
+def visual(bank, c: Candidates, text: torch.Tensor, image_cache: dict | None = None,
+           timings: dict | None = None, vlm=None) -> Candidates:
+    """Stage 2: S_v = text[qid] . image(index); candidates without a usable image dropped.
+    ``text``: the queries' unit VLM text embeddings [Q, d_v]; ``vlm`` encodes
+    the images when the bank stores none."""
+    with _timed(timings, "vlm_image"):
+        uniq, inv = np.unique(c.index, return_inverse=True)
+        img = image_features(bank, vlm, uniq, image_cache, text.shape[1])
+    with _timed(timings, "visual"):
+        if img.shape[1] != text.shape[1]:
+            raise ValueError(f"retrieve: VLM text features are {text.shape[1]}-d but image features "
+                             f"{img.shape[1]}-d (bank built with another VLM?)")
+        usable = (img.abs().sum(1) > 0).numpy()
+        sv = np.empty(len(c), dtype=np.float32)
+        for s in range(0, len(c), 1 << 16):  # pairwise dot products in chunks
+            sl = slice(s, s + (1 << 16))
+            sv[sl] = (text[torch.from_numpy(c.qid[sl])] * img[torch.from_numpy(inv[sl])]).sum(1).numpy()
+        out = Candidates(c.qid, c.index, c.dense, sv, c.bm25)
+        return out.take(np.nonzero(usable[inv])[0])
+
+
+def group(bank, c: Candidates, k_v: int) -> Candidates:
+    """Stage 3: each query's top ``k_v`` candidates by S_v within each caption group."""
+    groups = bank.meta["group"][c.index]
+    order = np.lexsort((c.index, -c.sv.astype(np.float64), groups, c.qid))
+    o_q, o_g = c.qid[order], groups[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (o_q[1:] != o_q[:-1]) | (o_g[1:] != o_g[:-1])
+    start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.arange(len(order)) - start + 1
+    return c.take(np.sort(order[rank <= k_v]))
+
+
+def gate(bank, c: Candidates, queries: list[str], k: int, k1: float = 1.5, b: float = 0.75,
+         timings: dict | None = None) -> tuple[Candidates, int]:
+    """Stage 4: for every query with more than ``k`` candidates, the ``k`` with the
+    highest BM25 score (then S_v, then index). Returns the kept rows and the
+    number of queries cut."""
+    counts = np.bincount(c.qid, minlength=len(queries))
+    over = np.nonzero(counts > k)[0]
+    if not len(over):
+        return c, 0
+    with _timed(timings, "bm25"):
+        bm = bank.bm25(k1=k1, b=b)
+        keep = np.ones(len(c), dtype=bool)
+        bm25 = c.bm25.copy()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for j in over:
+            rows = np.arange(starts[j], starts[j + 1])
+            score = bm.scores(queries[j], c.index[rows])
+            top = np.lexsort((c.index[rows], -c.sv[rows].astype(np.float64), -score))[:k]
+            keep[rows] = False
+            keep[rows[top]] = True
+            bm25[rows[top]] = score[top]
+        out = Candidates(c.qid, c.index, c.dense, c.sv, bm25)
+        return out.take(np.nonzero(keep)[0]), len(over)
+
+
+def sort(bank, c: Candidates, n_queries: int, with_visual: bool) -> list[list[Hit]]:
+    """Stage 5: one list of hits per query, by S_v descending, then index."""
+    order = np.lexsort((c.index, -c.sv.astype(np.float64), c.qid))
+    out: list[list[Hit]] = [[] for _ in range(n_queries)]
+    for r in order:
+        bm = c.bm25[r]
+        out[int(c.qid[r])].append(bank.hit(c.index[r], c.sv[r], dense=float(c.dense[r]),
+                                           visual=float(c.sv[r]) if with_visual else None,
+                                           bm25=None if np.isnan(bm) else float(bm)))
+    return out
+
+
+# ---- the pipeline -------------------------------------------------------------------
 
 def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: float = 1.5, b: float = 0.75,
              query_embeddings=None, backend: str = "exact", image_cache: dict | None = None,
@@ -95,85 +167,35 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
     ``timings`` accumulates seconds per stage (``STAGES``); ``stats`` accumulates
     the candidate counts after each stage (``dense``, ``usable``, ``grouped``,
     ``final``) and the number of queries the BM25 gate cut (``gated_queries``)."""
-    from .bank import _check_k  # noqa: PLC0415
-
     _check_k(k)
     if isinstance(k_v, bool) or not isinstance(k_v, int) or k_v < 1:
         raise ValueError(f"retrieve: k_v must be an integer >= 1, got {k_v!r}")
     queries = list(queries)
-    n_q = len(queries)
-    if n_q == 0:
+    if not queries:
         return []
     with _timed(timings, "embed"):
-        q = bank._queries(queries if query_embeddings is None else query_embeddings)
-        if q.shape[0] != n_q:
-            raise ValueError(f"retrieve: {q.shape[0]} query embeddings for {n_q} queries")
+        q = embed_queries(bank, queries if query_embeddings is None else query_embeddings)
+        if q.shape[0] != len(queries):
+            raise ValueError(f"retrieve: {q.shape[0]} query embeddings for {len(queries)} queries")
     with _timed(timings, "dense"):
-        dv, di, off = bank.topk(q, k, True, backend=backend)
-        qid = np.repeat(np.arange(n_q), np.diff(off))
-    sv = dv.astype(np.float32)
-    keep = np.ones(len(di), dtype=bool)
-    if vlm is not None and len(di):
+        c = dense(bank, q, k, backend)
+    n_dense = len(c)
+    if vlm is not None and len(c):
         with _timed(timings, "vlm_text"):
-            t = vlm_text_features(vlm, queries) if vlm_text is None else torch.as_tensor(vlm_text).float()
-        with _timed(timings, "vlm_image"):
-            uniq, inv = np.unique(di, return_inverse=True)
-            img = vlm_image_features(bank, vlm, uniq, image_cache)
-        with _timed(timings, "visual"):
-            if img.shape[1] != t.shape[1]:
-                raise ValueError(f"retrieve: VLM text features are {t.shape[1]}-d but image features "
-                                 f"{img.shape[1]}-d (bank built with another VLM?)")
-            usable = (img.abs().sum(1) > 0).numpy()
-            sv = np.empty(len(di), dtype=np.float32)
-            for s in range(0, len(di), 1 << 16):  # pairwise dot products in chunks
-                sl = slice(s, s + (1 << 16))
-                sv[sl] = (t[torch.from_numpy(qid[sl])] * img[torch.from_numpy(inv[sl])]).sum(1).numpy()
-            keep &= usable[inv]
-    n_usable = int(keep.sum())
+            text = encode_texts(vlm, queries) if vlm_text is None else torch.as_tensor(vlm_text).float()
+        c = visual(bank, c, text, image_cache, timings, vlm=vlm)
+    n_usable = len(c)
     with _timed(timings, "group"):
-        groups = bank.meta["group"][di]
-        order = np.lexsort((di, -sv.astype(np.float64), groups, qid))
-        o_q, o_g = qid[order], groups[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = (o_q[1:] != o_q[:-1]) | (o_g[1:] != o_g[:-1])
-        start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
-        # rank within (query, group) counting only usable candidates
-        kept_order = keep[order]
-        c = np.cumsum(kept_order)
-        rank = c - (c[start] - kept_order[start])
-        in_group = np.zeros(len(order), dtype=bool)
-        in_group[order] = kept_order & (rank <= k_v)
-        keep &= in_group
-    out: list[list[Hit]] = []
-    gated = 0
-    bm = None
-    meta = bank.meta
-    for j in range(n_q):
-        sel = np.nonzero(keep[off[j]:off[j + 1]])[0] + off[j]
-        bscore = None
-        if len(sel) > k:
-            gated += 1
-            with _timed(timings, "bm25"):
-                bm = bm or bank.bm25(k1=k1, b=b)
-                bscore = bm.scores(queries[j], di[sel])
-                top = np.lexsort((di[sel], -sv[sel].astype(np.float64), -bscore))[:k]
-                sel, bscore = sel[top], bscore[top]
-        with _timed(timings, "sort"):
-            o = np.lexsort((di[sel], -sv[sel].astype(np.float64)))
-            hits = []
-            for t_ in o:
-                i = int(di[sel[t_]])
-                hits.append(Hit(meta["id"][i], meta["caption"][i], meta["domain"][i], meta["image"][i],
-                                float(sv[sel[t_]]), i, int(meta["group"][i]), dense=float(dv[sel[t_]]),
-                                visual=float(sv[sel[t_]]) if vlm is not None else None,
-                                bm25=float(bscore[t_]) if bscore is not None else None))
-            out.append(hits)
+        c = group(bank, c, k_v)
+    n_grouped = len(c)
+    c, gated = gate(bank, c, queries, k, k1, b, timings)
+    with _timed(timings, "sort"):
+        out = sort(bank, c, len(queries), vlm is not None)
     if stats is not None:
-        counts = {"dense": len(di), "usable": n_usable, "grouped": int(keep.sum()), "gated_queries": gated,
-                  "final": sum(len(h) for h in out)}
-        for key, n in counts.items():
+        for key, n in {"dense": n_dense, "usable": n_usable, "grouped": n_grouped, "gated_queries": gated,
+                       "final": len(c)}.items():
             stats[key] = stats.get(key, 0) + int(n)
     return out
 
 
-__all__ = ["retrieve", "vlm_text_features", "vlm_image_features", "STAGES"]
+__all__ = ["retrieve", "dense", "visual", "group", "gate", "sort", "image_features", "Candidates", "STAGES"]

@@ -1,5 +1,7 @@
 """Dense search over a bank: exact (``similarity_topk`` streamed over the
-shards) and FAISS (approximate candidates, re-scored exactly).
+shards) and FAISS (``faiss_index``: approximate candidates, re-scored
+exactly). The bank is used through its storage API only (shards, rows,
+embedder, ``hit``); ``MemoryBank.search`` / ``topk`` call in here.
 
 Both return CSR numpy arrays ``(values float32 [M], indices int64 [M],
 offsets int64 [Q+1])``, score desc then index asc per query.
@@ -11,13 +13,10 @@ above the global one, so every globally kept entry is in its group's result.
 """
 from __future__ import annotations
 
-import os
+from typing import Sequence
 
 import numpy as np
 import torch
-
-from .._io import atomic_write
-
 
 def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: int, k: int, ties: bool):
     """Apply the tie rule (or plain top-k) to candidate rows ``(qid, value, index)``."""
@@ -58,112 +57,67 @@ def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool =
     return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 
 
-# ---- FAISS --------------------------------------------------------------------------
-
-def _faiss():
-    try:
-        import faiss  # noqa: PLC0415
-    except ImportError:
-        raise ImportError("the FAISS backend needs faiss (pip install faiss-cpu, or faiss-gpu)") from None
-    return faiss
+def encode(bank, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Query embeddings (float32 [n, dim], unit rows) from the bank's embedder."""
+    return torch.from_numpy(np.ascontiguousarray(bank.embedder.encode(list(texts), batch_size)))
 
 
-def _iter_rows(bank, chunk: int = 65536):
-    for s in bank.shards:
-        for i in range(0, s.shape[0], chunk):
-            yield s[i:i + chunk].float().numpy()
+def query_embeddings(bank, queries) -> torch.Tensor:
+    """float32 [Q, dim] query vectors: ``queries`` is a list of strings (encoded
+    with the bank's embedder) or a [Q, dim] tensor / array of unit vectors."""
+    if isinstance(queries, str):
+        raise ValueError("search: pass a list of query strings, not one string")
+    if isinstance(queries, np.ndarray):
+        queries = torch.from_numpy(queries)
+    if isinstance(queries, torch.Tensor):
+        if queries.dim() != 2 or queries.shape[1] != bank.dim:
+            raise ValueError(f"search: query embeddings must be [Q, {bank.dim}], got {tuple(queries.shape)}")
+        if not torch.isfinite(queries).all():
+            raise ValueError("search: query embeddings contain NaN or inf")
+        return queries.float()
+    queries = list(queries)
+    if not all(isinstance(q, str) for q in queries):
+        raise ValueError("search: queries must be a list of strings or a [Q, dim] tensor")
+    return encode(bank, queries)
 
 
-def build_faiss_index(bank, kind: str, *, nlist=None, m=None, nbits: int = 8, train_size: int = 200_000,
-                      seed: int = 0) -> dict:
-    """Build ``index/faiss-<kind>.index`` (inner product) for ``bank``; returns the manifest entry."""
-    from . import store  # noqa: PLC0415
-
-    faiss = _faiss()
-    d, n = bank.dim, bank.count
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-        params = {}
-    elif kind == "ivfpq":
-        nlist = int(nlist or max(1, min(65536, int(4 * np.sqrt(n)))))
-        if m is None:
-            m = next(c for c in range(max(1, d // 8), 0, -1) if d % c == 0)
-        if d % m:
-            raise ValueError(f"ivfpq: m={m} must divide the dimension {d}")
-        need = max(nlist, 2 ** nbits)
-        if n < need:
-            raise ValueError(f"ivfpq: the bank has {n} entries; training needs at least {need} "
-                             f"(lower nlist={nlist} or nbits={nbits}, or use --index flat)")
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
-        index.train(bank.embeddings(sample).float().numpy())
-        params = {"nlist": nlist, "m": int(m), "nbits": int(nbits), "train_size": int(len(sample)), "seed": seed}
-    else:
-        raise ValueError(f"unknown FAISS index kind {kind!r}; expected 'flat' or 'ivfpq'")
-    for rows in _iter_rows(bank):
-        index.add(np.ascontiguousarray(rows))
-    rel = f"index/faiss-{kind}.index"
-    path = os.path.join(bank.path, rel)
-    atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
-    return {"kind": kind, "path": rel, "sha256": store.sha256_file(path), **params}
+def _exact(bank, q: torch.Tensor, k: int, ties: bool, **_):
+    return exact_topk(q, bank.shards, k, ties, device=bank.device)
 
 
-def load_faiss_index(bank, nprobe: int | None = None):
-    faiss = _faiss()
-    entry = bank.manifest.get("index")
-    if not entry:
-        raise ValueError(f"bank {bank.path!r} has no FAISS index (mgcl db index DIR --index flat|ivfpq)")
-    index = faiss.read_index(os.path.join(bank.path, entry["path"]))
-    if entry["kind"] == "ivfpq":
-        index.nprobe = int(nprobe or min(entry["nlist"], 32))
-    if bank.device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, bank.device.index or 0, index)
-        index._mgcl_res = res  # keep the resources alive with the index
-    return entry["kind"], index
+def _faiss(bank, q: torch.Tensor, k: int, ties: bool, *, overfetch: int = 4):
+    from .faiss_index import faiss_topk  # noqa: PLC0415
+
+    return faiss_topk(bank, q, k, ties, overfetch=overfetch)
 
 
-def faiss_topk(bank, q: torch.Tensor, k: int, ties: bool = True, *, overfetch: int = 4):
-    """FAISS candidates (``overfetch * k`` per query) re-scored exactly against the
-    stored float16 embeddings, then the tie rule over those candidates. With a
-    flat index, a query whose kept set fills every returned slot is completed by
-    a range search at its threshold, so its ties are exact over the whole bank."""
-    if bank._faiss is None:
-        bank._faiss = load_faiss_index(bank)
-    kind, index = bank._faiss
-    qn = np.ascontiguousarray(q.float().cpu().numpy())
-    kf = int(min(bank.count, max(k * max(1, overfetch), k)))
-    _, I = index.search(qn, kf)
-    qid = np.repeat(np.arange(len(qn)), kf)
-    idx = I.reshape(-1)
-    ok = idx >= 0
-    qid, idx = qid[ok], idx[ok]
-    vals = _rescore(bank, q, qid, idx)
-    v, i, off = select(qid, vals, idx, len(qn), k, ties)
-    if kind == "flat" and ties:
-        full = np.array([j for j in range(len(qn)) if off[j + 1] - off[j] >= kf and kf < bank.count], dtype=np.int64)
-        if len(full):
-            taus = v[off[full + 1] - 1]
-            lims, _, J = index.range_search(qn[full], float(taus.min()) - 1e-3)
-            lims = lims.astype(np.int64)
-            eq = np.repeat(full, np.diff(lims))
-            ei = J.astype(np.int64)
-            ev = _rescore(bank, q, eq, ei)
-            keep = ev >= np.repeat(taus, np.diff(lims))
-            pairs = np.unique(np.stack([np.concatenate([np.repeat(np.arange(len(qn)), np.diff(off)), eq[keep]]),
-                                        np.concatenate([i, ei[keep]])], 1), axis=0)
-            v, i, off = select(pairs[:, 0], _rescore(bank, q, pairs[:, 0], pairs[:, 1]), pairs[:, 1], len(qn), k, ties)
-    return v, i, off
+# The dense backends: name -> (bank, float32 queries [Q, dim], k, ties, **options) -> CSR.
+DENSE = {"exact": _exact, "faiss": _faiss}
 
 
-def _rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Exact scores (similarity_topk's definition) of (query, entry) pairs: the
-    float32 queries against the stored float16 rows."""
-    from ..ops.similarity_topk import pair_scores  # noqa: PLC0415
+def topk(bank, queries, k: int, ties: bool = True, *, backend: str = "exact", overfetch: int = 4):
+    """Dense candidates per query as CSR ``(values, indices, offsets)`` (numpy),
+    score desc then index asc. ``backend="exact"`` streams the shards through
+    ``similarity_topk``; ``"faiss"`` asks the bank's FAISS index for
+    ``overfetch * k`` candidates and re-scores them exactly (the tie rule then
+    holds over those candidates)."""
+    from .bank import _check_k  # noqa: PLC0415
 
-    if not len(idx):
-        return np.zeros(0, np.float32)
-    qf = q.float().cpu()[torch.from_numpy(np.asarray(qid, dtype=np.int64))]
-    return pair_scores(qf, bank.embeddings(np.asarray(idx, dtype=np.int64))).numpy()
+    _check_k(k)
+    if backend not in DENSE:
+        raise ValueError(f"search: unknown backend {backend!r}; expected one of {sorted(DENSE)}")
+    return DENSE[backend](bank, query_embeddings(bank, queries), int(k), bool(ties), overfetch=overfetch)
+
+
+def search(bank, queries, k: int, ties: bool = True, *, backend: str = "exact"):
+    """One list of ``Hit`` per query: every entry scoring at least the k-th
+    largest distinct cosine score (``ties=True``, so the list can be longer
+    than k), or exactly min(k, count) entries (``ties=False``); sorted by
+    score desc then index asc. ``queries``: a list of strings (encoded with
+    the bank's embedder) or a float [Q, dim] tensor of unit vectors."""
+    values, indices, offsets = topk(bank, queries, k, ties, backend=backend)
+    return [[bank.hit(indices[j], values[j]) for j in range(offsets[i], offsets[i + 1])]
+            for i in range(len(offsets) - 1)]
+
+
+__all__ = ["topk", "search", "query_embeddings", "encode", "exact_topk", "select", "DENSE"]

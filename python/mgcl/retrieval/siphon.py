@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import pool as pool_mod
-from .rerank import retrieve, vlm_text_features
+from .rerank import retrieve
+from .vlm import encode_images, encode_texts
 
 LEVELS = ("task", "domain", "general", "uniform")
 COLUMNS = ("index", "id", "caption", "image", "domain", "level", "query", "score")
@@ -215,10 +216,10 @@ class Siphon:
             return hit
         dom_prompts = self._domain_prompts()
         if self.vlm is not None:
-            dt = vlm_text_features(self.vlm, dom_prompts)
+            dt = encode_texts(self.vlm, dom_prompts)
             feats = self._task_image_features(task)
             if feats is None:
-                feats = vlm_text_features(self.vlm, task.prompts)
+                feats = encode_texts(self.vlm, task.prompts)
             votes = np.bincount((feats @ dt.T).argmax(1).numpy(), minlength=len(self.domains))
             return self.domains[int(votes.argmax())]
         pe = torch.from_numpy(self.embedder.encode(task.prompts, 64)).mean(0)
@@ -233,18 +234,10 @@ class Siphon:
             return None
         if not size:
             return None
-        from .rerank import _vlm_device  # noqa: PLC0415
-
-        tf = self.vlm.transform(False)
         pick = sorted({int(i) for i in np.linspace(0, size - 1, min(n, size))})
-        imgs = []
-        for i in pick:
-            item = data[i]
-            img = item[0] if isinstance(item, (tuple, list)) else item
-            imgs.append(img if isinstance(img, torch.Tensor) else tf(img))
-        with torch.no_grad():
-            f = self.vlm.encode_image(torch.stack(imgs).to(_vlm_device(self.vlm))).float()
-        return torch.nn.functional.normalize(f, dim=1).cpu()
+        items = [data[i] for i in pick]
+        imgs = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+        return encode_images(self.vlm, imgs, batch_size=len(imgs))[0]
 
     # ---- retrieval --------------------------------------------------------------------
 
