@@ -65,7 +65,7 @@ namespace {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MGCL_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define MGCL_F16C 1
+#define MGCL_X86 1
 #include <immintrin.h>
 #else
 #define MGCL_SIMD_CLONES
@@ -91,7 +91,7 @@ inline float round_even(float t) {
 
 // ---- rows as float32 ----------------------------------------------------------------------------
 
-#ifdef MGCL_F16C
+#ifdef MGCL_X86
 __attribute__((target("avx,f16c"))) void half_row_f16c(const uint16_t* src, int64_t d, float* out) {
   int64_t j = 0;
   for (; j + 8 <= d; j += 8)
@@ -111,7 +111,7 @@ const float* row_f32(const void* base, int dtype, int64_t ld, int64_t r, int64_t
     case kFloat32: return static_cast<const float*>(base) + r * ld;
     case kFloat16: {
       const uint16_t* src = static_cast<const uint16_t*>(base) + r * ld;
-#ifdef MGCL_F16C
+#ifdef MGCL_X86
       if (has_f16c()) {
         half_row_f16c(src, d, scratch);
         return scratch;
@@ -146,7 +146,7 @@ void exact_scores(const float* const* xs, const float* const* ks, int m, int64_t
   for (int i = 0; i < m; ++i) out[i] = float(acc[i]);
 }
 
-#ifdef MGCL_F16C
+#ifdef MGCL_X86
 // The same sums for one query row (xd: its values as doubles) against m <=
 // 16 key rows, four keys per ymm accumulator. Each 8 x 8 block of key values
 // is transposed so that lane i of column j holds k_i[j]; the accumulators
@@ -202,7 +202,7 @@ bool has_avx2_fma() {
 
 // m <= kQueryBatch exact scores of one query row x (xd: as doubles) against ks.
 void exact_one_query(const float* x, const double* xd, const float* const* ks, int m, int64_t d, float* out) {
-#ifdef MGCL_F16C
+#ifdef MGCL_X86
   if (has_avx2_fma()) {
     exact_scores_avx2(xd, ks, m, d, out);
     return;

@@ -11,6 +11,8 @@ there: 24 + 24 <= 53 significand bits); the sum runs over ascending j from
 even). So a score does not depend on BLAS, CPU, thread count, shard layout,
 batching or device, and fma(x_j, k_j, acc) gives the same sum (the product is
 exact). A NaN product makes the score NaN; a NaN score is never returned.
+IEEE arithmetic is assumed: flushing subnormals to zero
+(torch.set_flush_denormal(True)) is outside the definition.
 
 The rule, per query q over its scores s[q, :]:
 
