@@ -126,7 +126,7 @@ def test_distill_float64_is_the_tables_business():
 def test_topk_cuda_declares_its_k_cap():
     cap = int(_native._C_cuda.max_best_cap)
     assert _backend.select("similarity_topk", TK, "cuda", dtypes=(F32,), k=cap) == "cuda"
-    assert _backend.select("similarity_topk", TK, "cuda", dtypes=(F32,), k=cap + 1) == "torch"
+    assert _backend.select("similarity_topk", TK, "cuda", dtypes=(F32,), k=cap + 1) == "chunked"
     with pytest.raises(ValueError, match=f"k={cap + 1} is above the CUDA select's cap of {cap}"):
         _backend.select("similarity_topk", TK, "cuda", "cuda", dtypes=(F32,), k=cap + 1)
 
