@@ -9,7 +9,7 @@ import pytest
 from conftest import bench_devices, bench_scale
 from mgcl import _backend
 from mgcl.bench.fisher_guard import foreach_dfg, make_case
-from mgcl.ops.fisher_guard import fisher_guard, reference
+from mgcl.ops.fisher_guard import BACKENDS, fisher_guard, reference
 
 LAM = 1e-3
 
@@ -25,7 +25,7 @@ def impl(name, grads, params, anchors):
 @pytest.mark.parametrize("device", bench_devices())
 @pytest.mark.parametrize("name", ["loop", "foreach", "cpp", "cuda"])
 def test_fisher_guard(run_bench, benchmark, device, name):
-    if name not in ("loop", "foreach") and not _backend.available(name, device):
+    if name not in ("loop", "foreach") and not _backend.runs(BACKENDS, name, device):
         pytest.skip(f"{name} not available on {device}")
     benchmark.group = f"fisher_guard-{device}"
     scale = bench_scale(device)

@@ -15,46 +15,28 @@ namespace {
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// The pointer arrays and the chunk map live in one device int64 buffer laid
-// out by mgcl/ops/fisher_guard/native.py; the offsets are passed in elements.
+// fisher_guard: the pointer arrays and chunk map in one device int64 array
+// (layout: mgcl/fisher_guard.h); the workspace holds 2 * n_chunks + n_tensors floats.
 void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t chunk_size,
-                  bool has_fisher, int dtype, int fisher_dtype, int mode, float lam, float ema,
+                  bool has_fisher, int dtype, int fisher_dtype, int mode, float lam, double ema,
                   bool normalize, uintptr_t workspace, uintptr_t penalty, uintptr_t stream) {
-  auto* m = reinterpret_cast<int64_t*>(meta);
-  const int64_t n = n_tensors;
-  mgcl::FisherGuardParams p;
-  p.n_tensors = n;
-  p.grad = reinterpret_cast<void* const*>(m);
-  p.param = reinterpret_cast<const void* const*>(m + n);
-  p.anchor = reinterpret_cast<const void* const*>(m + 2 * n);
-  p.fisher = has_fisher ? reinterpret_cast<void* const*>(m + 3 * n) : nullptr;
-  p.numel = m + 4 * n;
-  p.tensor_first_chunk = m + 5 * n;
-  p.chunk_tensor = m + 6 * n + 1;
-  p.chunk_start = m + 6 * n + 1 + n_chunks;
-  p.n_chunks = n_chunks;
-  p.chunk_size = chunk_size;
-  p.dtype = dtype;
-  p.fisher_dtype = fisher_dtype;
-  p.mode = mode;
-  p.lam = lam;
-  p.ema = ema;
-  p.normalize = normalize ? 1 : 0;
+  auto p = mgcl::fisher_guard_params(reinterpret_cast<const int64_t*>(meta), n_tensors, n_chunks, chunk_size,
+                                     has_fisher, dtype, fisher_dtype, mode, lam, ema, normalize,
+                                     reinterpret_cast<float*>(penalty));
   auto* ws = reinterpret_cast<float*>(workspace);
   p.partial = ws;
   p.partial_w = ws + n_chunks;
   p.mean_w = ws + 2 * n_chunks;
-  p.penalty = reinterpret_cast<float*>(penalty);
   py::gil_scoped_release release;
   mgcl::fisher_guard_cuda(p, as_stream(stream));
 }
 
-// One score tile (rows x cols float32, row stride ld) folded into the per-row
-// best lists; all addresses are device memory.
+// One tile of values (rows x cols float32, row stride ld) folded into the
+// per-row best lists; all addresses are device memory.
 void similarity_topk_select(uintptr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0,
                             int64_t best_cap, bool distinct, uintptr_t best_v, uintptr_t best_i, uintptr_t best_n,
                             uintptr_t stream) {
-  mgcl::SimilarityTopkParams p;
+  mgcl::SimilarityTopkSelectParams p;
   p.scores = reinterpret_cast<const float*>(scores);
   p.ld = ld;
   p.rows = rows;
@@ -69,6 +51,16 @@ void similarity_topk_select(uintptr_t scores, int64_t ld, int64_t rows, int64_t 
   mgcl::similarity_topk_select_cuda(p, as_stream(stream));
 }
 
+// The definition for row-wise pairs (x row i with k row i); device memory.
+void similarity_topk_pair_scores(uintptr_t x, int x_dtype, int64_t x_ld, uintptr_t k, int k_dtype, int64_t k_ld,
+                                 int64_t n_pairs, int64_t d, uintptr_t out, uintptr_t stream) {
+  auto p = mgcl::similarity_topk_pair_params(reinterpret_cast<const void*>(x), x_dtype, x_ld,
+                                             reinterpret_cast<const void*>(k), k_dtype, k_ld, n_pairs, d,
+                                             reinterpret_cast<float*>(out));
+  py::gil_scoped_release release;
+  mgcl::similarity_topk_pair_scores_cuda(p, as_stream(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -80,6 +72,19 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("similarity_topk_select", &similarity_topk_select, py::arg("scores"), py::arg("ld"), py::arg("rows"),
         py::arg("cols"), py::arg("col0"), py::arg("best_cap"), py::arg("distinct"), py::arg("best_v"),
         py::arg("best_i"), py::arg("best_n"), py::arg("stream"));
+  m.def("similarity_topk_pair_scores", &similarity_topk_pair_scores, py::arg("x"), py::arg("x_dtype"),
+        py::arg("x_ld"), py::arg("k"), py::arg("k_dtype"), py::arg("k_ld"), py::arg("n_pairs"), py::arg("d"),
+        py::arg("out"), py::arg("stream"));
+  m.def("similarity_topk_select_dynamic_smem", &mgcl::similarity_topk_select_dynamic_smem, py::arg("best_cap"));
+  m.def("similarity_topk_smem_needs_opt_in", &mgcl::similarity_topk_smem_needs_opt_in, py::arg("static_bytes"),
+        py::arg("dynamic_bytes"));
+  // The CUDA version the installed driver supports (e.g. 13000), 0 without a
+  // driver; cudaDriverGetVersion creates no context (mgcl._native's load check).
+  m.def("driver_version", [] {
+    int v = 0;
+    if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
+    return v;
+  });
   m.attr("max_best_cap") = mgcl::kMaxBestCap;
   m.attr("archs") = MGCL_CUDA_ARCHS;
   m.attr("cuda_version") = CUDART_VERSION;

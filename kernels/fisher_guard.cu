@@ -1,14 +1,16 @@
 // fisher_guard on CUDA: a chunked multi-tensor apply.
 //
 // Math (per element; d = param - anchor, all arithmetic in fp32):
-//   W     = grad^2 | fisher | 1     (DFG with ema: f' = ema*f + (1-ema)*grad^2, stored, W = f')
+//   W     = grad^2 | fisher | 1     (DFG with ema: f' = ema*f + ema_rest*grad^2, stored, W = f';
+//                                   ema_rest = 1 - ema rounded once from double)
 //   W    /= mean(W over its tensor) (normalize; 0 where that mean is 0)
 //   grad += 2*lam*W*d,   penalty += lam*W*d^2.
 //
 // Layout of work: Python splits every tensor into chunks of chunk_size
-// elements and uploads, once per distinct parameter list, the pointer arrays
-// and the chunk -> (tensor, start) map. One block owns one chunk, so a single
-// launch covers ~300 tensors of any sizes without a launch per tensor.
+// elements and uploads the pointer arrays and the chunk -> (tensor, start) map
+// (the packed metadata of fisher_guard.h) when the tensors' addresses change.
+// One block owns one chunk, so a single launch covers ~300 tensors of any
+// sizes without a launch per tensor.
 //
 // Performance: the update is a pure stream (fp32 DFG: read grad, param,
 // anchor; write grad = 16 B/element) with ~6 flops per element, so the only
@@ -32,11 +34,11 @@ template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof
 
 // W for one element before normalisation; writes the EMA'd fisher when Write.
 template <int Mode, bool Ema, bool Write, typename F>
-__device__ __forceinline__ float importance(float g, F* f_elem, float ema) {
+__device__ __forceinline__ float importance(float g, F* f_elem, float ema, float ema_rest) {
   if constexpr (Mode == kModeDfg) {
     float w = g * g;
     if constexpr (Ema) {
-      F nf = dev::from_f<F>(ema * dev::to_f(*f_elem) + (1.f - ema) * w);
+      F nf = dev::from_f<F>(ema * dev::to_f(*f_elem) + ema_rest * w);
       if constexpr (Write) *f_elem = nf;
       return dev::to_f(nf);
     }
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) wsum_kernel(FisherGuardParams p) {
   float s = 0.f;
   for (int64_t i = threadIdx.x; i < c.len; i += kThreads) {
     F fv = f ? f[i] : F();
-    s += importance<Mode, Ema, false, F>(dev::to_f(g[i]), &fv, p.ema);
+    s += importance<Mode, Ema, false, F>(dev::to_f(g[i]), &fv, p.ema, p.ema_rest);
   }
   s = dev::block_sum(s);
   if (threadIdx.x == 0) p.partial_w[blockIdx.x] = s;
@@ -87,8 +89,8 @@ __global__ void mean_kernel(FisherGuardParams p) {
 
 template <int Mode, bool Ema, bool Normalize, typename F>
 __device__ __forceinline__ float update_one(float& g, float x, float a, F* f_elem, float two_lam,
-                                            float mean, float ema) {
-  float w = importance<Mode, Ema, true, F>(g, f_elem, ema);
+                                            float mean, float ema, float ema_rest) {
+  float w = importance<Mode, Ema, true, F>(g, f_elem, ema, ema_rest);
   if constexpr (Normalize) w = (mean == 0.f) ? 0.f : w / mean;
   const float d = x - a;
   const float wd = w * d;
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(FisherGuardParams p) {
       for (int j = 0; j < V; ++j) {
         float gj = dev::to_f(gv.v[j]);
         s += update_one<Mode, Ema, Normalize, F>(gj, dev::to_f(xv.v[j]), dev::to_f(av.v[j]), &fv.v[j],
-                                                 two_lam, mean, p.ema);
+                                                 two_lam, mean, p.ema, p.ema_rest);
         gv.v[j] = dev::from_f<T>(gj);
       }
       reinterpret_cast<VT*>(g)[v] = gv;
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(FisherGuardParams p) {
     float gi = dev::to_f(g[i]);
     F fv = f ? f[i] : F();
     s += update_one<Mode, Ema, Normalize, F>(gi, dev::to_f(x[i]), dev::to_f(a[i]), &fv, two_lam, mean,
-                                             p.ema);
+                                             p.ema, p.ema_rest);
     g[i] = dev::from_f<T>(gi);
     if (Ema) f[i] = fv;
   }

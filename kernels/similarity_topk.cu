@@ -1,5 +1,16 @@
-// similarity_topk on CUDA: the select over one GEMM tile of float32 scores.
+// similarity_topk on CUDA: the select over one tile of float32 values, and the
+// exact pair scores. Python (streaming.screened_topk) feeds the select upper
+// bounds on the exact scores and scores its survivors with the pair kernel.
 //
+// ---- pair_scores: the definition (mgcl/similarity_topk.h) -------------------------------------
+// One thread per pair: acc = +0.0; for j ascending acc = fma(x_j, k_j, acc) in
+// binary64. x_j and k_j are fp32/fp16/bf16 values widened exactly, so x_j k_j
+// is exact in binary64 and fma(x_j, k_j, acc) = round(acc + x_j k_j): the very
+// sum the CPU forms, in the same order, then rounded once to fp32
+// (__double2float_rn). Rows are read by one thread each (uncoalesced); it runs
+// only on the few screened candidates.
+//
+// ---- select --------------------------------------------------------------------------------------
 // Math. Order the entries (value v, key index n) of a query by
 //   a before b  <=>  a.v > b.v, or a.v == b.v and a.n < b.n      (NaN excluded)
 // Each query keeps a list L of its best cap entries under this order, sorted.
@@ -24,6 +35,7 @@
 #include <cfloat>
 #include <climits>
 
+#define MGCL_WITH_CUDA_DECLS
 #include "common.cuh"
 #include "mgcl/similarity_topk.h"
 
@@ -108,7 +120,7 @@ __device__ int flush(float* v, int64_t* ix, int cnt, int cap, int* s_cnt, int* s
 }
 
 template <bool Distinct>
-__global__ void __launch_bounds__(kThreads) select_kernel(SimilarityTopkParams p, int P) {
+__global__ void __launch_bounds__(kThreads) select_kernel(SimilarityTopkSelectParams p, int P) {
   extern __shared__ int64_t smem_ix[];
   int64_t* ix = smem_ix;
   float* v = reinterpret_cast<float*>(smem_ix + P);
@@ -187,19 +199,79 @@ int shared_entries(int64_t cap) {
   return P;
 }
 
+// Without an opt-in a block may use 48 KiB of shared memory, static and
+// dynamic together; above that the kernel must allow the dynamic part.
+constexpr int64_t kDefaultSmem = 48 * 1024;
+
 template <bool Distinct>
-void launch(const SimilarityTopkParams& p, cudaStream_t stream) {
+void launch(const SimilarityTopkSelectParams& p, cudaStream_t stream) {
   const int P = shared_entries(p.best_cap);
-  const size_t smem = size_t(P) * (sizeof(int64_t) + sizeof(float));
-  if (smem > 48 * 1024)
+  const int64_t smem = similarity_topk_select_dynamic_smem(p.best_cap);
+  cudaFuncAttributes attr;
+  MGCL_CUDA_CHECK(cudaFuncGetAttributes(&attr, select_kernel<Distinct>));
+  if (similarity_topk_smem_needs_opt_in(int64_t(attr.sharedSizeBytes), smem))
     MGCL_CUDA_CHECK(cudaFuncSetAttribute(select_kernel<Distinct>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem)));
-  select_kernel<Distinct><<<unsigned(p.rows), kThreads, smem, stream>>>(p, P);
+  select_kernel<Distinct><<<unsigned(p.rows), kThreads, size_t(smem), stream>>>(p, P);
+}
+
+template <typename TX, typename TK>
+__global__ void pair_kernel(const TX* __restrict__ x, int64_t x_ld, const TK* __restrict__ k, int64_t k_ld,
+                            int64_t n, int64_t d, float* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const TX* xr = x + i * x_ld;
+  const TK* kr = k + i * k_ld;
+  double acc = 0.0;
+  for (int64_t j = 0; j < d; ++j) acc = __fma_rn(double(dev::to_f(xr[j])), double(dev::to_f(kr[j])), acc);
+  out[i] = __double2float_rn(acc);
+}
+
+template <typename TX>
+void pair_launch_k(const SimilarityTopkPairParams& p, cudaStream_t stream) {
+  const unsigned blocks = unsigned((p.n_pairs + 255) / 256);
+  const TX* x = static_cast<const TX*>(p.x);
+  switch (p.k_dtype) {
+    case kFloat32:
+      pair_kernel<<<blocks, 256, 0, stream>>>(x, p.x_ld, static_cast<const float*>(p.k), p.k_ld, p.n_pairs, p.d, p.out);
+      break;
+    case kFloat16:
+      pair_kernel<<<blocks, 256, 0, stream>>>(x, p.x_ld, static_cast<const __half*>(p.k), p.k_ld, p.n_pairs, p.d,
+                                              p.out);
+      break;
+    case kBFloat16:
+      pair_kernel<<<blocks, 256, 0, stream>>>(x, p.x_ld, static_cast<const __nv_bfloat16*>(p.k), p.k_ld, p.n_pairs,
+                                              p.d, p.out);
+      break;
+    default: throw Error(std::string("similarity_topk pair_scores: unsupported key dtype ") + dtype_name(p.k_dtype));
+  }
 }
 
 }  // namespace
 
-void similarity_topk_select_cuda(const SimilarityTopkParams& p, cudaStream_t stream) {
+int64_t similarity_topk_select_dynamic_smem(int64_t best_cap) {
+  return int64_t(shared_entries(best_cap)) * int64_t(sizeof(int64_t) + sizeof(float));
+}
+
+bool similarity_topk_smem_needs_opt_in(int64_t static_bytes, int64_t dynamic_bytes) {
+  return static_bytes + dynamic_bytes > kDefaultSmem;
+}
+
+void similarity_topk_pair_scores_cuda(const SimilarityTopkPairParams& p, cudaStream_t stream) {
+  if (p.n_pairs == 0) return;
+  if (!p.x || !p.k || !p.out) throw Error("similarity_topk pair_scores: a pointer is null");
+  if (p.d < 0 || p.x_ld < p.d || p.k_ld < p.d) throw Error("similarity_topk pair_scores: bad sizes");
+  if ((p.n_pairs + 255) / 256 > INT_MAX) throw Error("similarity_topk pair_scores: too many pairs for one launch");
+  switch (p.x_dtype) {
+    case kFloat32: pair_launch_k<float>(p, stream); break;
+    case kFloat16: pair_launch_k<__half>(p, stream); break;
+    case kBFloat16: pair_launch_k<__nv_bfloat16>(p, stream); break;
+    default: throw Error(std::string("similarity_topk pair_scores: unsupported dtype ") + dtype_name(p.x_dtype));
+  }
+  MGCL_CHECK_LAUNCH("similarity_topk pair_scores");
+}
+
+void similarity_topk_select_cuda(const SimilarityTopkSelectParams& p, cudaStream_t stream) {
   if (p.best_cap < 1 || p.best_cap > kMaxBestCap)
     throw Error("similarity_topk select: best_cap must be in [1, " + std::to_string(kMaxBestCap) + "]");
   if (p.rows > INT_MAX) throw Error("similarity_topk select: too many rows for one launch");

@@ -21,7 +21,24 @@ def pytest_collection_modifyitems(config, items):
 def available_backends(table: dict, device_type: str) -> list[str]:
     from mgcl import _backend
 
-    return [b for b in table if _backend.available(b, device_type)]
+    return [b for b in table if _backend.runs(table, b, device_type)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(worker, out_dir, *args, world: int = 2) -> list:
+    """Run ``worker(rank, world, port, out_dir, *args)`` in ``world`` processes (gloo
+    on the CPU, a free local port); each saves ``out_dir/rank{r}.pt``; their contents."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
 
 
 def devices() -> list[str]:

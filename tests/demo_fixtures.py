@@ -1,7 +1,8 @@
-"""One `mgcl demo --quick` per test session, shared by test_demo.py and
-test_run.py (each wraps ``quick_demo`` in a session fixture; the work is
-memoised here, so it runs once). It runs from a cold cache in a temporary
-directory, through the command line, like CI's smoke test."""
+"""Shared by the run tests: one `mgcl demo --quick` per test session, used by
+test_demo.py and test_run.py (each wraps ``quick_demo`` in a session fixture;
+the work is memoised here, so it runs once; it runs from a cold cache in a
+temporary directory, through the command line, like CI's smoke test), and
+``miniature_root``, a data root of random images for a few real datasets."""
 from __future__ import annotations
 
 import contextlib
@@ -47,3 +48,18 @@ def quick_demo(tmp_path_factory) -> QuickDemo:
                 os.environ["MGCL_CACHE"] = old
         _MEMO["demo"] = QuickDemo(out, cache, buf.getvalue(), rc, time.time() - t0)
     return _MEMO["demo"]
+
+
+def miniature_root(root: Path, datasets, per_class: int, seed: int = 0) -> None:
+    """ROOT/<dataset>/{train,test}/<class>/<j>.png: ``per_class`` random 8x8 images per class and split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for d in datasets:
+        for split in ("train", "test"):
+            for label in d.classes:
+                folder = root / d.name / split / label
+                folder.mkdir(parents=True)
+                for j in range(per_class):
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{j}.png")

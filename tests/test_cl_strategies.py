@@ -1,6 +1,7 @@
 """Every strategy end to end on two tiny tasks (TinyCLIP, coloured shapes, a toy
 memory bank), and the semantics of each: what the guard saw, what was merged,
 what was remembered."""
+import dataclasses
 import json
 import os
 
@@ -89,13 +90,15 @@ def test_every_strategy_runs_two_tasks(name, tasks, bank, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = S.create(name, **OPTIONS.get(name, lambda b: {})(bank))
     res = run(model, strategy, tasks, tmp_path)
-    assert len(res["R"]) == 2 and all(len(r) == 2 for r in res["R"])
-    assert all(0 <= a <= 100 for r in res["R"] for a in r) and len(res["auc"]) == 2
-    assert res["config"]["strategy"] == name
-    assert set(res["metrics"]) == {"transfer", "avg", "last", "bwt", "forgetting", "auc"}
+    assert list(res["methods"]) == [name] and res["config"]["trainer"]["strategy"] == name
+    m = res["methods"][name]
+    assert len(m["R"]) == 2 and all(len(r) == 2 for r in m["R"])
+    assert all(0 <= a <= 100 for r in m["R"] for a in r) and len(m["auc_matrix"][-1]) == 2
+    assert all(m[k] is not None for k in ("transfer", "avg", "last", "bwt", "forgetting", "auc"))
+    assert strategy.needs_reference_set == (name in ("zscl", "primed"))
     changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     if name == "zero-shot":
-        assert res["R"] == [res["z"], res["z"]] and not changed
+        assert m["R"] == [m["zero_shot"], m["zero_shot"]] and not changed
         assert not os.path.exists(tmp_path / "train_log.jsonl")
     else:
         assert changed
@@ -129,7 +132,7 @@ def test_primed_order_distill_then_guard_then_ce(tasks, bank, tmp_path):
                 at_guard = _grads(params)
                 super().after_backward(trainer, part)
                 seen.append({"g_kd": g_kd, "g_ce": g_ce, "at_guard": at_guard, "after_guard": _grads(params),
-                             "anchors": [a.clone() for a in self.guard.anchors],
+                             "anchors": [a.clone() for a in self.guard.fisher_guard.anchors],
                              "theta": [p.detach().clone() for p in params]})
             else:
                 super().after_backward(trainer, part)
@@ -164,12 +167,13 @@ def test_guard_and_losses_use_the_default_fused_backends(tasks, bank, tmp_path, 
 
     calls = []
     for mod, op in ((fg, "fisher_guard"), (cd, "contrastive_distill")):
-        for name, fn in list(mod.BACKENDS.items()):
-            def wrapped(*a, _fn=fn, _name=name, _op=op, **k):
+        for name, entry in list(mod.BACKENDS.items()):
+            def wrapped(*a, _fn=entry.fn, _name=name, _op=op, **k):
                 calls.append((_op, _name))
                 return _fn(*a, **k)
-            monkeypatch.setitem(mod.BACKENDS, name, wrapped)
+            monkeypatch.setitem(mod.BACKENDS, name, dataclasses.replace(entry, fn=wrapped))
     monkeypatch.delenv("MGCL_BACKEND", raising=False)
+    monkeypatch.setattr(cd, "CHUNKED_MIN_BATCH", 1)  # a reference batch of 6 is below chunked's CPU crossover
     run(tiny_model(tasks), S.create("primed", siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path,
         iters_per_task=2)
     expect = {("fisher_guard", _backend.select("fisher_guard", fg.BACKENDS, "cpu")),
@@ -196,10 +200,10 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
 
     class Spy(S.get("primed")):
         def before_task(self, trainer, t):
-            self.init_copy = [p.detach().clone() for p in self.initial]
+            self.init_copy = [p.detach().clone() for p in self.reference.initial]
             self.now = [p.detach().clone() for p in trainer.params]
             super().before_task(trainer, t)
-            tp = dict(self.teacher_model.named_parameters())
+            tp = dict(self.reference.teacher_model.named_parameters())
             for n, p0, p in zip(trainer.param_names, self.init_copy, self.now):
                 torch.testing.assert_close(tp[n], 0.5 * (p0 + p))
                 assert not tp[n].requires_grad
@@ -209,7 +213,7 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
     run(tiny_model(tasks), st, tasks, tmp_path)
     assert st.checked == 2
     assert calls == [[], ["shape"]], "dynamic retrieval: rebuilt before each task from the finished tasks"
-    assert (st.loss.i2t, st.loss.t2i) == (1.0, 0.0)
+    assert (st.reference.loss.i2t, st.reference.loss.t2i) == (1.0, 0.0)
 
     uni = siphon_for(bank)
     made = []
@@ -224,8 +228,10 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
 
 
 def test_primed_without_distillation_needs_no_reference_set(tasks, tmp_path):
-    res = run(tiny_model(tasks), S.create("primed", ckt=False, cmc=False, regularizer="l2"), tasks, tmp_path)
-    assert len(res["R"]) == 2
+    st = S.create("primed", ckt=False, cmc=False, regularizer="l2")
+    assert not st.needs_reference_set and st.reference is None
+    res = run(tiny_model(tasks), st, tasks, tmp_path)
+    assert len(res["methods"]["primed"]["R"]) == 2
 
 
 def test_l2_adds_twice_the_distance_to_the_previous_weights(tasks, tmp_path):
@@ -236,11 +242,11 @@ def test_l2_adds_twice_the_distance_to_the_previous_weights(tasks, tmp_path):
             g = _grads(trainer.params)
             super().after_backward(trainer, part)
             seen.append([(a, b, p.detach() - anc) for a, b, p, anc in
-                         zip(g, _grads(trainer.params), trainer.params, self.guard.anchors)])
+                         zip(g, _grads(trainer.params), trainer.params, self.guard.fisher_guard.anchors)])
 
         def after_task(self, trainer, t):
             super().after_task(trainer, t)
-            for p, a in zip(trainer.params, self.guard.anchors):
+            for p, a in zip(trainer.params, self.guard.fisher_guard.anchors):
                 assert torch.equal(p.detach(), a), "anchors move to the weights after each task"
 
     run(tiny_model(tasks), Spy(), tasks, tmp_path)
@@ -259,7 +265,7 @@ def test_ewc_fisher_accumulates(tasks, tmp_path):
     class Spy(S.get("ewc")):
         def after_task(self, trainer, t):
             super().after_task(trainer, t)
-            fishers.append([f.clone() for f in self.guard.fisher])
+            fishers.append([f.clone() for f in self.guard.fisher_guard.fisher])
 
     st = Spy(fisher_batches=2)
     run(tiny_model(tasks), st, tasks, tmp_path)
@@ -271,8 +277,12 @@ def test_wise_ft_merges_with_the_previous_weights(tasks, tmp_path):
     snaps = []
 
     class Spy(S.get("wise-ft")):
+        def before_task(self, trainer, t):
+            super().before_task(trainer, t)
+            self.prev = [p.detach().clone() for p in trainer.params]
+
         def after_task(self, trainer, t):
-            prev = [q.clone() for q in self.prev]
+            prev = self.prev
             new = [p.detach().clone() for p in trainer.params]
             super().after_task(trainer, t)
             for p, a, b in zip(trainer.params, new, prev):
@@ -290,7 +300,7 @@ def test_zscl_teacher_is_initial_and_weight_ensemble(tasks, bank, tmp_path):
     class Spy(S.get("zscl")):
         def before_task(self, trainer, t):
             super().before_task(trainer, t)
-            tp = dict(self.teacher.named_parameters())
+            tp = dict(self.reference.teacher_model.named_parameters())
             assert all(torch.equal(tp[n], initial[n]) for n in trainer.param_names)
             self.snaps = [[p.detach().clone() for p in trainer.params]]
 
@@ -368,10 +378,13 @@ def test_bad_configs_fail_before_training(tasks, tmp_path):
         S.create("primed", direction="sideways")
     with pytest.raises(ValueError, match="dfg"):
         S.create("primed", ckt=False, cmc=False)
-    with pytest.raises(ValueError, match="reference set"):
-        ContinualTrainer(tiny_model(tasks), "primed", tasks, device="cpu", out_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="reference set"):
-        ContinualTrainer(tiny_model(tasks), "zscl", tasks, device="cpu", out_dir=str(tmp_path))
+    for name in ("primed", "zscl"):
+        with pytest.raises(ValueError, match=f"^{name}: needs a reference set"):
+            ContinualTrainer(tiny_model(tasks), name, tasks, device="cpu", out_dir=str(tmp_path), batch_size=BS)
+    with pytest.raises(ValueError, match="level_weights"):
+        S.create("primed", level_weights={"tsak": 2.0})
+    with pytest.raises(ValueError, match="lam must be a finite number"):
+        S.create("l2", lam=float("inf"))
     with pytest.raises(ValueError, match="empty"):
         ContinualTrainer(tiny_model(tasks), Watch(), [], device="cpu", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="at least 2 classes"):
@@ -379,7 +392,7 @@ def test_bad_configs_fail_before_training(tasks, tmp_path):
     broken = toy_tasks(2, n_train=2, n_test=2)
     broken[1].classnames = ["only"]
     with pytest.raises(ValueError, match="1 class"):
-        ContinualTrainer(tiny_model(tasks), Watch(), broken, device="cpu", out_dir=str(tmp_path))
+        ContinualTrainer(tiny_model(tasks), Watch(), broken, device="cpu", out_dir=str(tmp_path), batch_size=BS)
     assert calls == []
 
 
@@ -395,7 +408,7 @@ def test_primed_under_bf16_autocast(tasks, bank, tmp_path):
 
     res = run(tiny_model(tasks), Spy(siphon=siphon_for(bank), ref_batch_size=6), tasks, tmp_path, amp="bf16",
               iters_per_task=2)
-    assert res["config"]["amp"] == "bf16"
+    assert res["config"]["trainer"]["amp"] == "bf16"
     assert seen and all(d == torch.float32 for s in seen for d in s.values())
     log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
     assert all(all(v == v for v in x.values() if isinstance(v, float)) for x in log)

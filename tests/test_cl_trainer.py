@@ -9,7 +9,9 @@ import torch
 from mgcl.cl import ContinualTrainer, Task
 from mgcl.cl import strategies as S
 from mgcl.cl.evaluate import evaluate_all
+from mgcl.cl.checkpoint import CheckpointError
 from mgcl.cl.toy import toy_tasks, toy_vocabulary
+from mgcl.mgtil import report
 from mgcl.models import TinyCLIP, WordTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,14 +40,16 @@ def test_run_results_file_and_log(tasks4, tmp_path):
     scale = float(model.logit_scale.detach())
     res = ContinualTrainer(model, "finetune", tasks, out_dir=str(tmp_path), **KW).run()
     on_disk = json.load(open(tmp_path / "results.json"))
-    assert on_disk["R"] == res["R"] and on_disk["format"] == "mgcl.cl.results"
-    assert res["tasks"] == ["shape", "colour"]
-    assert res["z"] == z_expect, "z is the untouched model's row"
-    assert res["R"][-1] == evaluate_all(model, tasks, "cpu")[0], "the last row is the final model's accuracy"
-    assert len(res["auc"]) == 2 and len(res["auc_matrix"]) == 2 and len(res["z_auc"]) == 2
-    assert res["metrics"]["last"] == pytest.approx(sum(res["R"][-1]) / 2)
-    assert res["metrics"]["auc"] == pytest.approx(sum(res["auc"]) / 2)
-    cfg = res["config"]
+    assert on_disk == json.loads(json.dumps(res)) and on_disk["format"] == "mgcl.mgtil.results"
+    assert report.validate(on_disk) is on_disk and on_disk["kind"] == "trainer"
+    assert res["tasks"] == ["shape", "colour"] and res["domains"] == ["toy-shape", "toy-colour"]
+    m = res["methods"]["finetune"]
+    assert m["zero_shot"] == z_expect, "z is the untouched model's row"
+    assert m["R"][-1] == evaluate_all(model, tasks, "cpu")[0], "the last row is the final model's accuracy"
+    assert len(m["auc_matrix"]) == 2 and all(len(r) == 2 for r in m["auc_matrix"]) and len(m["zero_shot_auc"]) == 2
+    assert m["last"] == pytest.approx(sum(m["R"][-1]) / 2)
+    assert m["auc"] == pytest.approx(sum(m["auc_matrix"][-1]) / 2)
+    cfg = res["config"]["trainer"]
     assert (cfg["iters_per_task"], cfg["batch_size"], cfg["lr"], cfg["label_smoothing"], cfg["seed"]) == \
         (4, 6, 2e-3, 0.2, 42)
     assert cfg["amp"] == "off" and cfg["schedule"] == "cosine"
@@ -67,8 +71,8 @@ def test_tasks_of_image_tensors(tmp_path):
     torch.manual_seed(0)
     model = TinyCLIP(vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
                      embed_dim=16)
-    res = ContinualTrainer(model, "finetune", tasks, out_dir=str(tmp_path), **KW).run()
-    assert len(res["R"]) == 2 and all(len(r) == 2 and all(0 <= a <= 100 for a in r) for r in res["R"])
+    R = ContinualTrainer(model, "finetune", tasks, out_dir=str(tmp_path), **KW).run()["methods"]["finetune"]["R"]
+    assert len(R) == 2 and all(len(r) == 2 and all(0 <= a <= 100 for a in r) for r in R)
 
 
 def test_loader_cycles_small_datasets(tasks4):
@@ -90,7 +94,7 @@ def test_lr_schedule(tasks4):
     assert lrs[0] == pytest.approx(1e-6) and lrs[9] == pytest.approx(1e-5)
     assert lrs[10] == pytest.approx(1e-5) and lrs[60] == pytest.approx(0.5e-5)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-8
-    tr.schedule = "constant"
+    tr.train_config = tr.train_config.replace(schedule="constant")
     assert tr.lr_at(100) == 1e-5
 
 
@@ -113,7 +117,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tasks4, tmp_path, n
     with pytest.raises(Interrupt):
         ContinualTrainer(tiny_model(tasks4), Crash(**opts), tasks4, out_dir=str(tmp_path / "b"), **kw).run()
     ck = tmp_path / "b" / "checkpoint"
-    assert json.load(open(ck / "latest.json")) == {"dir": "task-001", "finished": 1}
+    latest = json.load(open(ck / "latest.json"))
+    assert {k: latest[k] for k in ("dir", "finished")} == {"dir": "task-001", "finished": 1}
+    assert len(latest["sha256"]) == 64
     assert sorted(os.listdir(ck / "task-001")) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
                                                    "state.json", "strategy.safetensors"]
     assert not os.path.exists(ck / "task-000"), "older checkpoints are removed"
@@ -130,7 +136,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tasks4, tmp_path, n
     res = ContinualTrainer(resumed_model, Watch(**opts), tasks4, out_dir=str(tmp_path / "b"), resume=True,
                            **kw).run()
     assert started == [2, 3]
-    assert res["R"] == full["R"] and res["auc_matrix"] == full["auc_matrix"] and res["z"] == full["z"]
+    a, b = res["methods"][name], full["methods"][name]
+    assert a["R"] == b["R"] and a["auc_matrix"] == b["auc_matrix"] and a["zero_shot"] == b["zero_shot"]
     for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -138,20 +145,24 @@ def test_resume_after_interruption_matches_uninterrupted_run(tasks4, tmp_path, n
 def test_resume_without_checkpoint_starts_fresh_and_rejects_other_settings(tasks4, tmp_path):
     tasks = tasks4[:2]
     a = ContinualTrainer(tiny_model(tasks), "finetune", tasks, out_dir=str(tmp_path), resume=True, **KW).run()
-    assert len(a["R"]) == 2
-    with pytest.raises(ValueError, match="other settings.*lr"):
+    assert len(a["methods"]["finetune"]["R"]) == 2
+    with pytest.raises(CheckpointError, match="other settings.*lr"):
         ContinualTrainer(tiny_model(tasks), "finetune", tasks, out_dir=str(tmp_path), resume=True,
                          **{**KW, "lr": 1.0}).run()
     # everything finished: resuming only rewrites the results
     b = ContinualTrainer(tiny_model(tasks), "finetune", tasks, out_dir=str(tmp_path), resume=True,
                          **{**KW, "log_every": 1}).run()
-    assert b["R"] == a["R"]
+    assert b["methods"]["finetune"]["R"] == a["methods"]["finetune"]["R"]
 
 
 def test_bad_settings(tasks4):
     m = tiny_model(tasks4)
     for kw, msg in (({"amp": "fp16"}, "fp16"), ({"schedule": "linear"}, "schedule"), ({"iters_per_task": 0}, ">= 1"),
-                    ({"batch_size": 0}, ">= 1"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"lr": 0}, "lr")):
+                    ({"batch_size": 0}, ">= 1"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"lr": 0}, "lr"),
+                    ({"lr": float("nan")}, "train.lr"), ({"lr": float("inf")}, "train.lr"),
+                    ({"seed": 2**70}, "train.seed"), ({"batch_size": 10**12}, "train.batch_size"),
+                    ({"batch_size": 1000}, "larger than every task's training set"), ({"itres_per_task": 3}, "itres"),
+                    ({"eval_batch_size": 2**31 - 1}, "input images takes .* GiB, more than the device")):
         with pytest.raises(ValueError, match=msg):
             ContinualTrainer(m, "finetune", tasks4, out_dir="unused", **{**KW, **kw})
     dup = toy_tasks(2, n_train=2, n_test=2)

@@ -132,6 +132,53 @@ def test_gradcheck_float64(backend, block, monkeypatch):
     assert torch.autograd.gradcheck(f, (x, y, s), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+def test_double_backward(backend):
+    """create_graph=True (issue 15): the fused backends give the gradient with its
+    graph (re-derived through the reference), so a gradient penalty trains."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    img, txt, img_t, txt_t = distill_batch(9, 7, seed=14, dtype=dtype)
+    w = weights(9, 7, dtype)
+    outs = []
+    for b in ("torch", backend):
+        x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(4.0, dtype=dtype, requires_grad=True)
+        loss = contrastive_distill(x, y, img_t, txt_t, s, 5.0, kd=1.0, cmc=0.3, row_weight=w, backend=b)
+        gx, gs = torch.autograd.grad(loss, [x, s], create_graph=True)
+        assert gx.requires_grad and gs.requires_grad
+        ((gx**2).sum() + gs**2).backward()
+        outs.append((gx.detach(), x.grad, y.grad, s.grad))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-12)
+    if dtype == torch.float64:
+        def f(x, y, s):
+            return contrastive_distill(x, y, img_t, txt_t, s, 5.0, kd=1.0, cmc=0.3, row_weight=w, backend=backend)
+
+        args = (img.clone().requires_grad_(), txt.clone().requires_grad_(),
+                torch.tensor(4.0, dtype=dtype, requires_grad=True))
+        assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_default_dispatch_follows_the_declared_crossover():
+    """Below CHUNKED_MIN_BATCH the dense reference is faster on the CPU (measured by
+    `mgcl bench contrastive_distill`), so the default picks it; an explicit
+    backend= still runs chunked."""
+    from mgcl import _backend
+
+    n = cd_mod.CHUNKED_MIN_BATCH
+    for B, want in ((1, "torch"), (n - 1, "torch"), (n, "chunked"), (4 * n, "chunked")):
+        assert _backend.select("contrastive_distill", BACKENDS, "cpu", dtypes=(torch.float32,), B=B) == want
+    assert _backend.select("contrastive_distill", BACKENDS, "cpu", "chunked", dtypes=(torch.float32,), B=2) == "chunked"
+    assert str(n) in _backend.describe(BACKENDS)[1]["prefer"]
+    # the call passes its batch: a small call really runs the reference (a graph through its ops)
+    img, txt, img_t, txt_t = distill_batch(12, 5, seed=1)
+    x = img.clone().requires_grad_()
+    loss = contrastive_distill(x, txt, img_t, txt_t, 3.0, 4.0)
+    assert "mgcl" not in type(loss.grad_fn).__name__.lower()
+    loss = contrastive_distill(x, txt, img_t, txt_t, 3.0, 4.0, backend="chunked")
+    assert "mgcl" in type(loss.grad_fn).__name__.lower()
+
+
 # ---- invariants ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
@@ -419,7 +466,10 @@ def test_custom_op_opcheck(backend, need_grad):
     x, y = img.requires_grad_(need_grad), txt.requires_grad_(need_grad)
     s = torch.tensor(5.0, requires_grad=need_grad)
     args = (x, y, img_t, txt_t, s, torch.tensor(6.0), weights(7, 0), None, 1.0, 0.25, 1.0, 0.5, need_grad, backend)
-    torch.library.opcheck(torch.ops.mgcl.contrastive_distill.default, args)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+              "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(torch.ops.mgcl.contrastive_distill.default, args, test_utils=checks)
+    assert set(result) == set(checks) and all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_FAST if b == "chunked"])
@@ -525,34 +575,35 @@ def test_return_parts(backend):
 
 
 SM90_COMPILE = r"""
-import os, sys
+import os, re, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mgcl.ops.contrastive_distill import triton as tr
 
-PTRS = {"SCALE_S", "SCALE_T", "OUT", "DIAG", "ROW", "COL"}
+PTRS = {"SCALE_S", "SCALE_T", "ROWP", "COLP", "DROW", "DCOL", "GSCALE", "ROW", "COL", "U", "V"}
 UNIT = {"sxk", "syk", "stk", "suk"}  # contiguous features: the JIT specialises unit strides to 1
-for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True})):
-    fn, cfg = kernel.fn, kernel.configs[0]
+for kernel, extra in ((tr._stats_kernel, {"HAS_DIAG": True}), (tr._grad_kernel, {"HAS_T": True, "WITH_V": True})):
+    fn = kernel.fn
     for dt in ("bf16", "fp32"):
+        cfg = next(c for c in kernel.configs if c.feature_bytes == (4 if dt == "fp32" else 2))
         prec = "ieee" if dt == "fp32" else "tf32"
         consts = dict(cfg.kwargs, PREC=prec, PREC_T=prec, **extra, **{k: 1 for k in UNIT})
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in consts else f"*{dt}" if name in ("X", "Y", "XT", "YT")
-                         else "*fp32" if name in PTRS else "fp32" if name == "gscale" else "i32")
+                         else "*fp32" if name in PTRS else "i32")
         # sizes and strides that are multiples of 16 (B, d = 512, ...) as the JIT would specialise them
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if sig[n] not in ("constexpr", "fp32")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                         attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = k.asm["ptx"]
         print(fn.__name__, dt, "wgmma" if "wgmma" in ptx else "no-wgmma",
-              "pipelined" if "cp.async" in ptx else "not-pipelined", len(k.asm["cubin"]) > 0)
+              "pipelined" if "cp.async" in ptx else "not-pipelined", len(k.asm["cubin"]) > 0,
+              "atomics" if re.search(r"\b(red|atom)\.global", ptx) else "no-atomics")
 """
 
 
@@ -571,9 +622,10 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("no ptxas for the CUDA backend here")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert "_stats_kernel bf16 wgmma pipelined True" in lines, r.stdout
-    assert "_grad_kernel bf16 wgmma pipelined True" in lines, r.stdout
+    assert any(line.startswith("_stats_kernel bf16 wgmma pipelined True") for line in lines), r.stdout
+    assert any(line.startswith("_grad_kernel bf16 wgmma pipelined True atomics") for line in lines), r.stdout
     assert any(line.startswith("_stats_kernel fp32 no-wgmma") for line in lines), r.stdout
+    assert not any(line.startswith("_stats_kernel") and line.endswith(" atomics") for line in lines), r.stdout
 
 
 def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
@@ -587,8 +639,41 @@ def test_bench_runs_small_and_formats(tmp_path, monkeypatch):
     for r in result["rows"]:
         assert r["status"] == "ok" and r["median"] > 0 and r["peak_bytes"] is not None
         assert r["vs_torch"] > 0 and r["floor_ratio"] > 0
+    for B in (32, 64, 128):  # the two implementations compute one loss
+        a, b = (r["loss"] for r in result["rows"] if r["B"] == B)
+        assert a == pytest.approx(b, rel=1e-5)
+    c = result["crossover"]
+    assert c["backend"] == "chunked" and c["declared"] == cd_mod.CHUNKED_MIN_BATCH
+    assert set(c["fused_over_torch"]) == {32, 64, 128}
+    assert c["measured"] in (None, 32, 64, 128)
+    for B, v in c["default"].items():
+        assert v["backend"] == ("torch" if B < cd_mod.CHUNKED_MIN_BATCH else "chunked")
     text = bench.table(result)
-    assert "chunked" in text and "x floor" in text
+    assert "chunked" in text and "x floor" in text and "crossover (chunked vs torch)" in text
+    harness.write_json(str(tmp_path / "cd.json"), result)
+    assert (tmp_path / "cd.json").stat().st_size > 100
+
+
+def test_bench_survives_a_failing_peer(tmp_path, monkeypatch):
+    """inf-cl 1.2.1's cal_inf_loss(..., scale=) raised ValueError outside a process
+    group: a peer that raises is recorded and the rest of the bench, and its JSON, go on."""
+    from mgcl.bench import contrastive_distill as bench
+    from mgcl.bench import harness
+
+    def raising_peer(q, k, scale=None, head_dim=256):
+        raise ValueError("Default process group has not been initialized")
+
+    rate = bench.matmul_rate
+    monkeypatch.setattr(bench, "matmul_rate", lambda dev, dt: rate(dev, dt, n=128))
+    monkeypatch.setattr(bench, "_inf_cl", lambda: raising_peer)
+    monkeypatch.setattr(bench, "_impls", lambda dev: {"torch": ("op", "torch", 0.0, 1.0),
+                                                      "inf-cl cmc": ("inf-cl", None, 0.0, 1.0),
+                                                      "chunked": ("op", "chunked", 0.0, 1.0)})
+    result = bench.run("cpu", scale=1 / 64, repeats=1)
+    peer = [r for r in result["rows"] if r["impl"] == "inf-cl cmc"]
+    assert peer and all(r["status"].startswith("error: ValueError: Default process group") for r in peer)
+    assert all(r["status"] == "ok" for r in result["rows"] if r["impl"] != "inf-cl cmc")
+    assert "error: ValueError" in bench.table(result)
     harness.write_json(str(tmp_path / "cd.json"), result)
     assert (tmp_path / "cd.json").stat().st_size > 100
 
@@ -605,10 +690,13 @@ def _gpu_configs():
         stats, grads = tr._stats_configs(), tr._grad_configs()
     finally:
         tr.INTERPRET = saved
-    uniq = {tuple(sorted(c.kwargs.items())): c for c in stats}
-    return ([pytest.param("stats", c, id="stats-" + "-".join(f"{k}{v}" for k, v in key)) for key, c in uniq.items()]
-            + [pytest.param("grads", c, id="grads-" + "-".join(f"{k}{v}" for k, v in sorted(c.kwargs.items())))
-               for c in grads])
+    def name(which, c):
+        tiles = "-".join(f"{k}{v}" for k, v in sorted(c.kwargs.items()))
+        return f"{which}-{c.feature_bytes}B-{tiles}-w{c.num_warps}-s{c.num_stages}"
+
+    uniq = {(which, tuple(sorted(c.kwargs.items()))): (which, c) for which, cs in (("stats", stats), ("grads", grads))
+            for c in reversed(cs)}  # the interpreter ignores warps and stages: one run per tile shape
+    return [pytest.param(which, c, id=name(which, c)) for which, c in reversed(list(uniq.values()))]
 
 
 @pytest.mark.slow

@@ -1,14 +1,12 @@
 """contrastive_distill over a process group: 2 gloo processes on the CPU give the
 single-process loss and gradients of the concatenated batch."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import available_backends
+from conftest import available_backends, free_port, run_ranks
 from mgcl.ops.contrastive_distill import BACKENDS, contrastive_distill
 from mgcl.testing import distill_batch
 
@@ -68,6 +66,20 @@ def single_call(case, backend):
     return {"loss": loss.detach(), "d_img": x.grad, "d_txt": y.grad, "d_scale": s.grad}
 
 
+def create_graph_call(backend, rank):
+    """A gradient with create_graph=True under gather=True: its outcome as text."""
+    feats, _, _ = global_inputs("even-cmc-only")
+    sl = slice(6 * rank, 6 * rank + 6)
+    x = feats[0][sl].clone().requires_grad_()
+    loss = contrastive_distill(x, feats[1][sl], feats[2][sl], feats[3][sl], 13.0, 21.0, kd=1.0, cmc=0.25,
+                               gather=True, backend=backend)
+    try:
+        (g,) = torch.autograd.grad(loss, [x], create_graph=True)
+    except RuntimeError as exc:
+        return f"error: {exc}"
+    return f"ok, graph: {g.requires_grad}"
+
+
 def _worker(rank, world, port, out_dir, backends):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -77,22 +89,16 @@ def _worker(rank, world, port, out_dir, backends):
         for case in CASES:
             for backend in backends:
                 results[(case, backend)] = local_call(case, backend, rank, group)
+        for backend in backends:
+            results[("create_graph", backend)] = create_graph_call(backend, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, _free_port(), str(out), BACKENDS_HERE), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"), BACKENDS_HERE)
 
 
 def rel_err(a, b):
@@ -114,9 +120,17 @@ def test_two_ranks_equal_single_process(rank_results, case, backend):
     assert rel_err(d_scale, want["d_scale"]) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "torch"])
+def test_fused_double_backward_over_ranks_is_a_clear_error(rank_results, backend):
+    """Issue 15: no silent gradient without a graph; here (fused, gather=True) a clear error."""
+    for r in range(2):
+        assert rank_results[r][("create_graph", backend)].startswith(
+            "error: contrastive_distill: double backward (create_graph=True) with gather=True")
+
+
 def test_single_process_world_falls_back_to_local(tmp_path):
     """gather=True with a world of one is the plain call."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         feats = distill_batch(10, 6, seed=1)

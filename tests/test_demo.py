@@ -8,6 +8,7 @@ import pytest
 import torch
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl.cl.metrics import summarize
+from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import demo, report, synth
 from PIL import Image
 
@@ -24,11 +25,11 @@ def results(quick):
 
 
 def test_results_have_every_method_with_a_full_R(results):
-    T = len(synth.TASKS)
+    T = len(B.SYNTH_TASKS)
     assert results["benchmark"] == "mgtil-synth" and results["quick"] is True and results["synthetic"] is True
     assert "SYNTHETIC" in results["label"] and "SYNTHETIC" in results["notice"]
     assert list(results["methods"]) == ["zero-shot", "finetune", "l2", "zscl", "primed"]
-    assert results["tasks"] == [t.name for t in synth.TASKS]
+    assert results["tasks"] == [t.name for t in B.SYNTH_TASKS]
     for name, m in results["methods"].items():
         assert set(m) >= {"transfer", "avg", "last", "bwt", "forgetting", "R", "zero_shot"}, name
         R, z = m["R"], m["zero_shot"]
@@ -49,13 +50,13 @@ def test_results_have_every_method_with_a_full_R(results):
 
 def test_zero_shot_is_above_chance(results):
     z = results["methods"]["zero-shot"]["zero_shot"]
-    chance = [100.0 / len(t.classes) for t in synth.TASKS]
+    chance = [100.0 / len(t.classes) for t in B.SYNTH_TASKS]
     assert sum(z) / len(z) > sum(chance) / len(chance) + 10, (z, chance)
 
 
 def test_reference_sets_recorded(results):
     sets = results["methods"]["primed"]["reference_sets"]
-    assert [s["before_task"] for s in sets] == list(range(1, len(synth.TASKS) + 1))
+    assert [s["before_task"] for s in sets] == list(range(1, len(B.SYNTH_TASKS) + 1))
     assert all(s["kind"] == "dynamic" and s["pairs"] > 0 for s in sets)
     assert sets[0]["levels"]["task"] == 0 and sets[0]["levels"]["domain"] == 0, "nothing is finished before task 1"
     assert all(s["levels"]["task"] > 0 for s in sets[1:])

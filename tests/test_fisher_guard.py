@@ -89,11 +89,21 @@ def test_many_tensors_zero_d_and_empty(backend, device):
         check(ref, out, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in CASES])
-def test_empty_list(backend):
-    dev = "cuda" if backend == "cuda" else "cpu"
-    pen = fisher_guard([], [], [], lam=1.0, backend=backend if dev == "cpu" or HAS_GPU else "torch")
-    assert pen.shape == () and float(pen) == 0.0
+@pytest.mark.parametrize("backend", [None] + list(BACKENDS))
+def test_empty_list_for_every_backend_name(backend):
+    # no tensors, no device: nothing to run, whichever backend is named and whether or not it runs here
+    for mode, fisher in (("dfg", None), ("ewc", []), ("l2", None)):
+        pen = fisher_guard([], [], [], lam=1.0, mode=mode, fisher=fisher, backend=backend)
+        assert pen.shape == () and pen.dtype == torch.float32 and float(pen) == 0.0
+
+
+def test_empty_list_still_checks_the_name():
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        fisher_guard([], [], [], lam=1.0, backend="bogus")
+    with pytest.raises(ValueError, match="'chunked' .* known but not offered"):
+        fisher_guard([], [], [], lam=1.0, backend="chunked")
+    with pytest.raises(ValueError, match="lam"):
+        fisher_guard([], [], [], lam=float("nan"))
 
 
 def test_known_values():
@@ -121,6 +131,21 @@ def test_known_values():
         fisher_guard(gg, p, a, lam=0.5, fisher=f, ema=0.75, backend=backend)
         assert torch.allclose(f[0], torch.tensor([3.25, 1.0, 0.8125]))
         assert torch.allclose(gg[0], torch.tensor([1 + 3.25, -2 - 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in CASES])
+def test_normalize_mean_when_the_sum_of_w_passes_float32s_range(backend):
+    """(issue 15) sum(g**2) = 2.9e39 > float32's 3.4e38 while mean(g**2) = 2.9e34 is fine:
+    W = g**2 / mean = 1 everywhere, so the penalty is l2's, on every backend."""
+    dev = "cuda" if backend == "cuda" else "cpu"
+    n = 100_000
+    g = torch.full((n,), 1.7e17, device=dev)
+    p = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(dev)
+    a = torch.zeros(n, device=dev)
+    pen = fisher_guard([g.clone()], [p], [a], lam=0.5, normalize="mean", backend=backend)
+    want = fisher_guard([g.clone()], [p], [a], lam=0.5, mode="l2", backend="torch")
+    assert float(want) > 1e4
+    torch.testing.assert_close(pen.cpu(), want.cpu(), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -172,7 +197,12 @@ def _bad_cases():
 
     def noncontig(g, p, a, f):
         g[1] = torch.randn(2, 3).t()
-        return dict(grads=g, params=p, anchors=a), "grads\\[1\\]"
+        return dict(grads=g, params=p, anchors=a), "params\\[1\\] has strides \\(2, 1\\), grads\\[1\\] \\(1, 3\\)"
+
+    def aliased(g, p, a, f):
+        buf = torch.randn(6)
+        g[1], p[1] = buf[:6].view(3, 2), buf[:6].view(3, 2)
+        return dict(grads=g, params=p, anchors=a), "grads\\[1\\] and params\\[1\\] overlap in memory"
 
     def no_fisher(g, p, a, f):
         return dict(grads=g, params=p, anchors=a, mode="ewc"), "fisher"
@@ -196,7 +226,7 @@ def _bad_cases():
     def unsupported_dtype(g, p, a, f):
         return dict(grads=[t.double() for t in g], params=[t.double() for t in p], anchors=[t.double() for t in a]), "dtype"
 
-    for fn in (shape, length, device, dtype, noncontig, no_fisher, no_fisher_ema, fisher_shape, neg_lam, bad_mode,
+    for fn in (shape, length, device, dtype, noncontig, aliased, no_fisher, no_fisher_ema, fisher_shape, neg_lam, bad_mode,
                bad_normalize, unsupported_dtype):
         yield pytest.param(base, fn, id=fn.__name__)
 
@@ -216,13 +246,100 @@ def test_bad_input_raises_and_modifies_nothing(base, mutate, backend):
                 assert torch.equal(t0, t1), f"{k} was modified"
 
 
-def test_custom_op_registration():
-    grads, params, anchors, fisher = make([(7,), (3, 5)], torch.float32, "cpu")
-    op = torch.ops.mgcl.fisher_guard.default
-    for backend in ["torch"] + CPU_FAST:
-        for mode in ("dfg", "ewc", "l2"):
-            args = (clone(grads), params, anchors, clone(fisher) if mode == "ewc" else [], 0.5, mode, 0.0, "", backend)
-            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+# ---- memory layouts: any dense layout shared by the four tensors of an index ----------------
+
+def _layouts():
+    """(name, shape, relayout(contiguous tensor) -> the same values in a dense non-contiguous layout)."""
+    return [
+        ("channels_last", (4, 6, 5, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
+        ("transposed", (7, 9), lambda t: t.t().contiguous().t()),
+        ("permuted", (3, 4, 5), lambda t: t.permute(2, 0, 1).contiguous().permute(1, 2, 0)),
+    ]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("layout", [x[0] for x in _layouts()])
+@pytest.mark.parametrize("mode,ema", MODES)
+def test_dense_non_contiguous_layouts_match_reference(backend, device, layout, mode, ema):
+    _, shape, relayout = next(x for x in _layouts() if x[0] == layout)
+    grads, params, anchors, fisher = ([relayout(ts[0]), ts[1]] for ts in make([shape, (11,)], torch.float32, device,
+                                                                             seed=4))
+    assert not grads[0].is_contiguous() and grads[0].stride() == params[0].stride()
+    uses_f = mode == "ewc" or ema > 0
+    outs = []
+    for b in ("torch", backend):
+        g, f = [t.clone(memory_format=torch.preserve_format) for t in grads], [t.clone() for t in fisher]
+        pen = fisher_guard(g, params, anchors, lam=0.4, mode=mode, ema=ema, fisher=f if uses_f else None,
+                           normalize="mean", backend=b)
+        outs.append((g, f, pen))
+    (g_r, f_r, p_r), (g_o, f_o, p_o) = outs
+    torch.testing.assert_close(p_o, p_r, rtol=1e-5, atol=0)
+    for a, b in zip(g_o + f_o, g_r + f_r):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and the same numbers as on contiguous copies
+    g_c = [t.contiguous() for t in grads]
+    f_c = [t.contiguous() for t in fisher]
+    pen_c = fisher_guard(g_c, [t.contiguous() for t in params], [t.contiguous() for t in anchors], lam=0.4,
+                         mode=mode, ema=ema, fisher=f_c if uses_f else None, normalize="mean", backend="torch")
+    torch.testing.assert_close(p_r, pen_c, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_r[0], g_c[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+def test_layouts_that_cannot_run_are_refused(backend):
+    base = torch.randn(6, 4)
+    cases = [
+        ("expanded", lambda t: torch.randn(1, 4).expand(6, 4), "grads\\[0\\] is not dense"),
+        ("strided", lambda t: torch.randn(12, 4)[::2], "grads\\[0\\] is not dense"),
+        ("mixed layouts", lambda t: t.t().contiguous().t(), "grads\\[0\\] .*share one memory layout"),
+    ]
+    for name, bad, pattern in cases:
+        g = [bad(base.clone())]
+        with pytest.raises(ValueError, match=pattern):
+            fisher_guard(g, [base.clone()], [base.clone()], lam=1.0, backend=backend)
+
+
+# ---- the prepared path (FisherGuard's): validated once, a pointer check per call -------------
+
+def test_prepared_matches_the_op_and_rechecks_new_grads():
+    from mgcl.ops.fisher_guard import Prepared
+
+    grads, params, anchors, fisher = make([(33,), (4, 5), (0,), (2, 3, 4)], torch.float32, "cpu", seed=5)
+    for mode, ema in MODES:
+        f_p, f_o = clone(fisher), clone(fisher)
+        uses_f = mode == "ewc" or ema > 0
+        prep = Prepared(params, anchors, f_p if uses_f else None, lam=0.3, mode=mode, ema=ema, normalize="mean")
+        for step in range(3):  # the same grads twice, then new ones
+            g = grads if step < 2 else clone(grads)
+            g_o = clone(g)
+            pen_p = prep(g)
+            pen_o = fisher_guard(g_o, params, anchors, lam=0.3, mode=mode, ema=ema, fisher=f_o if uses_f else None,
+                                 normalize="mean")
+            assert torch.equal(pen_p, pen_o)
+            assert all(torch.equal(a, b) for a, b in zip(g, g_o))
+            assert all(torch.equal(a, b) for a, b in zip(f_p, f_o))
+        # new grads that alias a param, or each other, or change layout: the op's errors
+        bad = clone(grads)
+        bad[1] = params[1]
+        with pytest.raises(ValueError, match="overlap in memory"):
+            prep(bad)
+        buf = torch.zeros(40)
+        bad = clone(grads)
+        bad[0], bad[1] = buf[:33], buf[7:27].view(4, 5)
+        with pytest.raises(ValueError, match="grads\\[0\\] and grads\\[1\\] overlap in memory"):
+            prep(bad)
+        bad = clone(grads)
+        bad[1] = torch.randn(5, 4).t()
+        with pytest.raises(ValueError, match="share one memory layout"):
+            prep(bad)
+        bad = clone(grads)
+        bad[3] = None
+        with pytest.raises(ValueError, match="None"):
+            prep(bad)
+        f_o = clone(f_p)  # nothing was changed by the refused calls
+        assert torch.equal(prep(clone(grads)), fisher_guard(clone(grads), params, anchors, lam=0.3, mode=mode,
+                                                            ema=ema, fisher=f_o if uses_f else None, normalize="mean"))
 
 
 @pytest.mark.gpu
@@ -246,3 +363,29 @@ def test_cuda_is_deterministic_and_cached_meta_reused():
         g = clone(grads)
         pens.append(float(fisher_guard(g, params, anchors, lam=0.5, normalize="mean", backend="cuda")))
     assert pens[0] == pens[1] == pens[2]
+
+
+@pytest.mark.gpu
+def test_cuda_prepared_repoints_when_addresses_change():
+    from mgcl.ops.fisher_guard import Prepared
+
+    grads, params, anchors, _ = make([(70_001,), (7, 9)], torch.float32, "cuda", seed=6)
+    prep = Prepared(params, anchors, None, lam=0.5, mode="dfg", ema=0.0, normalize="mean", backend="cuda")
+    for step in range(4):
+        g = clone(grads)  # new addresses every step (a loop that sets grads to None)
+        g_ref = clone(grads)
+        pen = prep(g)
+        pen_ref = fisher_guard(g_ref, params, anchors, lam=0.5, normalize="mean", backend="torch")
+        check((g_ref, [], pen_ref), (g, [], pen), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_tensors_on_a_gpu_that_is_not_the_current_one():
+    grads, params, anchors, _ = make([(1000,), (3, 7)], torch.float32, "cuda:1", seed=7)
+    g_ref = clone(grads)
+    with torch.cuda.device(0):
+        pen = fisher_guard(grads, params, anchors, lam=0.5, backend="cuda")
+    pen_ref = fisher_guard(g_ref, params, anchors, lam=0.5, backend="torch")
+    assert pen.device == torch.device("cuda:1")
+    check((g_ref, [], pen_ref), (grads, [], pen), torch.float32)

@@ -170,9 +170,303 @@ def test_consolidate_moves_anchor_and_bad_settings():
         p.grad = torch.zeros_like(p)
     assert float(guard.apply()) == 0.0
     for kwargs in ({"lam": -1.0}, {"lam": 1.0, "mode": "x"}, {"lam": 1.0, "mode": "l2", "ema": 0.5},
-                   {"lam": 1.0, "normalize": "sum"}):
+                   {"lam": 1.0, "normalize": "sum"}, {"lam": float("nan")}, {"lam": float("inf")}, {"lam": "1e3"},
+                   {"lam": True}, {"lam": None}, {"lam": 1.0, "ema": float("nan")}, {"lam": 1.0, "ema": 1.0},
+                   {"lam": 1.0, "ema": "0.5"}, {"lam": 1.0, "mode": None}, {"lam": 1.0, "mode": "DFG"},
+                   {"lam": 1.0, "backend": "bogus"}, {"lam": 1.0, "backend": "triton"}, {"lam": 1.0, "scaler": 3}):
         with pytest.raises(ValueError):
             FisherGuard(model.parameters(), **kwargs)
-    doc = mgcl.FisherGuard.__doc__
-    order = [doc.index(s) for s in (".backward(", "guard.apply()", "ce.backward()", "opt.step()")]
-    assert order == sorted(order), "the docstring must show: backward(distill) -> apply -> backward(CE) -> step"
+
+
+def test_docstrings_show_the_guarded_step_in_order():
+    doc = mgcl.guard.__doc__
+    order = [doc.index(s) for s in ("guard.backward(out.distill, out.ce)", "guard.apply()", "opt.step()")]
+    assert order == sorted(order), "the module doc must show: backward(distill, ce) per micro-batch -> apply -> step"
+    old = [doc.index(s) for s in ("out.distill.backward(retain_graph=True)", "guard.apply();", "out.ce.backward()")]
+    assert old == sorted(old), "and the original order for plain loops"
+    assert "guard.backward" in mgcl.FisherGuard.backward.__doc__ or "micro-batch" in mgcl.FisherGuard.backward.__doc__
+
+
+# ---- the guarded step: guard.backward(distill, ce) per micro-batch, guard.apply() ----------
+
+import guard_fixtures as gf  # noqa: E402
+
+
+def _grads(module):
+    return [p.grad.detach().clone() for p in module.parameters()]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-7):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+GUARDS = [dict(mode="dfg"), dict(mode="dfg", ema=0.8), dict(mode="dfg", normalize="mean"), dict(mode="l2"),
+          dict(mode="ewc")]
+
+
+def _with_fisher(g, student, teacher):
+    if g.mode == "ewc":
+        x, y, r = gf.batch(99)
+        g.estimate_fisher(lambda b: gf.losses(student, teacher, *b)[1], [(x, y, r)])
+    return g
+
+
+@pytest.mark.parametrize("opts", GUARDS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_plain_loop_equals_the_original_order(opts):
+    """One micro-batch, no DDP: guard.backward + apply gives what
+    distill.backward(); apply(); ce.backward() gives (and W = g_kd**2 exactly)."""
+    out = []
+    for recipe in ("new", "old"):
+        student, teacher, g = gf.setup(**opts)
+        _with_fisher(g, student, teacher)
+        x, y, r = gf.batch(0)
+        distill, ce = gf.losses(student, teacher, x, y, r)
+        if recipe == "new":
+            g.backward(distill, ce)
+            pen = g.apply()
+        else:
+            distill.backward(retain_graph=True)
+            kd = _grads(student)
+            pen = g.apply()
+            ce.backward()
+        out.append((_grads(student), pen, [f.clone() for f in g.fisher or []]))
+    (g_new, p_new, f_new), (g_old, p_old, f_old) = out
+    _close(g_new, g_old)
+    torch.testing.assert_close(p_new, p_old, rtol=1e-5, atol=0)
+    _close(f_new, f_old)
+    if opts == dict(mode="dfg"):  # and the definition, by hand
+        student, teacher, g = gf.setup(**opts)
+        distill, ce = gf.losses(student, teacher, x, y, r)
+        gce = torch.autograd.grad(ce, list(student.parameters()), retain_graph=True)
+        want = [c + k + 2 * 3.0 * k ** 2 * (p.detach() - a) for c, k, p, a in zip(gce, kd, student.parameters(),
+                                                                               g.anchors)]
+        _close(g_new, want)
+
+
+@pytest.mark.parametrize("opts", GUARDS, ids=lambda o: "-".join(str(v) for v in o.values()))
+@pytest.mark.parametrize("micro", [2, 3])
+def test_accumulation_equals_one_step_on_the_concatenated_batch(opts, micro):
+    """N micro-batches (losses / N) give the gradient, the penalty and the EMA
+    state of one step on their concatenation: W comes from the accumulated g_kd."""
+    out = []
+    for n in (1, micro):
+        student, teacher, g = gf.setup(**opts)
+        _with_fisher(g, student, teacher)
+        x, y, r = gf.batch(0)
+        for xs, ys, rs in zip(x.chunk(n), y.chunk(n), r.chunk(n)):
+            distill, ce = gf.losses(student, teacher, xs, ys, rs)
+            g.backward(distill / n, ce / n)
+        pen = g.apply()
+        out.append((_grads(student), pen, [f.clone() for f in g.fisher or []]))
+    (g1, p1, f1), (gn, pn, fn) = out
+    _close(gn, g1)
+    torch.testing.assert_close(pn, p1, rtol=1e-5, atol=0)
+    _close(fn, f1)
+
+
+def test_original_order_under_accumulation_is_what_the_new_step_fixes():
+    """(the HF Trainer bug) the original order reads the earlier micro-batch's gradient as g_kd."""
+    grads = []
+    for recipe in ("new", "old"):
+        student, teacher, g = gf.setup()
+        x, y, r = gf.batch(0)
+        for xs, ys, rs in zip(x.chunk(2), y.chunk(2), r.chunk(2)):
+            distill, ce = gf.losses(student, teacher, xs, ys, rs)
+            if recipe == "new":
+                g.backward(distill / 2, ce / 2)
+            else:
+                (distill / 2).backward(retain_graph=True)
+                g.apply()
+                (ce / 2).backward()
+        if recipe == "new":
+            g.apply()
+        grads.append(_grads(student))
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) > 1e-3
+
+
+def test_a_distillation_loss_without_gradient_is_just_ce():
+    """The first task has no teacher: a constant distill loss leaves W = 0 and p.grad = g_ce."""
+    student, teacher, g = gf.setup()
+    x, y, r = gf.batch(0)
+    _, ce = gf.losses(student, teacher, x, y, r)
+    want = torch.autograd.grad(ce, list(student.parameters()), retain_graph=True)
+    g.backward(torch.zeros(()), ce)
+    assert float(g.apply()) == 0.0
+    _close(_grads(student), want)
+
+
+def test_a_step_without_apply_is_refused():
+    student, teacher, g = gf.setup()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    g.backward(*gf.losses(student, teacher, *gf.batch(0)))
+    opt.step()  # forgot guard.apply()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="call guard.apply\\(\\) before optimizer.step\\(\\)"):
+        g.backward(*gf.losses(student, teacher, *gf.batch(1)))
+    g.backward(*gf.losses(student, teacher, *gf.batch(1)))  # the stale g_kd was dropped: a fresh step works
+    assert float(g.apply()) > 0
+
+
+def test_bf16_autocast():
+    """Under bf16 autocast the guard sees the fp32 parameter gradients: the
+    guarded gradient is the definition applied to the autocast g_kd and g_ce,
+    and close to the fp32 run."""
+    student, teacher, g = gf.setup()
+    x, y, r = gf.batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distill, ce = gf.losses(student, teacher, x, y, r)
+    params = list(student.parameters())
+    kd = torch.autograd.grad(distill, params, retain_graph=True)
+    gce = torch.autograd.grad(ce, params, retain_graph=True)
+    g.backward(distill, ce)
+    pen = g.apply()
+    want = [c + k + 2 * 3.0 * k ** 2 * (p.detach() - a) for c, k, p, a in zip(gce, kd, params, g.anchors)]
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    _close(_grads(student), want)
+    student32, teacher32, g32 = gf.setup()
+    g32.backward(*gf.losses(student32, teacher32, x, y, r))
+    pen32 = g32.apply()
+    torch.testing.assert_close(pen, pen32, rtol=0.05, atol=0)
+    for a, b in zip(_grads(student), _grads(student32)):
+        assert float((a - b).norm()) <= 0.05 * float(b.norm()) + 1e-6
+
+
+@pytest.mark.parametrize("opts", [dict(ema=0.5), dict(mode="l2")], ids=["dfg-ema", "l2"])
+def test_grad_scaler_gives_the_unscaled_step_exactly(opts):
+    """A GradScaler (here without autocast, so scaling is the only difference):
+    p.grad is the fp32 guarded gradient times the scale (not its square), and
+    the steps equal the unscaled run."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    student, teacher, g = gf.setup(scaler=scaler, **opts)
+    ref, teacher_r, g_r = gf.setup(**opts)
+    x, y, r = gf.batch(0)
+    g.backward(*gf.losses(student, teacher, x, y, r))
+    pen = g.apply()
+    g_r.backward(*gf.losses(ref, teacher_r, x, y, r))
+    pen_r = g_r.apply()
+    torch.testing.assert_close(pen, pen_r, rtol=1e-6, atol=0)
+    _close([t / 1024.0 for t in _grads(student)], _grads(ref), rtol=1e-6, atol=1e-9)
+    _close(g.fisher or [], g_r.fisher or [], rtol=1e-6, atol=1e-12)
+    student, teacher, g = gf.setup(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), **opts)
+    ref, teacher_r, g_r = gf.setup(**opts)
+    gf.train(student, teacher, g, steps=3, micro=2, scaler=g.scaler)
+    gf.train(ref, teacher_r, g_r, steps=3, micro=2)
+    torch.testing.assert_close(gf.flat(student), gf.flat(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_autocast_with_grad_scaler_equals_fp32_within_tolerance():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    student, teacher, g = gf.setup(scaler=scaler)
+    ref, teacher_r, g_r = gf.setup()
+    pens = gf.train(student, teacher, g, steps=4, micro=2, scaler=scaler,
+                    autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    pens_r = gf.train(ref, teacher_r, g_r, steps=4, micro=2)
+    assert scaler.get_scale() == 2.0 ** 12, "no step should have been skipped"
+    a, b = gf.flat(student), gf.flat(ref)
+    assert float((a - b).norm()) <= 2e-3 * float(b.norm())
+    for p, q in zip(pens, pens_r):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("where", ["distill", "ce"])
+def test_a_step_the_scaler_skips_leaves_the_guard_state_alone(where):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    student, teacher, g = gf.setup(scaler=scaler, ema=0.5)
+    gf.train(student, teacher, g, steps=1, scaler=scaler)  # one good step: the EMA holds something
+    fisher, weights = [f.clone() for f in g.fisher], gf.flat(student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    distill, ce = gf.losses(student, teacher, *gf.batch(5))
+    if where == "distill":
+        distill = distill * float("inf")
+    else:
+        ce = ce * float("inf")
+    g.backward(distill, ce)
+    pen = g.apply()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isnan(pen)
+    assert scaler.get_scale() == 512.0, "the scaler skipped the step"
+    assert torch.equal(gf.flat(student), weights)
+    assert all(torch.equal(a, b) for a, b in zip(g.fisher, fisher)), "the skipped step changed the guard's EMA"
+
+
+def test_grad_scaler_misuse_is_refused():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    student, teacher, g = gf.setup(scaler=scaler)
+    distill, ce = gf.losses(student, teacher, *gf.batch(0))
+    with pytest.raises(ValueError, match="already scaled by the guard's GradScaler"):
+        g.backward(scaler.scale(distill), ce)
+    scaler.scale(distill).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="GradScaler: use guard.backward"):
+        g.apply()
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_model(compile_backend):
+    """The guarded step through a torch.compile'd model equals the eager one."""
+    student, teacher, g = gf.setup(ema=0.5)
+    eager, teacher_e, g_e = gf.setup(ema=0.5)
+    compiled = torch.compile(student, backend=compile_backend)
+    pens = gf.train(student, teacher, g, steps=2, micro=2, forward=compiled)
+    pens_e = gf.train(eager, teacher_e, g_e, steps=2, micro=2)
+    torch.testing.assert_close(gf.flat(student), gf.flat(eager), rtol=1e-5, atol=1e-6)
+    for p, q in zip(pens, pens_e):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=0)
+
+
+def test_compiled_apply():
+    """torch.compile(guard.apply) (issue 13: the schema's 'mode' broke it)."""
+    out = []
+    for compiled in (False, True):
+        student, teacher, g = gf.setup(ema=0.5, normalize="mean")
+        distill, ce = gf.losses(student, teacher, *gf.batch(0))
+        distill.backward(retain_graph=True)
+        apply = torch.compile(g.apply, backend="aot_eager") if compiled else g.apply
+        pen = apply()
+        ce.backward()
+        out.append((pen, _grads(student), [f.clone() for f in g.fisher]))
+    (p_e, g_e, f_e), (p_c, g_c, f_c) = out
+    torch.testing.assert_close(p_c, p_e)
+    _close(g_c, g_e)
+    _close(f_c, f_e)
+
+
+def test_channels_last_and_transposed_parameters():
+    """A conv net in channels_last (and a transposed linear weight): the guard
+    takes the parameters' own layout and gives what the contiguous copy gives."""
+    def net():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                   torch.nn.Linear(5 * 4 * 4, 3))
+
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    results = []
+    for layout in ("contiguous", "channels_last"):
+        student, teacher = net(), net()
+        if layout == "channels_last":
+            student = student.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                w = student[3].weight
+                w.data = w.data.t().contiguous().t()  # a dense, non-contiguous linear weight
+            assert not student[0].weight.is_contiguous() and not student[3].weight.is_contiguous()
+        g = FisherGuard(student.parameters(), lam=2.0, ema=0.5, normalize="mean")
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(1.1)
+        xi = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        for _ in range(2):
+            ce = F.cross_entropy(student(xi), y)
+            with torch.no_grad():
+                t = F.softmax(teacher(x), 1)
+            distill = F.kl_div(F.log_softmax(student(xi), 1), t, reduction="batchmean")
+            g.backward(distill, ce)
+            pen = g.apply()
+            for p in student.parameters():
+                p.grad = None
+        results.append((pen, [a.contiguous() for a in g.anchors], [f.contiguous() for f in g.fisher]))
+        assert all(a.stride() == p.stride() for a, p in zip(g.anchors, student.parameters()))
+    (p0, a0, f0), (p1, a1, f1) = results
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=0)
+    _close(f1, f0)

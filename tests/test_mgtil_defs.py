@@ -116,6 +116,76 @@ def test_definition_errors():
         D.LabelResolver(clash)
 
 
+def _import_graph():
+    """module -> the mgcl modules it imports (top level or inside functions), read from the source."""
+    import ast
+    from pathlib import Path
+
+    import mgcl
+
+    root = Path(mgcl.__file__).parent
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        files[".".join(parts)] = f
+    graph = {}
+    for mod, f in files.items():
+        pkg = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        deps = set()
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level:
+                base = ".".join(pkg[:len(pkg) - n.level + 1] + ([n.module] if n.module else []))
+                for a in n.names:
+                    deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
+                deps.update(x for x in names if x in files)
+        graph[mod] = deps - {mod}
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    """No module reaches itself through imports, lazy ones included (they were how
+    benchmarks / data / synth held together)."""
+    graph = _import_graph()
+    cycles = []
+
+    def visit(m, path, done):
+        for d in graph.get(m, ()):
+            if d in path:
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in done:
+                done.add(d)
+                visit(d, path + [d], done)
+
+    for m in graph:
+        visit(m, [m], {m})
+    assert not cycles, cycles[:3]
+    assert graph["mgcl.mgtil.benchmarks"] == set(), "the benchmark definitions are data: they import nothing of mgcl"
+    assert "mgcl.mgtil.run" not in graph["mgcl.mgtil.demo"], "the demo does not import the run command"
+
+
+def test_synthetic_benchmarks_are_definitions_too():
+    """get_benchmark("mgtil-synth") answers from the definitions, without the generator."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mgcl.mgtil import benchmarks as B; b = B.get_benchmark('mgtil-synth'); "
+            "q = B.get_benchmark('mgtil-synth-quick'); print(b.synthetic, len(q.datasets), "
+            "'mgcl.mgtil.synth' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", str(len(B.SYNTH_TASKS)), "False"]
+    assert B.benchmark_names()[-2:] == ["mgtil-synth", "mgtil-synth-quick"]
+    for quick, b in ((False, B.MGTIL_SYNTH), (True, B.MGTIL_SYNTH_QUICK)):
+        sz = B.SYNTH_SIZES[quick]
+        assert [d.name for d in b.datasets] == [t.name for t in B.SYNTH_TASKS]
+        assert [d.n_train for d in b.datasets] == [sz["train"] * len(t.classes) for t in B.SYNTH_TASKS]
+        assert all(d.synthetic and "SYNTHETIC" in d.source for d in b.datasets)
+
+
 # ---- miniature roots --------------------------------------------------------------------------
 
 def _png(path, rng):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import data as D
 from mgcl.mgtil import synth
 
@@ -25,7 +26,7 @@ def _tree(root):
 
 
 def _full_plan():
-    return synth._corpus_plan(np.random.default_rng([0, synth._stream("corpus-plan")]), synth.SIZES[False]["corpus"])
+    return synth._corpus_plan(np.random.default_rng([0, synth._stream("corpus-plan")]), B.SYNTH_SIZES[False]["corpus"])
 
 
 # ---- determinism and the cache ---------------------------------------------------------------
@@ -77,7 +78,7 @@ def test_manifest_labels_it_synthetic(quick):
 # ---- tasks ----------------------------------------------------------------------------------------
 
 def test_tasks_sizes_balance_and_domains(quick):
-    sz = synth.SIZES[True]
+    sz = B.SYNTH_SIZES[True]
     b = quick.benchmark
     assert b.synthetic and b.name == "mgtil-synth-quick" and "SYNTHETIC" in b.display_name
     assert [t.name for t in quick.tasks] == b.names and len(quick.tasks) >= 6
@@ -130,7 +131,7 @@ def test_domains_differ_and_classes_are_learnable_but_not_trivial(quick):
 
 def test_corpus_shards_are_webdataset(quick, tmp_path):
     c = quick.corpus()
-    assert len(c) == quick.corpus_size == synth.SIZES[True]["corpus"]
+    assert len(c) == quick.corpus_size == B.SYNTH_SIZES[True]["corpus"]
     for shard in quick.corpus_shards:
         with tarfile.open(shard) as tar:
             names = tar.getnames()
@@ -163,7 +164,7 @@ def test_image_refs_match_the_bank_builder(quick, monkeypatch):
     assert rel.root.is_absolute() and rel.root == quick.root
     c = rel.corpus()
     records = [r for r in read_corpus(rel.corpus_shards[:1])]
-    assert all(isinstance(r, Record) for r in records) and len(records) == synth.SIZES[True]["shard"]
+    assert all(isinstance(r, Record) for r in records) and len(records) == B.SYNTH_SIZES[True]["shard"]
     for i in (0, 17, len(records) - 1):
         r = records[i]
         assert (r.id, r.caption, r.domain, r.image) == (c.ids[i], c.captions[i], c.domains[i], c.image_ref(i))
@@ -182,7 +183,7 @@ def test_class_prompts_retrieve_relevant_pairs(quick):
     bm25 = BM25Okapi([tok(x) for x in c.captions])
     doms, finds = np.array(c.domains), np.array(c.findings)
     precision = []
-    for t in synth.TASKS:
+    for t in B.SYNTH_TASKS:
         for (cname, key), prompt in zip(t.classes, quick.class_prompts[t.name]):
             top = np.argsort(-bm25.get_scores(tok(prompt)), kind="stable")[:20]
             assert (doms[top] == t.domain).all(), prompt
@@ -194,7 +195,7 @@ def test_class_prompts_retrieve_relevant_pairs(quick):
 def test_full_corpus_plan_captions():
     """The plan fixes every caption, domain and figure group of the full corpus (rendering only draws it)."""
     plan = _full_plan()
-    assert len(plan) == synth.SIZES[False]["corpus"] >= 20_000
+    assert len(plan) == B.SYNTH_SIZES[False]["corpus"] >= 20_000
     caps = Counter(cap for _, _, cap, _ in plan)
     assert len(caps) < 0.6 * len(plan) and max(caps.values()) >= 6      # captions shared by several images
     by_figure = {}
@@ -205,7 +206,7 @@ def test_full_corpus_plan_captions():
     assert all(doms[d] > 0.05 * len(plan) for d in synth.DISTRACTORS)
     assert sum(doms[d] for d in synth.PRINCIPLES) > 0.5 * len(plan)
     # every task class is named in captions of its domain, in more than one wording
-    for t in synth.TASKS:
+    for t in B.SYNTH_TASKS:
         for cname, fkey in t.classes:
             named = [cap for d, f, cap, _ in plan if d == t.domain and cname.lower() in cap.lower()]
             own = [cap for d, f, cap, _ in plan if d == t.domain and f == fkey]
@@ -226,7 +227,7 @@ def test_full_build(tmp_path):
     assert len(c) == full.corpus_size == len(_full_plan()) >= 20_000
     assert c.captions == [cap for _, _, cap, _ in _full_plan()]
     assert Counter(c.domains) == Counter(d for d, *_ in _full_plan())
-    sz = synth.SIZES[False]
-    assert [len(t.train) for t in full.tasks] == [sz["train"] * len(t.classes) for t in synth.TASKS]
+    sz = B.SYNTH_SIZES[False]
+    assert [len(t.train) for t in full.tasks] == [sz["train"] * len(t.classes) for t in B.SYNTH_TASKS]
     print(f"full mgtil-synth build: {seconds:.1f} s")
     assert seconds < 300

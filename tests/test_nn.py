@@ -177,3 +177,96 @@ def test_with_fisher_guard_in_the_documented_order():
     assert torch.allclose(model.img.weight.grad, want, rtol=1e-5, atol=1e-8)
     out.ce.backward()
     assert model.head.weight.grad is not None
+
+
+# ---- conventions: open_clip's ClipLoss and DistillClipLoss ----------------------------------------
+
+def teacher_entropy(img_t, txt_t, t):
+    """Mean row entropy + mean column entropy of the teacher softmaxes."""
+    T = t * img_t.double() @ txt_t.double().T
+    return float(-(T.softmax(1) * T.log_softmax(1)).sum(1).mean() - (T.softmax(0) * T.log_softmax(0)).sum(0).mean())
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "chunked"])
+def test_open_clip_convention_reproduces_open_clip(backend):
+    """kd / cmc with convention="open_clip" are DistillClipLoss's weights: same
+    gradients as ``w_d * distill_loss + w_c * contrastive_loss``, the CMC value
+    of ClipLoss, the CKT value of distill_loss less half the teacher entropy."""
+    oc = pytest.importorskip("open_clip.loss")
+    img, txt, img_t, txt_t = distill_batch(37, 24, seed=21)
+    w_d, w_c = 0.7, 1.3
+    grads = []
+    x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    s = torch.tensor(9.0, requires_grad=True)
+    contrastive, distill = oc.DistillClipLoss()(x, y, s, img_t, txt_t, torch.tensor(13.0))
+    (w_d * distill + w_c * contrastive).backward()
+    grads.append((x.grad, y.grad, s.grad))
+    x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    s = torch.tensor(9.0, requires_grad=True)
+    # normalize=False: open_clip takes the features as given (F.normalize would project its gradient)
+    ours = ContrastiveDistillLoss(kd=w_d, cmc=w_c, normalize=False, convention="open_clip", backend=backend)
+    loss = ours(x, y, img_t, txt_t, s, 13.0)
+    loss.backward()
+    grads.append((x.grad, y.grad, s.grad))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-5
+    H = teacher_entropy(img_t, txt_t, 13.0)
+    assert float(loss) == pytest.approx(w_d * (float(distill) - H / 2) + w_c * float(contrastive), rel=1e-5)
+    clip = oc.ClipLoss()(img, txt, torch.tensor(9.0))
+    cmc_only = ContrastiveDistillLoss(kd=0.0, cmc=1.0, convention="open_clip", backend=backend)
+    assert float(cmc_only(img, txt, img_t, txt_t, 9.0, 13.0)) == pytest.approx(float(clip), rel=1e-6)
+    # and the default convention is twice each (the statement in mgcl.nn's docstring)
+    mgcl_cmc = ContrastiveDistillLoss(kd=0.0, cmc=1.0, backend=backend)(img, txt, img_t, txt_t, 9.0, 13.0)
+    mgcl_ckt = ContrastiveDistillLoss(kd=1.0, cmc=0.0, backend=backend)(img, txt, img_t, txt_t, 9.0, 13.0)
+    assert float(mgcl_cmc) == pytest.approx(2 * float(clip), rel=1e-6)
+    assert float(mgcl_ckt) == pytest.approx(2 * float(distill) - H, rel=1e-5)
+
+
+def test_primed_loss_open_clip_convention_parts():
+    oc = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(1)
+    logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    img, txt, img_t, txt_t = distill_batch(30, 16, seed=22)
+    out = PrimedLoss(alpha=1.0, beta=0.25, convention="open_clip")(logits, labels, img, txt, img_t, txt_t, 8.0, 11.0)
+    contrastive, distill = oc.DistillClipLoss()(img, txt, torch.tensor(8.0), img_t, txt_t, torch.tensor(11.0))
+    assert float(out.cmc) == pytest.approx(float(contrastive), rel=1e-6)
+    assert float(out.ckt) == pytest.approx(float(distill) - teacher_entropy(img_t, txt_t, 11.0) / 2, rel=1e-5)
+    assert float(out.distill) == pytest.approx(float(out.ckt) + 0.25 * float(out.cmc), rel=1e-6)
+    mgcl_out = PrimedLoss(alpha=1.0, beta=0.25)(logits, labels, img, txt, img_t, txt_t, 8.0, 11.0)
+    assert float(mgcl_out.ckt) == pytest.approx(2 * float(out.ckt), rel=1e-6)
+    assert float(mgcl_out.cmc) == pytest.approx(2 * float(out.cmc), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ContrastiveDistillLoss, PrimedLoss])
+def test_unknown_convention_is_refused(cls):
+    with pytest.raises(ValueError, match=r"convention must be one of mgcl, open_clip, got 'openclip'"):
+        cls(convention="openclip")
+
+
+def test_readme_shows_the_docstring_numbers():
+    """README's loss-conventions subsection quotes the numbers mgcl.nn's doctest computes."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.findall(r"^    (ClipLoss .*|distill_loss .*)$", mgcl.nn.__doc__, flags=re.M)
+    assert len(quoted) == 2
+    for line in quoted:
+        assert line in readme, line
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "chunked"])
+def test_primed_loss_parts_are_cheap_detached_logging_values(backend):
+    """ce, ckt, cmc, distill for a trainer's log: ckt and cmc hold no graph and
+    are 0-d float32 on the features' device; ce and distill carry gradients."""
+    img, txt, img_t, txt_t = distill_batch(20, 8, seed=23)
+    x = img.clone().requires_grad_()
+    logits = torch.randn(5, 3, requires_grad=True)
+    out = PrimedLoss(backend=backend)(logits, torch.tensor([0, 1, 2, 0, 1]), x, txt, img_t, txt_t, 10.0, 10.0)
+    for part in (out.ckt, out.cmc):
+        assert part.grad_fn is None and not part.requires_grad
+        assert part.dim() == 0 and part.dtype == torch.float32 and part.device == x.device
+        assert part.untyped_storage().nbytes() <= 8  # a view of the two parts, nothing batch-sized
+    assert out.ce.grad_fn is not None and out.distill.grad_fn is not None
+    logged = {k: float(getattr(out, k)) for k in ("ce", "ckt", "cmc", "distill")}
+    assert all(v == v for v in logged.values())

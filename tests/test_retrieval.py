@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from mgcl.ops.similarity_topk import reference as topk_reference
 from mgcl.retrieval import BankError, MemoryBank, build_bank, build_index, get_embedder, open_image, write_bank
 from mgcl.retrieval.bm25 import tokenize
 from mgcl.retrieval.corpus import Record, Skipped, read_corpus
@@ -42,8 +43,8 @@ def bank(corpus, tmp_path_factory):
 
 def brute_force(keys: torch.Tensor, queries: torch.Tensor, k: int, ties: bool):
     """Per query: list of (index, score) by the SPEC.md 3.1 rule over the full
-    float32 score matrix (one matmul, as the op defines scores)."""
-    scores = torch.mm(queries.float(), keys.float().t()).numpy()
+    score matrix (similarity_topk's exact definition, its dense reference)."""
+    scores = topk_reference.scores(queries.float(), keys.float()).numpy()
     out = []
     for s in scores:
         if ties:

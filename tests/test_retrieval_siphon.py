@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mgcl.retrieval import (MemoryBank, Question, ReferenceSet, Siphon, build_bank, get_embedder, load_pool,
-                            open_image, retrieve)
+from mgcl.ops.similarity_topk import reference as topk_reference
+from mgcl.retrieval import (CachedEmbedder, FinishedTask, MemoryBank, Question, ReferenceSet, Siphon, build_bank,
+                            get_embedder, load_pool, open_image, retrieve)
 from mgcl.retrieval.bm25 import tokenize
 from mgcl.retrieval.pool import domains as pool_domains
 from retrieval_fixtures import DOMAINS, FINDINGS, FixtureVLM, make_records, write_corpus
@@ -58,7 +59,7 @@ def oracle(bank, vlm, queries: list[str], j: int, k: int, k_v: int, k1=1.5, b=0.
     query = queries[j]
     keys = torch.cat([s.float() for s in bank.shards])
     q = torch.from_numpy(get_embedder(EMB).encode(queries))
-    s = torch.mm(q, keys.t())[j].numpy()
+    s = topk_reference.scores(q, keys)[j].numpy()
     u = np.unique(s)[::-1]
     tau = u[min(k, len(u)) - 1]
     cand = np.nonzero(s >= tau)[0]
@@ -331,16 +332,12 @@ def test_pool_extension(tmp_path):
 
 # ---- the Dynamic Siphon --------------------------------------------------------------------------
 
-class FinishedTask:
-    def __init__(self, name, domain, classnames, template="{}", train=None):
-        self.name, self.domain, self.classnames, self.template, self.train = name, domain, classnames, template, train
-
-    def prompts(self):
-        return [self.template.format(c) for c in self.classnames]
+def finished(name, domain, classnames, template="{}", images=None):
+    return FinishedTask(name, domain, [template.format(c) for c in classnames], images)
 
 
-HISTORY = [FinishedTask("pd", "x-ray", ["pneumothorax", "pleural effusion", "cardiomegaly"], "chest x-ray with {}"),
-           FinishedTask("breakhis", "pathology", ["fibroadenoma", "invasive ductal carcinoma"], "histology of {}")]
+HISTORY = [finished("pd", "x-ray", ["pneumothorax", "pleural effusion", "cardiomegaly"], "chest x-ray with {}"),
+           finished("breakhis", "pathology", ["fibroadenoma", "invasive ductal carcinoma"], "histology of {}")]
 
 
 def test_siphon_levels_dedup_and_priority(banks, small_pool, vlm):
@@ -354,7 +351,7 @@ def test_siphon_levels_dedup_and_priority(banks, small_pool, vlm):
     assert len(idx) == len(set(idx))  # de-duplicated by bank entry
     assert s.last_domains == {"pd": "x-ray", "breakhis": "histopathology"}  # Phi_D via names and aliases
     qs = s.queries(HISTORY)
-    assert qs["task"] == [p for t in HISTORY for p in t.prompts()]
+    assert qs["task"] == [p for t in HISTORY for p in t.prompts]
     assert {q.domain for q in small_pool if q.text in qs["domain"]} == {"x-ray", "histopathology"}
     assert len(qs["general"]) == 6 and not {q.domain for q in small_pool if q.text in qs["general"]} & {
         "x-ray", "histopathology"}
@@ -387,39 +384,67 @@ def test_siphon_domain_mapper(banks, small_pool, vlm):
     plain, _ = banks
     # undeclared domain, no VLM: the text embedder on the class prompts
     s = Siphon(plain, small_pool, EMB, a=2, b=2, c=2, n_general=2, k_v=1, seed=0)
-    t = FinishedTask("mystery", "retina-cam", ["glaucoma", "drusen"], "fundus photograph of the retina with {}")
+    t = finished("mystery", "retina-cam", ["glaucoma", "drusen"], "fundus photograph of the retina with {}")
     assert s.map_domain(t) in pool_domains(small_pool)
     # with a VLM and training images: zero-shot over the pool's domains, a deterministic answer
     imgs = [(open_image(p), 0) for p in plain.meta["image"][:10]]
     sv = Siphon(plain, small_pool, EMB, vlm=vlm, a=2, b=2, c=2, n_general=2, k_v=1, seed=0)
-    t2 = FinishedTask("mystery2", "unknown", ["a", "b"], train=imgs)
+    t2 = finished("mystery2", "unknown", ["a", "b"], images=imgs)
     d = sv.map_domain(t2)
     assert d in pool_domains(small_pool) and sv.map_domain(t2) == d
     # declared domains resolve by name, case and alias
     for declared, want in (("Fundus", "fundus"), ("xray", "x-ray"), ("colonoscopy", "endoscopy")):
-        assert s.map_domain(FinishedTask("t", declared, ["a", "b"])) == want
+        assert s.map_domain(finished("t", declared, ["a", "b"])) == want
 
 
-def test_siphon_history_shapes(banks, small_pool):
-    """Finished tasks as objects, dicts or (name, domain, prompts) tuples give one reference set."""
-    plain, _ = banks
-    s = Siphon(plain, small_pool, EMB, a=3, b=2, c=2, n_general=4, k_v=1, seed=5)
-    want = s.reference_set(HISTORY).rows
-    as_dicts = [{"name": t.name, "domain": t.domain, "prompts": t.prompts()} for t in HISTORY]
-    as_tuples = [(t.name, t.domain, t.prompts()) for t in HISTORY]
-    assert s.reference_set(as_dicts).rows == want and s.reference_set(as_tuples).rows == want
-    with pytest.raises(ValueError, match="class prompts"):
-        s.reference_set([("t", "x-ray", [])])
-
-
-def test_siphon_accepts_cl_task(banks, small_pool):
+def test_a_finished_task_is_one_type(banks, small_pool):
+    """The Siphon takes FinishedTask only (no guessing at dicts, tuples or other objects);
+    mgcl.cl.Task.finished() adapts a task, with its class prompts of template 0 and its images."""
     from mgcl.cl.tasks import Task
 
     plain, _ = banks
-    task = Task("chexchonet", "x-ray", ["normal", "pneumothorax"], ["chest x-ray with {}"], train=[], test=[])
     s = Siphon(plain, small_pool, EMB, a=2, b=2, c=2, n_general=3, k_v=1, seed=0)
-    ref = s.reference_set([task])
+    train = [(open_image(p), 0) for p in plain.meta["image"][:2]]
+    task = Task("chexchonet", "x-ray", ["normal", "pneumothorax"], ["chest x-ray with {}", "radiograph: {}"],
+                train=train, test=[])
+    done = task.finished()
+    assert done == FinishedTask("chexchonet", "x-ray", ("chest x-ray with normal", "chest x-ray with pneumothorax"),
+                                train)
+    ref = s.reference_set([done])
     assert ref.level_counts()["task"] > 0 and s.last_domains == {"chexchonet": "x-ray"}
+    for bad in ({"name": "t", "domain": "x-ray", "prompts": ["a"]}, ("t", "x-ray", ["a"]), task):
+        with pytest.raises(ValueError, match="a finished task is a mgcl.retrieval.FinishedTask"):
+            s.reference_set([bad])
+    for prompts in ([], "one string", [1, 2]):
+        with pytest.raises(ValueError, match="class prompts"):
+            FinishedTask("t", "x-ray", prompts)
+
+
+def test_from_bank_is_the_one_road(banks, small_pool, tmp_path, vlm):
+    """Siphon.from_bank(dir): the bank's embedder, a pool file or list sampled per domain
+    (seeded), and the one-text-at-a-time query cache, which every Siphon has."""
+    plain, _ = banks
+    s = Siphon.from_bank(plain.path, pool=small_pool, pool_per_domain=2, vlm=vlm, a=3, b=2, c=2, n_general=4,
+                         k_v=1, seed=3)
+    assert isinstance(s.embedder, CachedEmbedder) and s.embedder.one_by_one and s.embedder.name == EMB
+    assert s.vlm is vlm and (s.a, s.seed) == (3, 3)
+    per = {d: sum(q.domain == d for q in s.pool) for d in pool_domains(small_pool)}
+    assert set(per) == set(pool_domains(small_pool)) and all(n == 2 for n in per.values())
+    again = Siphon.from_bank(plain.path, pool=small_pool, pool_per_domain=2, a=3, b=2, c=2, n_general=4, k_v=1,
+                             seed=3)
+    assert again.pool == s.pool, "the per-domain sample is seeded"
+    assert Siphon.from_bank(plain.path, pool=small_pool, seed=3).pool == small_pool
+    ref = s.reference_set(HISTORY)
+    assert len(ref) > 0 and set(s.embedder.cache) >= set(s.queries(HISTORY)["task"])
+    # the cached vectors are the embedder's own, one text at a time
+    inner = get_embedder(EMB)
+    for text in list(s.embedder.cache)[:5]:
+        assert np.array_equal(s.embedder.cache[text], inner.encode([text], 1)[0])
+    p = tmp_path / "pool.jsonl"
+    p.write_text("".join(json.dumps({"text": q.text, "domain": q.domain}) + "\n" for q in small_pool[:4]))
+    assert [q.text for q in Siphon.from_bank(plain.path, pool=str(p)).pool] == [q.text for q in small_pool[:4]]
+    direct = Siphon(plain, small_pool, CachedEmbedder(get_embedder(EMB)), a=1, b=1, c=1)
+    assert direct.embedder.one_by_one, "a batch-mode cache is wrapped again, one text at a time"
 
 
 def test_siphon_bad_args(banks, small_pool):
@@ -461,22 +486,32 @@ def test_reference_set_save_load_and_batches(banks, small_pool, vlm, tmp_path):
     for x, y in zip(ref.rows, back.rows):
         assert {k: v for k, v in x.items() if k != "score"} == {k: v for k, v in y.items() if k != "score"}
         assert abs(x["score"] - y["score"]) < 1e-6
+    # the training side: pairs (decoded through the student's transform, weighted by level) and batches
+    from mgcl.cl.strategies.refdata import ReferencePairs, reference_batches
+
     weights = {"task": 3.0, "domain": 2.0, "general": 0.5}
-    batches = list(ref.batches(vlm, 7, level_weights=weights, seed=3))
-    assert sum(len(b.levels) for b in batches) == len(ref)
+    pairs = ReferencePairs(ref, vlm.transform(False), weights)
+    assert len(pairs) == len(ref)
+    img, cap, w = pairs[0]
+    assert img.shape == (3, 12, 12) and cap == ref[0]["caption"] and w == weights[ref[0]["level"]]
+    stream = reference_batches(pairs, vlm.tokenize, 7, seed=3)
+    per_pass = len(ref) // 7
+    batches = [next(stream) for _ in range(2 * per_pass)]
     b0 = batches[0]
     assert b0.images.shape == (7, 3, 12, 12) and b0.images.dtype == torch.float32
     assert b0.tokens.shape == (7, 16) and b0.weights.dtype == torch.float32
-    assert b0.weights.tolist() == [weights[lvl] for lvl in b0.levels]
-    again = list(ref.batches(vlm, 7, level_weights=weights, seed=3))
-    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(batches, again))
-    assert len(list(ref.batches(vlm, 7, drop_last=True))) == len(ref) // 7
-    plain_order = next(iter(ref.batches(vlm, len(ref), shuffle=False)))
-    assert plain_order.levels == [r["level"] for r in ref] and bool((plain_order.weights == 1).all())
-    with pytest.raises(ValueError, match="unknown level"):
-        next(iter(ref.batches(vlm, 4, level_weights={"tsak": 1.0})))
-    with pytest.raises(ValueError, match="batch_size"):
-        next(iter(ref.batches(vlm, 0)))
+    order = torch.randperm(len(ref), generator=torch.Generator().manual_seed(3)).tolist()
+    assert b0.weights.tolist() == [weights[ref[i]["level"]] for i in order[:7]]
+    assert torch.equal(b0.tokens, vlm.tokenize([ref[i]["caption"] for i in order[:7]]))
+    again = reference_batches(pairs, vlm.tokenize, 7, seed=3)
+    assert all(torch.equal(a.tokens, next(again).tokens) for a in batches)
+    second = torch.randperm(len(ref), generator=torch.Generator().manual_seed(4)).tolist()
+    assert torch.equal(batches[per_pass].tokens, vlm.tokenize([ref[i]["caption"] for i in second[:7]])), \
+        "pass k is shuffled with seed + k, the last partial batch dropped"
+    small = next(reference_batches(pairs, vlm.tokenize, len(ref) + 5, seed=0))
+    assert small.images.shape[0] == len(ref), "a set smaller than a batch gives one batch of all of it"
+    with pytest.raises(RuntimeError, match="empty"):
+        next(reference_batches(ReferencePairs(ReferenceSet([]), vlm.transform(False)), vlm.tokenize, 4, seed=0))
     with pytest.raises(ValueError, match="not a reference set"):
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -7,16 +7,16 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from demo_fixtures import miniature_root
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl import cli
 from mgcl.cl import ContinualTrainer
+from mgcl.cl.strategies import Strategy
 from mgcl.mgtil import benchmarks as B
 from mgcl.mgtil import report, run
-from PIL import Image
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*-biomedclip-primed.yaml"))
@@ -47,11 +47,11 @@ _DROP = object()
 
 # ---- validation ------------------------------------------------------------------------------
 
-def test_example_configs_validate():
+def test_example_configs_validate(capsys):
     assert len(CONFIGS) == 4
     seen = set()
     for path in CONFIGS:
-        cfg = run.load_config(str(path))
+        cfg = run.load_config(str(path)).data
         seen.add(cfg["benchmark"])
         assert cfg["model"]["adapter"] == "open_clip" and cfg["model"]["name"] == "biomedclip"
         assert cfg["strategy"]["name"] == "primed"
@@ -64,10 +64,11 @@ def test_example_configs_validate():
         want = (30, 80) if cfg["benchmark"].startswith("hmt") else (70, 100)
         assert (sip["b"], sip["c"]) == want, path.name
         assert cfg["benchmark"] in path.name
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert cli.main(["run", str(path), "--check"]) == 0
-        assert "OK" in out.getvalue()
+        # --check also checks the paths: the examples name placeholders, each reported, on one line
+        assert cli.main(["run", str(path), "--check"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "data_root: /path/to/mgtil does not exist" in err
+        assert "model.checkpoint: /path/to/BiomedCLIP" in err and "retrieval.bank: /path/to/bank" in err
     assert seen == {"hmt-order1", "hmt-order2", "medxtreme-order1", "medxtreme-order2"}
 
 
@@ -76,7 +77,7 @@ def test_synthetic_example_config_matches_the_demo():
 
     assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == sorted(
         [p.name for p in CONFIGS] + ["mgtil-synth-tinyclip-primed.yaml"])
-    cfg = run.load_config(str(CONFIG_DIR / "mgtil-synth-tinyclip-primed.yaml"))
+    cfg = run.load_config(str(CONFIG_DIR / "mgtil-synth-tinyclip-primed.yaml")).data
     want = demo.settings(quick=False)
     assert cfg["benchmark"] == "mgtil-synth" and not cfg["model"]["checkpoint"].startswith("~")
     assert cfg["model"]["checkpoint"].endswith("/demo/v1-seed0/model") and "~" not in cfg["retrieval"]["bank"]
@@ -88,9 +89,16 @@ def test_synthetic_example_config_matches_the_demo():
 
 
 def test_defaults_are_the_protocol():
-    cfg = run.validate(MINIMAL)
-    assert cfg["train"] == run.TRAIN_DEFAULTS and cfg["device"] == "cpu"
+    from mgcl.cl import TrainConfig
+
+    rc = run.validate(MINIMAL)
+    cfg = rc.data
+    assert cfg["train"] == TrainConfig().to_dict() == rc.train.to_dict() and cfg["device"] == "cpu"
+    assert (rc.train.iters_per_task, rc.train.batch_size, rc.train.lr, rc.train.label_smoothing, rc.train.seed) == \
+        (1000, 64, 1e-5, 0.2, 42), "SPEC.md section 1"
     assert cfg["retrieval"]["vlm"] == "model" and cfg["retrieval"]["siphon"] == {}
+    assert rc.strategy.name == "primed" and rc.strategy.needs_reference_set
+    assert rc.strategy.reference.siphon is None, "run() hands the strategy its Siphon"
 
 
 @pytest.mark.parametrize("cfg, match", [
@@ -100,6 +108,12 @@ def test_defaults_are_the_protocol():
     (with_(train__batch_size=True), r"train.batch_size"),
     (with_(train__lr=0), r"train.lr"),
     (with_(train__label_smoothing=1.0), r"train.label_smoothing"),
+    (with_(train__lr=float("nan")), r"train.lr: expected a finite number"),
+    (with_(train__lr=float("inf")), r"train.lr: expected a finite number"),
+    (with_(train__seed=2**70), r"train.seed: expected an integer >= 0 and <= 4,294,967,295"),
+    (with_(train__batch_size=1e12), r"train.batch_size: expected an integer"),
+    (with_(train__batch_size=10**12), r"train.batch_size: expected an integer >= 1 and <= 2,147,483,647"),
+    (with_(train__batch_size=200_000), r"train.batch_size: 200,000 is larger than every task's training set"),
     (with_(train__amp="fp16"), r"train.amp"),
     (with_(strategy__name="primd"), r"unknown strategy 'primd' \(did you mean 'primed'\?\)"),
     (with_(strategy__options={"alpah": 1.0}), r"strategy.options \(primed\): unknown key\(s\) 'alpah'"),
@@ -126,10 +140,10 @@ def test_bad_configs_are_refused_before_anything_loads(cfg, match):
 
 def test_a_strategy_without_retrieval_needs_no_bank():
     cfg = run.validate(with_(strategy={"name": "finetune"}, retrieval__bank=_DROP))
-    assert cfg["strategy"] == {"name": "finetune", "options": {}}
+    assert cfg.data["strategy"] == {"name": "finetune", "options": {}} and not cfg.strategy.needs_reference_set
     off = run.validate(with_(strategy__options={"ckt": False, "cmc": False, "regularizer": "l2"},
                              retrieval__bank=_DROP))
-    assert off["retrieval"]["bank"] is None
+    assert off.data["retrieval"]["bank"] is None and not off.strategy.needs_reference_set
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
@@ -190,12 +204,13 @@ def test_run_writes_results_tables_and_plots(full_run):
     for f in ("results.csv", "results.md", "curves.png", "curves_by_task.png", "heatmaps.png", "config.yaml"):
         assert (full_run / f).is_file(), f
     assert (full_run / "runs" / "primed" / "checkpoint" / "latest.json").is_file()
-    assert run.load_config(str(full_run / "config.yaml"))["benchmark"] == "mgtil-synth-quick"
+    assert run.load_config(str(full_run / "config.yaml")).data["benchmark"] == "mgtil-synth-quick"
 
 
 def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path, monkeypatch, capsys):
     path = write_config(tiny_config(quick, tmp_path / "out"), tmp_path / "cfg.yaml")
     real = ContinualTrainer._train_task
+    real_new = Strategy.__new__
 
     def stop_at_task_2(self, t):
         if t == 1:
@@ -203,8 +218,11 @@ def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path
         return real(self, t)
 
     monkeypatch.setattr(ContinualTrainer, "_train_task", stop_at_task_2)
+    built = []
+    monkeypatch.setattr(Strategy, "__new__", lambda cls, *a, **k: built.append(cls.name) or real_new(cls, *a, **k))
     with pytest.raises(KeyboardInterrupt):
         cli.main(["run", path, "--no-progress"])
+    assert built == ["primed"], "a run constructs its strategy once"
     monkeypatch.setattr(ContinualTrainer, "_train_task", real)
     state = json.loads((tmp_path / "out" / "runs" / "primed" / "checkpoint" / "latest.json").read_text())
     assert state["finished"] == 0 and not (tmp_path / "out" / "results.json").exists()
@@ -251,15 +269,7 @@ def test_report_refuses_a_directory_without_results(tmp_path, capsys):
 def test_a_real_benchmark_subset_on_a_miniature_root(quick, tmp_path):
     """HieraMedTransfer Order I, two of its datasets (only those need to be present),
     the demo's TinyCLIP, fine-tuning: the same files as any run, not labelled synthetic."""
-    rng = np.random.default_rng(0)
-    picked = [d for d in B.HMT_ORDER1.datasets if d.name in ("BreakHis", "RANZCR")]
-    for d in picked:
-        for split in ("train", "test"):
-            for label in d.classes:
-                folder = tmp_path / "root" / d.name / split / label
-                folder.mkdir(parents=True)
-                for j in range(2):
-                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+    miniature_root(tmp_path / "root", [d for d in B.HMT_ORDER1.datasets if d.name in ("BreakHis", "RANZCR")], 2)
     cfg = {"benchmark": "hmt-1", "data_root": str(tmp_path / "root"), "tasks": ["BreakHis", "RANZCR"],
            "output_dir": str(tmp_path / "out"), "threads": 1,
            "model": {"adapter": "tinyclip", "checkpoint": str(quick.assets / "model")},

@@ -1,9 +1,10 @@
 // fisher_guard on the CPU.
 //
-// Work is split into chunks of at most kChunk elements of one tensor, so a
-// model's ~300 tensors of very different sizes spread evenly over the
-// threads. Per element (d = param - anchor):
-//   W     = grad^2 | fisher | 1    (DFG with ema: fisher <- ema*fisher + (1-ema)*grad^2, W = fisher)
+// Work is split into the chunks of the packed metadata (at most chunk_size
+// elements of one tensor; see fisher_guard.h), so a model's ~300 tensors of
+// very different sizes spread evenly over the threads. Per element (d = param - anchor):
+//   W     = grad^2 | fisher | 1    (DFG with ema: fisher <- ema*fisher + ema_rest*grad^2, W = fisher;
+//                                   ema_rest = 1 - ema rounded once from double)
 //   W    /= mean(W over the tensor)          (normalize; W = 0 where the mean is 0)
 //   grad += (2*lam) * W * d
 //   pen  += W * d * d                        (times lam once at the end)
@@ -23,7 +24,6 @@
 namespace mgcl {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;
 // Sums run in float over sub-blocks of kSub elements (vectorised), then in
 // double across sub-blocks and chunks: float-speed loops, near-double accuracy.
 constexpr int64_t kSub = 512;
@@ -34,15 +34,20 @@ struct Chunk {
   int64_t len;
 };
 
+inline Chunk chunk_at(const FisherGuardParams& p, int64_t c) {
+  const int64_t t = p.chunk_tensor[c], start = p.chunk_start[c];
+  return {t, start, std::min(p.chunk_size, p.numel[t] - start)};
+}
+
 // W for one element, before normalisation. For DFG with ema the fisher value
 // is updated and W is the value as stored (rounded to the fisher dtype).
 template <int Mode, bool Ema, typename T, typename F>
-inline float importance(const T* g, F* f, int64_t i, float ema) {
+inline float importance(const T* g, F* f, int64_t i, float ema, float ema_rest) {
   if constexpr (Mode == kModeDfg) {
     float gi = load(g, i);
     float w = gi * gi;
     if constexpr (Ema) {
-      float nf = ema * load(f, i) + (1.f - ema) * w;
+      float nf = ema * load(f, i) + ema_rest * w;
       store(f, i, nf);
       return load(f, i);
     }
@@ -56,13 +61,13 @@ inline float importance(const T* g, F* f, int64_t i, float ema) {
 
 // Same as importance() but never writes: used by the normalize pre-pass.
 template <int Mode, bool Ema, typename T, typename F>
-inline float importance_peek(const T* g, const F* f, int64_t i, float ema) {
+inline float importance_peek(const T* g, const F* f, int64_t i, float ema, float ema_rest) {
   if constexpr (Mode == kModeDfg) {
     float gi = load(g, i);
     float w = gi * gi;
     if constexpr (Ema) {
       F tmp[1];
-      store(tmp, 0, ema * load(f, i) + (1.f - ema) * w);
+      store(tmp, 0, ema * load(f, i) + ema_rest * w);
       return load(tmp, 0);
     }
     return w;
@@ -82,7 +87,7 @@ double chunk_w_sum(const FisherGuardParams& p, const Chunk& c) {
     const int64_t e = std::min(c.len, b + kSub);
     float sb = 0.f;
 #pragma omp simd reduction(+ : sb)
-    for (int64_t i = b; i < e; ++i) sb += importance_peek<Mode, Ema, T, F>(g, f, i, p.ema);
+    for (int64_t i = b; i < e; ++i) sb += importance_peek<Mode, Ema, T, F>(g, f, i, p.ema, p.ema_rest);
     s += sb;
   }
   return s;
@@ -102,7 +107,7 @@ double chunk_update(const FisherGuardParams& p, const Chunk& c, float mean) {
     float sb = 0.f;
 #pragma omp simd reduction(+ : sb)
     for (int64_t i = b; i < e; ++i) {
-      float w = importance<Mode, Ema, T, F>(g, f, i, p.ema);
+      float w = importance<Mode, Ema, T, F>(g, f, i, p.ema, p.ema_rest);
       if constexpr (Normalize) w = zero_mean ? 0.f : w / mean;
       float d = load(x, i) - load(a, i);
       float wd = w * d;
@@ -116,21 +121,14 @@ double chunk_update(const FisherGuardParams& p, const Chunk& c, float mean) {
 
 template <int Mode, bool Ema, typename T, typename F>
 void run_typed(const FisherGuardParams& p) {
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first(p.n_tensors + 1, 0);
-  for (int64_t t = 0; t < p.n_tensors; ++t) {
-    first[t] = int64_t(chunks.size());
-    for (int64_t s = 0; s < p.numel[t]; s += kChunk)
-      chunks.push_back({t, s, std::min(kChunk, p.numel[t] - s)});
-  }
-  first[p.n_tensors] = int64_t(chunks.size());
-  const int64_t n = int64_t(chunks.size());
+  const int64_t n = p.n_chunks;
+  const int64_t* first = p.tensor_first_chunk;
 
   std::vector<float> mean(p.normalize ? p.n_tensors : 0, 0.f);
   if (p.normalize) {
     std::vector<double> wsum(n);
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n; ++c) wsum[c] = chunk_w_sum<Mode, Ema, T, F>(p, chunks[c]);
+    for (int64_t c = 0; c < n; ++c) wsum[c] = chunk_w_sum<Mode, Ema, T, F>(p, chunk_at(p, c));
     for (int64_t t = 0; t < p.n_tensors; ++t) {
       double s = 0.0;
       for (int64_t c = first[t]; c < first[t + 1]; ++c) s += wsum[c];
@@ -141,7 +139,7 @@ void run_typed(const FisherGuardParams& p) {
   std::vector<double> part(n);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t c = 0; c < n; ++c) {
-    const Chunk& ch = chunks[c];
+    const Chunk ch = chunk_at(p, c);
     part[c] = p.normalize ? chunk_update<Mode, Ema, true, T, F>(p, ch, mean[ch.tensor])
                           : chunk_update<Mode, Ema, false, T, F>(p, ch, 0.f);
   }
@@ -174,6 +172,7 @@ void run_fisher_dtype(const FisherGuardParams& p) {
 
 void fisher_guard_cpu(const FisherGuardParams& p) {
   if (p.penalty == nullptr) throw Error("fisher_guard: penalty output is null");
+  if (p.chunk_size <= 0) throw Error("fisher_guard: chunk_size must be positive");
   switch (p.dtype) {
     case kFloat32: return run_fisher_dtype<float>(p);
     case kFloat16: return run_fisher_dtype<half_t>(p);

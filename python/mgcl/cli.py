@@ -33,23 +33,30 @@ def cmd_info(args) -> int:
         f"  mgcl._C       {'built' if _native.HAS_C else 'missing (' + str(_native.C_ERROR) + ')'}"
         + (f", OpenMP {'on' if _native._C.openmp else 'off'}" if _native.HAS_C else ""),
         f"  mgcl._C_cuda  "
-        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()})" if _native.HAS_C_CUDA
+        + (f"built for {_native.cuda_archs()} (CUDA {_native.cuda_version()} runtime; "
+           f"the driver here supports {_native.driver_version() or 'no CUDA'})" if _native.HAS_C_CUDA
            else "not built (no nvcc at build time, or MGCL_CUDA=OFF)"),
         "GPU       " + (f"{torch.cuda.device_count()} visible: {torch.cuda.get_device_name(0)}" if gpu else "none visible"),
-        "backends (CPU tensors / CUDA tensors):",
+        "backends: the default for CPU / CUDA tensors, then each op's table in order of preference",
     ]
     table = {}
     for op in OPS:
         mod = importlib.import_module(f"mgcl.ops.{op}")
         cpu = _backend.default_for(op, mod.BACKENDS, "cpu")
         cuda = _backend.default_for(op, mod.BACKENDS, "cuda")
-        table[op] = {"cpu": cpu, "cuda": cuda, "offered": sorted(mod.BACKENDS)}
-        lines.append(f"  {op:<20} {cpu:<8} / {cuda:<8} (offered: {', '.join(sorted(mod.BACKENDS))})")
+        entries = _backend.describe(mod.BACKENDS)
+        table[op] = {"cpu": cpu, "cuda": cuda, "offered": list(mod.BACKENDS), "entries": entries}
+        lines.append(f"  {op:<20} {cpu} / {cuda}")
+        for e in entries:
+            limits = "".join(f"; {k}: {e[k]}" for k in ("limit", "prefer") if e[k])
+            why = "".join(f"; not on {d} here: {w}" for d, w in e["why_not"].items())
+            lines.append(f"    {e['backend']:<8} {'+'.join(e['devices']):<9} {', '.join(e['dtypes'])}{limits}{why}")
     if args.json:
         print(json.dumps({
             "mgcl": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "C": _native.HAS_C, "C_cuda": _native.HAS_C_CUDA,
-            "cuda_archs": _native.cuda_archs(), "gpu": gpu, "backends": table,
+            "cuda_archs": _native.cuda_archs(), "cuda_driver": _native.driver_version(), "gpu": gpu,
+            "backends": table,
         }, indent=2))
     else:
         print("\n".join(lines))
@@ -328,45 +335,63 @@ def _add_mgtil(sub) -> None:
 
 # ---- mgcl demo / run / report -----------------------------------------------------------
 
-def cmd_demo(args) -> int:
-    from .mgtil import demo
+def _one_line(exc: BaseException) -> str:
+    """An error on user input as one line (a multi-line message joined with '; ')."""
+    return "; ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or type(exc).__name__
 
-    return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+
+def cmd_demo(args) -> int:
+    from .cl.config import ConfigError
+    from .mgtil import demo
+    from .retrieval import BankError
+
+    try:
+        return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    except (ConfigError, BankError, OSError) as exc:  # bad options, a damaged cache, the disk
+        print(f"mgcl demo: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def cmd_run(args) -> int:
+    from .cl.checkpoint import CheckpointError
     from .mgtil import report, run
 
     try:
         cfg = run.load_config(args.config)
         if args.check:
-            print(f"{args.config}: OK ({cfg['benchmark']}, {cfg['model']['adapter']}, {cfg['strategy']['name']})")
+            run.check_paths(cfg.data)
+            d = cfg.data
+            print(f"{args.config}: OK ({d['benchmark']}, {d['model']['adapter']}, {d['strategy']['name']})")
             return 0
         res = run.run(cfg, resume=args.resume, progress=not args.no_progress)
-    except run.ConfigError as exc:
-        print(f"mgcl run: {exc}", file=sys.stderr)
+    except (run.ConfigError, CheckpointError, OSError) as exc:
+        print(f"mgcl run: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(report.format_table(res))
-    print(f"wrote {cfg['output_dir']}")
+    print(f"wrote {cfg.data['output_dir']}")
     return 0
 
 
 def cmd_report(args) -> int:
     import os
 
+    from .cl.config import output_dir_problem
     from .mgtil import report
 
     try:
         loaded = [report.load(p) for p in args.runs]
-    except ValueError as exc:
-        print(f"mgcl report: {exc}", file=sys.stderr)
+        problem = output_dir_problem(args.out)
+        if problem:
+            raise ValueError(f"--out: {problem}")
+        labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
+                  for p in args.runs]
+        res = report.combine(loaded, labels)
+        files = report.render(res, args.out, plots=not args.no_plots)
+        report.write_json(os.path.join(args.out, "combined.json"), res)
+    except (ValueError, OSError) as exc:
+        print(f"mgcl report: {_one_line(exc)}", file=sys.stderr)
         return 2
-    labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
-              for p in args.runs]
-    res = report.combine(loaded, labels)
     print(report.format_table(res))
-    files = report.render(res, args.out, plots=not args.no_plots)
-    report.write_json(os.path.join(args.out, "combined.json"), res)
     print("wrote " + ", ".join(files + [os.path.join(args.out, "combined.json")]))
     return 0
 
@@ -379,9 +404,10 @@ def _add_experiments(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("run", help="one continual-learning run from a YAML config (see configs/)")
-    s.add_argument("config", help="YAML config: benchmark, data_root, model, strategy, retrieval, train, output_dir")
+    s.add_argument("config", help="YAML config (benchmark, data_root, model, strategy, retrieval, train, output_dir), "
+                                  "or a shipped config's name (mgcl run NAME; an unknown name lists them)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished task")
-    s.add_argument("--check", action="store_true", help="only validate the config")
+    s.add_argument("--check", action="store_true", help="only check the config: every key, value and path")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("report", help="tables and plots of one or several runs / demo outputs, side by side")
@@ -392,7 +418,10 @@ def _add_experiments(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(prog="mgcl", description="Retrieval-guided continual learning for medical VLMs")
+    p.add_argument("--version", action="version", version=f"mgcl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, native modules, GPU and the backend each op uses")

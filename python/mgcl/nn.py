@@ -28,6 +28,46 @@ Example (any trainer; ``model`` is a CLIP-like student, ``teacher`` a frozen cop
         print(f"ce {out.ce:.3f} ckt {out.ckt:.3f} cmc {out.cmc:.3f}")
 
 Without a guard, ``out.total.backward()`` is the plain step.
+
+Conventions, against open_clip's losses (``open_clip.loss``). With the same
+features and scales, ``i2t = t2i = 1`` and no pair weights:
+
+- CMC (mgcl) is the SUM of the two CE directions, each a mean over its pairs;
+  ``ClipLoss`` (and ``DistillClipLoss``'s ``contrastive_loss``) is their MEAN:
+  ``CMC = 2 * ClipLoss``.
+- CKT (mgcl) is the sum of the row and column KL(teacher || student), each a
+  mean over the batch; ``DistillClipLoss``'s ``distill_loss`` is the mean of the
+  row and column soft cross-entropies, and a soft cross-entropy is the KL plus
+  the teacher's entropy H (a constant for the student):
+  ``CKT = 2 * distill_loss - H`` with ``H`` = mean row entropy + mean column
+  entropy of the teacher softmaxes; so ``dCKT = 2 * d(distill_loss)``.
+
+``convention="open_clip"`` on :class:`ContrastiveDistillLoss` and
+:class:`PrimedLoss` halves both terms, so that ``kd`` / ``cmc`` (``alpha`` /
+``beta``) are open_clip's loss weights: the gradients are then exactly those of
+``kd * distill_loss + cmc * contrastive_loss``, and the CMC value is
+``ClipLoss``'s; the CKT value is the KL part, ``distill_loss - H / 2`` (the
+entropy has no gradient and is not computed). The default ``convention="mgcl"``
+is SPEC.md's (the paper's) scaling. Numbers on one batch (the test suite checks
+them; README.md shows them too):
+
+    >>> import torch
+    >>> import open_clip.loss as oc
+    >>> from mgcl.nn import ContrastiveDistillLoss
+    >>> from mgcl.testing import distill_batch
+    >>> img, txt, img_t, txt_t = distill_batch(8, 16, seed=0)   # unit-norm features
+    >>> s, t = torch.tensor(10.0), torch.tensor(12.0)           # student, teacher logit scales
+    >>> contrastive, distill = oc.DistillClipLoss()(img, txt, s, img_t, txt_t, t)
+    >>> T = t * img_t @ txt_t.T
+    >>> H = -(T.softmax(1) * T.log_softmax(1)).sum(1).mean() - (T.softmax(0) * T.log_softmax(0)).sum(0).mean()
+    >>> def ours(kd, cmc, convention="mgcl"):
+    ...     loss = ContrastiveDistillLoss(kd=kd, cmc=cmc, convention=convention)
+    ...     return float(loss(img, txt, img_t, txt_t, s, t))
+    >>> print(f"ClipLoss {float(contrastive):.4f}  CMC {ours(0, 1):.4f}  open_clip CMC {ours(0, 1, 'open_clip'):.4f}")
+    ClipLoss 0.5725  CMC 1.1450  open_clip CMC 0.5725
+    >>> print(f"distill_loss {float(distill):.4f}  H {float(H):.4f}  CKT {ours(1, 0):.4f}  "
+    ...       f"open_clip CKT {ours(1, 0, 'open_clip'):.4f}")
+    distill_loss 4.5716  H 1.8829  CKT 7.2603  open_clip CKT 3.6301
 """
 from __future__ import annotations
 
@@ -41,8 +81,18 @@ from .ops.contrastive_distill import contrastive_distill
 Scale = Union[float, torch.Tensor]
 
 
+CONVENTIONS = ("mgcl", "open_clip")
+
+
 def _weights(weight, row_weight, col_weight):
     return (row_weight if row_weight is not None else weight), (col_weight if col_weight is not None else weight)
+
+
+def _term_scale(owner: str, convention: str) -> float:
+    """What each term is multiplied by in ``convention`` (see the module doc)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{owner}: convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    return 0.5 if convention == "open_clip" else 1.0
 
 
 class ContrastiveDistillLoss(torch.nn.Module):
@@ -62,6 +112,12 @@ class ContrastiveDistillLoss(torch.nn.Module):
 
     ``backend``, ``gather`` and ``process_group`` are passed to the op
     (``gather=True`` under DDP: the global-batch loss from each rank's pairs).
+    ``convention="open_clip"`` halves both terms: ``kd`` and ``cmc`` are then
+    open_clip's ``DistillClipLoss`` / ``ClipLoss`` weights (module doc).
+
+    Under autocast pass the features in the dtype the model produced (bf16):
+    the GPU path then runs bf16 tiles with float32 accumulation; float32
+    features run float32 dots (IEEE unless torch allows TF32).
 
     Example::
 
@@ -71,14 +127,17 @@ class ContrastiveDistillLoss(torch.nn.Module):
     """
 
     def __init__(self, kd: float = 1.0, cmc: float = 0.25, i2t: float = 1.0, t2i: float = 1.0, normalize: bool = True,
-                 *, backend: Optional[str] = None, gather: bool = False, process_group=None):
+                 *, backend: Optional[str] = None, gather: bool = False, process_group=None,
+                 convention: str = "mgcl"):
         super().__init__()
+        self.term_scale = _term_scale("ContrastiveDistillLoss", convention)
         self.kd, self.cmc, self.i2t, self.t2i = float(kd), float(cmc), float(i2t), float(t2i)
-        self.normalize = bool(normalize)
+        self.normalize, self.convention = bool(normalize), convention
         self.backend, self.gather, self.process_group = backend, gather, process_group
 
     def extra_repr(self) -> str:
-        return f"kd={self.kd}, cmc={self.cmc}, i2t={self.i2t}, t2i={self.t2i}, normalize={self.normalize}"
+        return (f"kd={self.kd}, cmc={self.cmc}, i2t={self.i2t}, t2i={self.t2i}, normalize={self.normalize}, "
+                f"convention={self.convention!r}")
 
     def forward(self, img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Tensor, txt_t: torch.Tensor,
                 scale_s: Scale, scale_t: Scale, weight: Optional[torch.Tensor] = None, *,
@@ -87,17 +146,19 @@ class ContrastiveDistillLoss(torch.nn.Module):
             img_s, txt_s = F.normalize(img_s, dim=-1), F.normalize(txt_s, dim=-1)
             img_t, txt_t = F.normalize(img_t.detach(), dim=-1), F.normalize(txt_t.detach(), dim=-1)
         row_weight, col_weight = _weights(weight, row_weight, col_weight)
-        return contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.kd, cmc=self.cmc,
-                                   i2t=self.i2t, t2i=self.t2i, row_weight=row_weight, col_weight=col_weight,
-                                   backend=self.backend, gather=self.gather, process_group=self.process_group)
+        return contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.kd * self.term_scale,
+                                   cmc=self.cmc * self.term_scale, i2t=self.i2t, t2i=self.t2i, row_weight=row_weight,
+                                   col_weight=col_weight, backend=self.backend, gather=self.gather,
+                                   process_group=self.process_group)
 
 
 class PrimedLossOutput(NamedTuple):
     """The parts of one PRIMED step's loss.
 
     ``total = ce + distill`` and ``distill = alpha * ckt + beta * cmc`` carry
-    gradients; ``ckt`` and ``cmc`` (the unweighted terms, from the same fused
-    pass) are constants for logging.
+    gradients; ``ckt`` and ``cmc`` (the unweighted terms in the loss's
+    convention, from the same fused pass) are detached 0-d tensors for logging
+    (``float(out.ckt)``, or a trainer's log dict), holding no graph.
     """
 
     total: torch.Tensor
@@ -115,7 +176,9 @@ class PrimedLoss(torch.nn.Module):
     with ``total, ce, ckt, cmc, distill``. ``distill`` is the part the Fisher
     guard must see first (backward it, ``guard.apply()``, then backward ``ce``;
     see the module example). ``i2t``, ``t2i``, ``normalize``, ``backend``,
-    ``gather`` and ``process_group`` are as in :class:`ContrastiveDistillLoss`.
+    ``gather``, ``process_group`` and ``convention`` are as in
+    :class:`ContrastiveDistillLoss` (``convention="open_clip"``: ``alpha`` and
+    ``beta`` are open_clip's distill / contrastive weights).
 
     Example:
         >>> import torch
@@ -141,17 +204,18 @@ class PrimedLoss(torch.nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.25, label_smoothing: float = 0.2, *, i2t: float = 1.0,
                  t2i: float = 1.0, normalize: bool = True, backend: Optional[str] = None, gather: bool = False,
-                 process_group=None):
+                 process_group=None, convention: str = "mgcl"):
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"PrimedLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.term_scale = _term_scale("PrimedLoss", convention)
         self.alpha, self.beta, self.label_smoothing = float(alpha), float(beta), float(label_smoothing)
-        self.i2t, self.t2i, self.normalize = float(i2t), float(t2i), bool(normalize)
+        self.i2t, self.t2i, self.normalize, self.convention = float(i2t), float(t2i), bool(normalize), convention
         self.backend, self.gather, self.process_group = backend, gather, process_group
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, label_smoothing={self.label_smoothing}, i2t={self.i2t}, "
-                f"t2i={self.t2i}, normalize={self.normalize}")
+                f"t2i={self.t2i}, normalize={self.normalize}, convention={self.convention!r}")
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, img_s: torch.Tensor, txt_s: torch.Tensor,
                 img_t: torch.Tensor, txt_t: torch.Tensor, scale_s: Scale, scale_t: Scale,
@@ -163,10 +227,12 @@ class PrimedLoss(torch.nn.Module):
             img_t, txt_t = F.normalize(img_t.detach(), dim=-1), F.normalize(txt_t.detach(), dim=-1)
         row_weight, col_weight = _weights(weight, row_weight, col_weight)
         distill, ckt, cmc = contrastive_distill(
-            img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.alpha, cmc=self.beta, i2t=self.i2t, t2i=self.t2i,
-            row_weight=row_weight, col_weight=col_weight, backend=self.backend, gather=self.gather,
-            process_group=self.process_group, return_parts=True,
+            img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd=self.alpha * self.term_scale,
+            cmc=self.beta * self.term_scale, i2t=self.i2t, t2i=self.t2i, row_weight=row_weight, col_weight=col_weight,
+            backend=self.backend, gather=self.gather, process_group=self.process_group, return_parts=True,
         )
+        if self.term_scale != 1.0:
+            ckt, cmc = ckt * self.term_scale, cmc * self.term_scale
         return PrimedLossOutput(total=ce + distill, ce=ce, ckt=ckt, cmc=cmc, distill=distill)
 
 

@@ -9,6 +9,8 @@
 //   grad    += 2*lam*W*d          (W from the incoming grad)
 //   penalty += lam*W*d^2          (one float32 scalar over all tensors)
 // The Python side validates every input and allocates every output.
+// Memory traffic: fp32 DFG reads grad, param, anchor and writes grad (16 B per
+// element), so the op is bandwidth-bound; the penalty comes from the same pass.
 #pragma once
 #include <cstdint>
 
@@ -18,21 +20,50 @@ namespace mgcl {
 
 enum FisherGuardMode : int { kModeDfg = 0, kModeEwc = 1, kModeL2 = 2 };
 
+// The packed metadata: one int64 array, written by mgcl/ops/fisher_guard/native.py
+// (host memory for the CPU, device memory for CUDA), read through
+// fisher_guard_unpack below. With n tensors and C chunks (a chunk is at most
+// chunk_size elements of one tensor; tensor i's chunks are consecutive):
+//
+//   [0, n)               grad addresses
+//   [n, 2n)              param addresses
+//   [2n, 3n)             anchor addresses
+//   [3n, 4n)             fisher addresses (ignored unless has_fisher)
+//   [4n, 5n)             numel of each tensor
+//   [5n, 6n + 1)         tensor_first_chunk: tensor i owns chunks [first[i], first[i+1])
+//   [6n + 1, 6n + 1 + C) chunk_tensor: the tensor of chunk c
+//   [6n + 1 + C, 6n + 1 + 2C)  chunk_start: chunk c's first element within its tensor
+//
+// Each tensor is walked as numel consecutive elements from its address, so
+// grad, param, anchor and fisher of one index must be dense with the same
+// strides (Python checks this, and that no two tensors overlap).
+constexpr int64_t fisher_guard_meta_size(int64_t n, int64_t n_chunks) { return 6 * n + 1 + 2 * n_chunks; }
+
 struct FisherGuardParams {
   /// Number of tensors in each of the pointer arrays below.
   int64_t n_tensors = 0;
-  /// grad[i]: base address of tensor i's gradient, contiguous, updated in place.
-  /// On the CPU the arrays live in host memory; for CUDA they live on the device.
+  /// grad[i]: base address of tensor i's gradient, updated in place.
   void* const* grad = nullptr;
   /// param[i]: current parameter values (read only), same layout as grad[i].
   const void* const* param = nullptr;
   /// anchor[i]: the consolidated weights theta* (read only).
   const void* const* anchor = nullptr;
   /// fisher[i]: stored importance; read for EWC, read and written for DFG with
-  /// ema > 0; may be null otherwise.
+  /// ema > 0; null otherwise.
   void* const* fisher = nullptr;
   /// numel[i]: element count of tensor i (0 allowed).
   const int64_t* numel = nullptr;
+  /// Number of chunks; a chunk is at most chunk_size elements of one tensor.
+  int64_t n_chunks = 0;
+  /// Elements per chunk (a multiple of 8).
+  int64_t chunk_size = 0;
+  /// chunk_tensor[c]: the tensor chunk c belongs to.
+  const int64_t* chunk_tensor = nullptr;
+  /// chunk_start[c]: first element of chunk c within its tensor.
+  const int64_t* chunk_start = nullptr;
+  /// tensor_first_chunk[i] .. tensor_first_chunk[i+1]: the chunks of tensor i
+  /// (n_tensors + 1 entries).
+  const int64_t* tensor_first_chunk = nullptr;
   /// dtype of grad/param/anchor (DType code): float32, float16 or bfloat16.
   int dtype = kFloat32;
   /// dtype of the fisher tensors: float32 or the same as dtype.
@@ -43,23 +74,15 @@ struct FisherGuardParams {
   float lam = 0.f;
   /// EMA factor in [0, 1); only used by DFG.
   float ema = 0.f;
+  /// 1 - ema, rounded once from double (1.f - ema would differ by up to 1e-4
+  /// relative for ema near 1, e.g. 0.9999).
+  float ema_rest = 1.f;
   /// Nonzero: divide W by its per-tensor mean.
   int normalize = 0;
   /// Output: float32 scalar receiving lam * sum(W*d^2).
   float* penalty = nullptr;
 
-  // ---- CUDA only: the chunk list and workspaces, built and allocated in Python.
-  /// Number of chunks; a chunk is at most chunk_size elements of one tensor.
-  int64_t n_chunks = 0;
-  /// Elements per chunk (a multiple of 8).
-  int64_t chunk_size = 0;
-  /// chunk_tensor[c]: the tensor chunk c belongs to (device memory).
-  const int64_t* chunk_tensor = nullptr;
-  /// chunk_start[c]: first element of chunk c within its tensor (device memory).
-  const int64_t* chunk_start = nullptr;
-  /// tensor_first_chunk[i] .. tensor_first_chunk[i+1]: the chunks of tensor i
-  /// (n_tensors + 1 entries, device memory).
-  const int64_t* tensor_first_chunk = nullptr;
+  // ---- CUDA only: workspaces allocated in Python (the CPU path uses host vectors).
   /// Workspace of n_chunks floats: per-chunk penalty partial sums.
   float* partial = nullptr;
   /// Workspace of n_chunks floats (normalize only): per-chunk sums of W.
@@ -68,7 +91,36 @@ struct FisherGuardParams {
   float* mean_w = nullptr;
 };
 
-/// CPU implementation (OpenMP over chunks of all tensors).
+/// The params for one call: the array fields point into the packed metadata
+/// (layout above; the memory stays the caller's), the rest as given. The CUDA
+/// workspaces are left for the CUDA binding to set.
+inline FisherGuardParams fisher_guard_params(const int64_t* meta, int64_t n, int64_t n_chunks, int64_t chunk_size,
+                                             bool has_fisher, int dtype, int fisher_dtype, int mode, float lam,
+                                             double ema, bool normalize, float* penalty) {
+  FisherGuardParams p;
+  p.n_tensors = n;
+  p.grad = reinterpret_cast<void* const*>(meta);
+  p.param = reinterpret_cast<const void* const*>(meta + n);
+  p.anchor = reinterpret_cast<const void* const*>(meta + 2 * n);
+  p.fisher = has_fisher ? reinterpret_cast<void* const*>(meta + 3 * n) : nullptr;
+  p.numel = meta + 4 * n;
+  p.tensor_first_chunk = meta + 5 * n;
+  p.chunk_tensor = meta + 6 * n + 1;
+  p.chunk_start = meta + 6 * n + 1 + n_chunks;
+  p.n_chunks = n_chunks;
+  p.chunk_size = chunk_size;
+  p.dtype = dtype;
+  p.fisher_dtype = fisher_dtype;
+  p.mode = mode;
+  p.lam = lam;
+  p.ema = float(ema);
+  p.ema_rest = float(1.0 - ema);
+  p.normalize = normalize ? 1 : 0;
+  p.penalty = penalty;
+  return p;
+}
+
+/// CPU implementation (OpenMP over the chunks of all tensors).
 void fisher_guard_cpu(const FisherGuardParams& p);
 
 }  // namespace mgcl

@@ -6,16 +6,14 @@ and results written as JSON with the machine and versions.
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import sys
 import threading
 import time
 from typing import Callable, Optional
 
 import torch
 
+from .._env import machine  # noqa: F401  (the one machine description, re-exported for the benches)
 from .._io import atomic_write_json
 
 
@@ -27,25 +25,66 @@ def sync(device: torch.device | str) -> None:
 def time_fn(fn: Callable[[], object], *, device="cpu", repeats: int = 5, warmup: int = 1,
             setup: Optional[Callable[[], object]] = None, max_seconds: float = 120.0) -> dict:
     """Run ``fn`` ``warmup`` + ``repeats`` times (``setup`` untimed before each);
-    seconds per call: median, min, max. Stops early past ``max_seconds``."""
+    seconds per call: median, min, max (wall clock, the GPU synchronised inside
+    the timed call) and, on CUDA, ``device_median`` / ``device_min`` /
+    ``device_max`` from CUDA events around the call. Stops early past ``max_seconds``."""
+    cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         if setup:
             setup()
         fn()
         sync(device)
     times: list[float] = []
+    device_times: list[float] = []
     t_start = time.perf_counter()
     for _ in range(repeats):
         if setup:
             setup()
         sync(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         fn()
+        if cuda:
+            end.record()
         sync(device)
         times.append(time.perf_counter() - t0)
+        if cuda:
+            device_times.append(start.elapsed_time(end) / 1e3)
         if time.perf_counter() - t_start > max_seconds and len(times) >= 1:
             break
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+    out = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+    if device_times:
+        out.update(device_median=statistics.median(device_times), device_min=min(device_times),
+                   device_max=max(device_times))
+    return out
+
+
+TIMING_KEYS = ("median", "min", "max", "n", "device_median", "device_min", "device_max")
+
+
+def run_rows(cases, desc: str) -> list[dict]:
+    """The bench row loop: ``cases`` yields ``(row, measure)``; ``measure()``
+    returns the row's measured fields (e.g. ``time_fn``'s). Each row gets a
+    ``status``: "ok", "OOM", or "error: <type>: <message>" when ``measure``
+    raised; one failing case (an outside peer's bug, say) never ends the bench,
+    so the bench still writes its JSON with every other row."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    rows = []
+    for row, measure in tqdm(list(cases), desc=desc, leave=False):
+        row = dict(row)
+        try:
+            row.update(measure())
+            row.setdefault("status", "ok")
+        except Exception as exc:  # noqa: BLE001  (a row's failure is data, not the bench's end)
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+            message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {message}"
+            print(f"{desc}: {row.get('impl', row)}: {row['status']}", file=sys.stderr)
+        rows.append(row)
+    return rows
 
 
 # ---- peak memory -----------------------------------------------------------------
@@ -138,47 +177,6 @@ def copy_bandwidth(device="cpu", nbytes: int = 1 << 30, repeats: int = 5) -> flo
     t = time_fn(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=1)
     del src, dst
     return 2 * nbytes / t["median"] / 1e9
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device="cpu") -> dict:
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    try:
-        import triton  # noqa: PLC0415
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    from .. import __version__, _native  # noqa: PLC0415
-
-    info["mgcl"] = __version__
-    info["mgcl_C"] = _native.HAS_C
-    info["mgcl_C_cuda"] = _native.HAS_C_CUDA
-    if torch.device(device).type == "cuda":
-        props = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def write_json(path: str, payload: dict) -> None:

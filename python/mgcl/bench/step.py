@@ -18,8 +18,8 @@ ratio to FT sits near 2.3 whatever the kernels do; the fused ops keep the
 loss and the guard small beside it.
 
 Inputs are tensors already on the device (task images, labels, reference
-images and captions drawn once at random): the bench times the compute of a
-step, not image decoding. CPU: TinyCLIP (64x64, ViT). GPU: open_clip
+images drawn once at random; reference captions tokenized per step, as in a
+run): the bench times the compute of a step, not image decoding. CPU: TinyCLIP (64x64, ViT). GPU: open_clip
 ViT-B-16 (random init) under bf16 autocast. ``scale`` shrinks both batch
 sizes (64 at scale 1). Target (GPU): PRIMED step <= 1.3x the FT step.
 """
@@ -36,25 +36,20 @@ TARGET = 1.3
 N_CLASSES = 10
 
 
-class _SyntheticReferenceSet:
-    """A reference set of fixed random (image, caption-token) pairs held in memory."""
+class _SyntheticReferenceSet(torch.utils.data.Dataset):
+    """Fixed random reference pairs held in memory, ready for training: (image on the device, caption, weight 1)."""
 
-    def __init__(self, images: torch.Tensor, tokens: torch.Tensor):
-        self.images, self.tokens = images, tokens
+    def __init__(self, images: torch.Tensor, captions: list[str]):
+        self.images, self.captions = images, captions
 
     def __len__(self):
         return len(self.images)
 
-    def level_counts(self):
-        return {"general": len(self)}
+    def __getitem__(self, i):
+        return self.images[i], self.captions[i], 1.0
 
-    def batches(self, vlm, batch_size, *, level_weights=None, shuffle=True, seed=0, drop_last=False):
-        from ..retrieval.siphon import RefBatch  # noqa: PLC0415
-
-        n = len(self)
-        for s in range(0, n - batch_size + 1, batch_size):
-            yield RefBatch(self.images[s:s + batch_size], self.tokens[s:s + batch_size],
-                           torch.ones(batch_size, device=self.images.device), ["general"] * batch_size)
+    def __repr__(self):
+        return f"{len(self)} synthetic reference pairs"
 
 
 class _SyntheticSiphon:
@@ -79,11 +74,10 @@ def _model(name: str, device):
     return m, size if isinstance(size, int) else size[0]
 
 
-def _tokens(model, n: int, g: torch.Generator) -> torch.Tensor:
+def _captions(n: int, g: torch.Generator) -> list[str]:
     words = ["chest", "x-ray", "fundus", "photograph", "of", "a", "retina", "with", "lesion", "nodule", "benign",
              "malignant", "tissue", "section", "showing", "the", "left", "lung", "opacity", "normal"]
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(n)]
-    return model.tokenize(texts)
+    return [" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(n)]
 
 
 def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, model: str | None = None,
@@ -99,10 +93,9 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, model: str | 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(bs, 3, size, size, generator=g).to(dev)
     labels = torch.randint(0, N_CLASSES, (bs,), generator=g).to(dev)
-    refset = _SyntheticReferenceSet(torch.randn(8 * rb, 3, size, size, generator=g).to(dev),
-                                    _tokens(base, 8 * rb, g))
+    refset = _SyntheticReferenceSet(torch.randn(8 * rb, 3, size, size, generator=g).to(dev), _captions(8 * rb, g))
     classes = [f"finding {i}" for i in range(N_CLASSES)]
-    task = Task("bench", "x-ray", classes, ["a chest x-ray showing {}."], [(None, 0)], [(None, 0)])
+    task = Task("bench", "x-ray", classes, ["a chest x-ray showing {}."], [(None, 0)] * bs, [(None, 0)])
     rows = []
     small = max(2, rb // 4)
     configs = {
@@ -122,7 +115,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, model: str | 
                                   device=dev, out_dir=out_dir, progress=False)
             tr.start()
             if impl == "primed-reference":
-                tr.strategy.guard.backend = "torch"
+                tr.strategy.guard.fisher_guard.backend = "torch"
             tr.begin_task(0)
             m.train()
             counter = iter(range(10**9))

@@ -1,8 +1,10 @@
 """The continual-learning engine: tasks, trainer, strategies, metrics."""
 from . import strategies
+from .config import TrainConfig
 from .evaluate import evaluate, macro_auc, zero_shot_head
 from .metrics import summarize
 from .tasks import Task
 from .trainer import ContinualTrainer
 
-__all__ = ["Task", "ContinualTrainer", "strategies", "summarize", "evaluate", "zero_shot_head", "macro_auc"]
+__all__ = ["Task", "ContinualTrainer", "TrainConfig", "strategies", "summarize", "evaluate", "zero_shot_head",
+           "macro_auc"]

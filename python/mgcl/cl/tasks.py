@@ -13,7 +13,8 @@ class Task:
     int in ``range(len(classnames))``. ``templates`` are prompt formats with one
     ``{}`` for the class name (e.g. ``"a fundus photograph of {}."``), or
     callables mapping a class name to a prompt (open_clip / ZSCL style); a
-    single string is one template.
+    single string is one template. ``meta`` is free-form; results files take
+    their ``benchmark`` and ``synthetic`` from it (``mgcl.mgtil`` fills them).
     """
 
     name: str
@@ -47,3 +48,11 @@ class Task:
         """One prompt per class from template ``template`` (all templates when None)."""
         temps = self.templates if template is None else [self.templates[template]]
         return [t(c) if callable(t) else t.format(c) for t in temps for c in self.classnames]
+
+    def finished(self):
+        """This task as the retrieval side sees a finished one
+        (:class:`mgcl.retrieval.FinishedTask`: name, domain, the class prompts of
+        template 0, the training images)."""
+        from ..retrieval.siphon import FinishedTask  # noqa: PLC0415
+
+        return FinishedTask(self.name, self.domain, tuple(self.prompts(0)), self.train)

@@ -5,22 +5,21 @@ Per task: AdamW (lr, weight decay; the logit scale frozen), linear warmup then
 a cosine (or constant) schedule over ``iters_per_task`` steps of
 ``batch_size`` images, the training set cycled as often as needed;
 cross-entropy with label smoothing over the task's class prompts (template
-0), plus whatever the strategy adds. Every task is evaluated after every task
-(R) and once before training (z). After each task a checkpoint (model,
-optimizer, strategy state, RNG states, R so far; safetensors + JSON) is written
-atomically; ``resume=True`` continues after the last finished task.
+0), plus whatever the strategy adds. The settings are one ``TrainConfig``
+(``mgcl.cl.config``). Every task is evaluated after every task (R) and once
+before training (z). After each task a checkpoint is written
+(``mgcl.cl.checkpoint``); ``resume=True`` continues after the last finished
+task.
 
-Files under ``out_dir``: ``results.json``, ``train_log.jsonl`` (one line per
-log step), ``checkpoint/`` (``latest.json`` -> ``task-XXX/``).
+Files under ``out_dir``: ``results.json`` (``mgcl.cl.results``, one method),
+``train_log.jsonl`` (one line per log step), ``checkpoint/``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import platform
 import random
-import shutil
 import sys
 import time
 from typing import Iterator, Optional, Sequence
@@ -29,39 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write_json, atomic_write_tensors
+from .. import _env
+from .._io import atomic_write_json
+from . import checkpoint
+from . import results as results_mod
+from .config import TrainConfig
 from .evaluate import _Transformed, autocast, evaluate_all
-from .metrics import summarize
 from .strategies import Strategy, create as create_strategy
 from .strategies.base import Loss, TaskBatch
 from .tasks import Task
-
-FORMAT = "mgcl.cl.results"
-CKPT_FORMAT = "mgcl.cl.checkpoint"
-SCHEDULES = ("cosine", "constant")
-# Settings that may change between a run and its resumption.
-RESUME_FREE = ("log_every", "eval_batch_size", "num_workers", "progress")
-
-
-def _split_state(sd: dict) -> tuple[dict, dict]:
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    rest = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-    return tensors, rest
-
-
-def versions() -> dict:
-    from importlib import metadata  # noqa: PLC0415
-
-    from .. import __version__  # noqa: PLC0415
-
-    out = {"mgcl": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "numpy": np.__version__}
-    for pkg in ("open_clip_torch", "transformers", "timm", "torchvision"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 class ContinualTrainer:
@@ -72,25 +47,19 @@ class ContinualTrainer:
         strategy: a :class:`mgcl.cl.strategies.Strategy` or a name from
             ``mgcl.cl.strategies.available()`` (default options).
         tasks: the task sequence (each with at least 2 classes).
-        iters_per_task, batch_size, lr, weight_decay, warmup, schedule,
-        label_smoothing: the optimisation settings (SPEC.md section 1).
-        amp: "bf16" (autocast), "off"/False, or None = bf16 on a GPU that has
-            it, off otherwise. fp16 is refused: loss scaling would scale the
-            gradients the Fisher guard squares.
-        device, seed, out_dir: where, how seeded, where files go.
+        train_config: the settings (:class:`mgcl.cl.config.TrainConfig`;
+            default: SPEC.md's protocol); ``**settings`` (``iters_per_task=``,
+            ``lr=``, ...) override single fields. ``amp`` None means bf16 on a
+            GPU that has it, off otherwise; ``num_workers`` None: 0 on the CPU,
+            up to 8 with a GPU (batches and augmentation stay seeded).
+        device, out_dir: where it runs and where its files go.
         resume: continue after the last finished task found in ``out_dir``.
-        log_every: a log line (every loss term) every N steps.
-        reset_optimizer: a fresh AdamW for each task (ZSCL's protocol); False
-            keeps the moments across tasks.
-        num_workers: DataLoader workers for decoding images (None: 0 on the
-            CPU, up to 8 with a GPU); batches and augmentation stay seeded.
+        progress: progress bars and log lines on stderr.
     """
 
-    def __init__(self, model, strategy, tasks: Sequence[Task], *, iters_per_task: int = 1000, batch_size: int = 64,
-                 lr: float = 1e-5, weight_decay: float = 0.0, warmup: int = 100, schedule: str = "cosine",
-                 label_smoothing: float = 0.2, amp=None, device, seed: int = 42, out_dir: str,
-                 resume: bool = False, log_every: int = 50, eval_batch_size: int = 256,
-                 num_workers: Optional[int] = None, reset_optimizer: bool = True, progress: bool = True):
+    def __init__(self, model, strategy, tasks: Sequence[Task], *, device, out_dir: str,
+                 train_config: Optional[TrainConfig] = None, resume: bool = False, progress: bool = True,
+                 **settings):
         tasks = list(tasks) if tasks is not None else []
         if not tasks:
             raise ValueError("ContinualTrainer: the task list is empty")
@@ -111,34 +80,18 @@ class ContinualTrainer:
             strategy = create_strategy(strategy)
         if not isinstance(strategy, Strategy):
             raise ValueError(f"ContinualTrainer: strategy must be a Strategy or a name, got {type(strategy).__name__}")
-        if num_workers is None:
-            num_workers = min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
-        for name, v, lo in (("iters_per_task", iters_per_task, 1), ("batch_size", batch_size, 1),
-                            ("warmup", warmup, 0), ("log_every", log_every, 1), ("eval_batch_size", eval_batch_size, 1),
-                            ("num_workers", num_workers, 0)):
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"ContinualTrainer: {name} must be an int >= {lo}, got {v!r}")
-        if not lr > 0 or not weight_decay >= 0:
-            raise ValueError(f"ContinualTrainer: need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"ContinualTrainer: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"ContinualTrainer: label_smoothing must be in [0, 1), got {label_smoothing}")
-        if amp not in (None, False, "off", "bf16"):
-            raise ValueError(f"ContinualTrainer: amp must be None, 'bf16' or 'off', got {amp!r} "
-                             "(fp16 loss scaling would distort the squared gradients of the Fisher guard)")
         if out_dir is None:
             raise ValueError("ContinualTrainer: out_dir is required")
+        cfg = train_config if train_config is not None else TrainConfig()
+        if not isinstance(cfg, TrainConfig):
+            raise ValueError(f"ContinualTrainer: train_config must be a TrainConfig, got {type(cfg).__name__}")
+        self.train_config = cfg = cfg.replace(**settings) if settings else cfg
         self.device = torch.device(device)
-        if amp is None:
-            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-        self.amp = "off" if amp is False else amp
+        self.amp = cfg.amp or ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else \
+            (min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.model, self.strategy, self.tasks = model, strategy, tasks
-        self.iters_per_task, self.batch_size, self.lr, self.weight_decay = iters_per_task, batch_size, lr, weight_decay
-        self.warmup, self.schedule, self.label_smoothing, self.seed = warmup, schedule, label_smoothing, seed
-        self.out_dir, self.resume, self.log_every = out_dir, resume, log_every
-        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
-        self.reset_optimizer, self.progress = reset_optimizer, progress
+        self.out_dir, self.resume, self.progress = out_dir, resume, progress
         self._tokens: dict[int, torch.Tensor] = {}
         self._terms: dict[str, torch.Tensor] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -149,23 +102,31 @@ class ContinualTrainer:
         self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("ContinualTrainer: the model has no trainable parameters")
+        cfg.check_fits(largest_train_set=max(len(t.train) for t in tasks), image_bytes=self._image_bytes(),
+                       memory=_env.memory_bytes(self.device))
         strategy.check(self)
+
+    def _image_bytes(self) -> int:
+        """Bytes of one image as the model takes it (its eval transform of a small image)."""
+        from PIL import Image  # noqa: PLC0415
+
+        x = self.model.transform(False)(Image.new("RGB", (32, 32)))
+        return int(x.numel()) * 4
 
     # ---- helpers for strategies ------------------------------------------------------------
 
     def config(self) -> dict:
+        """What ran (results.json's ``config.trainer``; a resume must match it): the
+        strategy and its options, the tasks, the model, the settings as resolved."""
         return {
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
             "tasks": [t.name for t in self.tasks], "model": type(self.model).__name__,
-            "iters_per_task": self.iters_per_task, "batch_size": self.batch_size, "lr": self.lr,
-            "weight_decay": self.weight_decay, "warmup": self.warmup, "schedule": self.schedule,
-            "label_smoothing": self.label_smoothing, "amp": self.amp, "device": str(self.device), "seed": self.seed,
-            "reset_optimizer": self.reset_optimizer, "log_every": self.log_every,
-            "eval_batch_size": self.eval_batch_size, "num_workers": self.num_workers, "progress": self.progress,
+            **self.train_config.to_dict(), "amp": self.amp, "num_workers": self.num_workers,
+            "device": str(self.device), "progress": self.progress,
         }
 
     def task_seed(self, t: int) -> int:
-        return self.seed * 1000 + t
+        return self.train_config.seed * 1000 + t
 
     def autocast(self):
         return autocast(self.device, self.amp)
@@ -200,7 +161,7 @@ class ContinualTrainer:
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.fp32():
-            return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            return F.cross_entropy(logits.float(), labels, label_smoothing=self.train_config.label_smoothing)
 
     def record(self, name: str, value) -> None:
         """Log a term from a hook (e.g. the guard penalty)."""
@@ -210,7 +171,7 @@ class ContinualTrainer:
     def loader(self, dataset, *, train: bool, seed: int, iters: int, batch_size: Optional[int] = None) -> Iterator:
         """``iters`` batches of (images, labels) from ``dataset``, reshuffled every
         pass and cycled as often as needed (a batch may span two passes)."""
-        bs = batch_size or self.batch_size
+        bs = batch_size or self.train_config.batch_size
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         while len(order) < bs * iters:
@@ -228,7 +189,8 @@ class ContinualTrainer:
         m.eval()
         out = []
         loader = torch.utils.data.DataLoader(_Transformed(dataset, self.model.transform(False)),
-                                             batch_size=self.eval_batch_size, num_workers=self.num_workers)
+                                             batch_size=self.train_config.eval_batch_size,
+                                             num_workers=self.num_workers)
         for images, _ in loader:
             with self.autocast():
                 out.append(self.image_features(images.to(self.device), m))
@@ -238,15 +200,16 @@ class ContinualTrainer:
     # ---- the run -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.schedule == "constant":
-            return self.lr
-        span = max(1, self.iters_per_task - self.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - self.warmup) / span)) * self.lr
+        c = self.train_config
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        if c.schedule == "constant":
+            return c.lr
+        span = max(1, c.iters_per_task - c.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - c.warmup) / span)) * c.lr
 
-    def _new_optimizer(self):
-        return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay,
+    def new_optimizer(self):
+        return torch.optim.AdamW(self.params, lr=self.train_config.lr, weight_decay=self.train_config.weight_decay,
                                  fused=self.device.type == "cuda")
 
     def _seed_all(self, s: int) -> None:
@@ -255,23 +218,29 @@ class ContinualTrainer:
         torch.manual_seed(s)
 
     def _evaluate(self):
-        return evaluate_all(self.model, self.tasks, self.device, batch_size=self.eval_batch_size,
+        return evaluate_all(self.model, self.tasks, self.device, batch_size=self.train_config.eval_batch_size,
                             num_workers=self.num_workers, amp=self.amp)
 
     def run(self) -> dict:
-        """Train on every task in order; returns (and writes results.json) R, z, AUC, metrics, config, versions."""
+        """Train on every task in order; returns (and writes results.json) the
+        results of this one method (``mgcl.cl.results``)."""
         os.makedirs(self.out_dir, exist_ok=True)
         T = len(self.tasks)
         self.start()
-        state = self._load_checkpoint() if self.resume else None
+        state = checkpoint.load(self) if self.resume else None
+        if self.resume and state is None:
+            self.log(f"resume: no checkpoint in {os.path.join(self.out_dir, 'checkpoint')}; starting from the start")
+        finished = state["finished"] if state is not None else -1
+        checkpoint.trim_log(self.out_dir, finished)
         t0 = time.time()
         if state is not None:
-            z, z_auc, R, A, start = state["z"], state["z_auc"], state["R"], state["auc"], state["finished"] + 1
-            self.log(f"resuming after task {start}/{T} ({self.tasks[start - 1].name})")
+            z, z_auc, R, A = state["z"], state["z_auc"], state["R"], state["auc"]
+            self.log(f"resuming after task {finished + 1}/{T} ({self.tasks[finished].name})"
+                     + ("; every task is finished: only the results are written" if finished == T - 1 else ""))
         else:
             z, z_auc = self._zero_shot_row()
-            R, A, start = [], [], 0
-        for t in range(start, T):
+            R, A = [], []
+        for t in range(finished + 1, T):
             self.begin_task(t)
             if self.strategy.trains:
                 self._train_task(t)
@@ -283,34 +252,33 @@ class ContinualTrainer:
             R.append(acc)
             A.append(auc)
             self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
-                      + " ".join(f"{n}={a:.2f}" for n, a in zip((x.name for x in self.tasks), acc)))
-            self._save_checkpoint(t, z, z_auc, R, A)
-        results = {
-            "format": FORMAT, "version": 1, "tasks": [t.name for t in self.tasks],
-            "R": R, "z": z, "auc": A[-1], "auc_matrix": A, "z_auc": z_auc,
-            "metrics": summarize(R, z, A[-1]), "zero_shot_metrics": summarize(None, z, z_auc),
-            "config": self.config(), "versions": versions(), "seconds": time.time() - t0,
-        }
-        atomic_write_json(os.path.join(self.out_dir, "results.json"), results)
-        return results
+                     + " ".join(f"{n}={a:.2f}" for n, a in zip((x.name for x in self.tasks), acc)))
+            checkpoint.save(self, t, z=z, z_auc=z_auc, R=R, auc=A)
+        entry = results_mod.method_entry(R, z, A, z_auc, strategy_options=self.strategy.options(),
+                                         seconds=time.time() - t0)
+        benchmarks = {t.meta.get("benchmark") or "" for t in self.tasks}
+        res = results_mod.results(
+            "trainer", {self.strategy.name: entry}, tasks=[t.name for t in self.tasks],
+            domains=[t.domain for t in self.tasks], benchmark=benchmarks.pop() if len(benchmarks) == 1 else "",
+            synthetic=all(t.meta.get("synthetic") for t in self.tasks), config={"trainer": self.config()},
+            versions=_env.versions())
+        atomic_write_json(os.path.join(self.out_dir, "results.json"), res)
+        return res
 
     def _zero_shot_row(self):
-        path = os.path.join(self.out_dir, "checkpoint", "zero_shot.json")
-        if self.resume and os.path.isfile(path):
-            with open(path) as fh:
-                d = json.load(fh)
-            if d.get("tasks") == [t.name for t in self.tasks]:
-                return d["z"], d["z_auc"]
+        names = [t.name for t in self.tasks]
+        saved = checkpoint.load_zero_shot(self.out_dir, names) if self.resume else None
+        if saved is not None:
+            return saved
         z, z_auc = self._evaluate()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_json(path, {"tasks": [t.name for t in self.tasks], "z": z, "z_auc": z_auc})
+        checkpoint.save_zero_shot(self.out_dir, names, z, z_auc)
         self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
         return z, z_auc
 
     def start(self) -> None:
         """Move the model, seed, ``strategy.setup`` (``run`` calls it; a bench may call it directly)."""
         self.model.to(self.device)
-        self._seed_all(self.seed)
+        self._seed_all(self.train_config.seed)
         self.strategy.setup(self)
 
     def begin_task(self, t: int) -> None:
@@ -318,8 +286,8 @@ class ContinualTrainer:
         self.t = t
         self._seed_all(self.task_seed(t))
         self.strategy.before_task(self, t)
-        if self.strategy.trains and (self.optimizer is None or self.reset_optimizer):
-            self.optimizer = self._new_optimizer()
+        if self.strategy.trains and (self.optimizer is None or self.train_config.reset_optimizer):
+            self.optimizer = self.new_optimizer()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, t: int, step: int = 0) -> Loss:
         """One optimisation step on a task batch (already on the device): the
@@ -347,18 +315,18 @@ class ContinualTrainer:
     def _train_task(self, t: int) -> None:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        task, T = self.tasks[t], len(self.tasks)
-        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=self.iters_per_task)
+        task, T, iters = self.tasks[t], len(self.tasks), self.train_config.iters_per_task
+        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=iters)
         self.model.train()
-        bar = tqdm(total=self.iters_per_task, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
+        bar = tqdm(total=iters, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
-        log_path = os.path.join(self.out_dir, "train_log.jsonl")
-        for step in range(self.iters_per_task):
+        log_path = os.path.join(self.out_dir, checkpoint.LOG)
+        for step in range(iters):
             images, labels = next(batches)
             loss = self.train_step(images.to(self.device, non_blocking=True),
                                    labels.to(self.device, non_blocking=True), t, step)
             bar.update(1)
-            if (step + 1) % self.log_every == 0 or step == self.iters_per_task - 1:
+            if (step + 1) % self.train_config.log_every == 0 or step == iters - 1:
                 terms = {"loss": float(sum(p.detach().float() for p in loss.parts))}
                 terms.update({k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
                               for k, v in {**loss.terms, **self._terms}.items()})
@@ -369,7 +337,7 @@ class ContinualTrainer:
                 line = {"task": t, "task_name": task.name, "step": step + 1, "lr": lr, **terms}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
-                self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{self.iters_per_task} lr {lr:.3g} "
+                self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{iters} lr {lr:.3g} "
                          + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
         bar.close()
 
@@ -378,92 +346,3 @@ class ContinualTrainer:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
             tqdm.write(msg, file=sys.stderr)
-
-    # ---- checkpoints -------------------------------------------------------------------------
-
-    def _ckpt_root(self) -> str:
-        return os.path.join(self.out_dir, "checkpoint")
-
-    def _save_checkpoint(self, t: int, z, z_auc, R, A) -> None:
-        root = self._ckpt_root()
-        name = f"task-{t:03d}"
-        d = os.path.join(root, name)
-        if os.path.isdir(d):
-            shutil.rmtree(d)
-        os.makedirs(d)
-        atomic_write_tensors(os.path.join(d, "model.safetensors"), self.model.state_dict())
-        opt_tensors, opt_json = {}, None
-        if self.optimizer is not None:
-            osd = self.optimizer.state_dict()
-            for i, st in osd["state"].items():
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor):
-                        opt_tensors[f"state.{i}.{k}"] = v
-            opt_json = {"param_groups": osd["param_groups"],
-                        "scalars": {f"{i}.{k}": v for i, st in osd["state"].items() for k, v in st.items()
-                                    if not isinstance(v, torch.Tensor)}}
-        atomic_write_tensors(os.path.join(d, "optimizer.safetensors"), opt_tensors)
-        s_tensors, s_json = _split_state(self.strategy.state_dict())
-        atomic_write_tensors(os.path.join(d, "strategy.safetensors"), s_tensors)
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        np_state = np.random.get_state()
-        rng["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-        atomic_write_tensors(os.path.join(d, "rng.safetensors"), rng)
-        py_state = random.getstate()
-        atomic_write_json(os.path.join(d, "state.json"), {
-            "format": CKPT_FORMAT, "version": 1, "finished": t, "config": self.config(),
-            "z": z, "z_auc": z_auc, "R": R, "auc": A, "optimizer": opt_json, "strategy": s_json,
-            "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
-                    "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
-        })
-        atomic_write_json(os.path.join(root, "latest.json"), {"dir": name, "finished": t})
-        for other in os.listdir(root):
-            if other.startswith("task-") and other != name:
-                shutil.rmtree(os.path.join(root, other), ignore_errors=True)
-
-    def _load_checkpoint(self) -> Optional[dict]:
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        root = self._ckpt_root()
-        latest = os.path.join(root, "latest.json")
-        if not os.path.isfile(latest):
-            self.log(f"resume: no checkpoint in {root}; starting from the beginning")
-            return None
-        with open(latest) as fh:
-            d = os.path.join(root, json.load(fh)["dir"])
-        with open(os.path.join(d, "state.json")) as fh:
-            state = json.load(fh)
-        if state.get("format") != CKPT_FORMAT:
-            raise ValueError(f"resume: {d} is not an mgcl checkpoint")
-        saved, now = state["config"], self.config()
-        diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
-        if diff:
-            raise ValueError(f"resume: the checkpoint in {d} was made with other settings (saved, now): {diff}")
-        if state["finished"] >= len(self.tasks) - 1:
-            self.log("resume: every task is already finished; recomputing nothing but the results")
-        self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors"), device=str(self.device)))
-        opt_tensors = load_file(os.path.join(d, "optimizer.safetensors"), device=str(self.device))
-        if state["optimizer"] is not None:
-            self.optimizer = self._new_optimizer()
-            st: dict = {}
-            for key, v in opt_tensors.items():
-                _, i, k = key.split(".", 2)
-                st.setdefault(int(i), {})[k] = v
-            for key, v in state["optimizer"]["scalars"].items():
-                i, k = key.split(".", 1)
-                st.setdefault(int(i), {})[k] = v
-            self.optimizer.load_state_dict({"state": st, "param_groups": state["optimizer"]["param_groups"]})
-        s_tensors = load_file(os.path.join(d, "strategy.safetensors"), device=str(self.device))
-        self.strategy.load_state_dict({**state["strategy"], **s_tensors})
-        rng = load_file(os.path.join(d, "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda":
-            states = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
-            torch.cuda.set_rng_state_all(states)
-        py = state["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        npn = state["rng"]["numpy"]
-        np.random.set_state((npn[0], rng["numpy"].numpy().astype(np.uint32), npn[1], npn[2], npn[3]))
-        return state

@@ -12,11 +12,12 @@ SYNTHETIC benchmark mgtil-synth (no data, no GPU, no download).
 4. zero-shot, continual fine-tuning, l2, ZSCL (uniform reference set) and
    PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), each from the
    same pretrained weights, through ``mgcl.cl.ContinualTrainer``;
-5. the paper-style table, ``DIR/results.json`` (``mgcl.mgtil.report`` format),
+5. the paper-style table, ``DIR/results.json`` (the one results schema, ``mgcl.cl.results``),
    results.csv, results.md and the plots.
 
-Cache: ``$MGCL_CACHE`` (default ``~/.cache/mgcl``) ``/demo/v<version>-seed<seed>[-quick]``
-holds the pretrained model and the bank (built beside it, then renamed in one
+Cache: ``<mgcl cache>/demo/v<version>-seed<seed>[-quick]`` (``mgcl._env.cache_dir``:
+``$MGCL_CACHE``, else ``$XDG_CACHE_HOME/mgcl``, else ``~/.cache/mgcl``) holds the
+pretrained model and the bank (built beside it, then renamed in one
 step); the synthetic data lives under ``synth/`` of the same root. A cache made
 with other settings is rebuilt.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,11 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import _env
+from ..cl.config import ConfigError, output_dir_problem
 from . import report
 
 VERSION = "1"
 METHODS = ("zero-shot", "finetune", "l2", "zscl", "primed")
-_DISTILLING = ("zscl", "primed")
+MAX_SEED = 2**32 - 1
 
 # TinyCLIP: a CNN image tower of width 64 (0.21M parameters in all).
 _MODEL = dict(vision="cnn", image_size=64, vision_width=64, text_width=64, text_heads=4, text_layers=2, embed_dim=64)
@@ -105,12 +107,8 @@ def settings(quick: bool = False) -> dict:
 
 
 def cache_root(cache_dir=None) -> Path:
-    """The cache base: ``cache_dir``, else ``$MGCL_CACHE``, else ``~/.cache/mgcl``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser().absolute()
-    from .synth import default_cache_dir  # noqa: PLC0415
-
-    return default_cache_dir().parent.parent.absolute()
+    """The cache base: ``cache_dir``, else mgcl's cache (``mgcl._env.cache_dir``)."""
+    return Path(cache_dir).expanduser().absolute() if cache_dir is not None else _env.cache_dir()
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -228,15 +226,17 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
     import torch  # noqa: PLC0415
 
     from ..cl.evaluate import evaluate_all  # noqa: PLC0415
-    from ..retrieval import build_bank, get_embedder  # noqa: PLC0415
+    from ..retrieval import CachedEmbedder, build_bank, get_embedder  # noqa: PLC0415
     from . import synth  # noqa: PLC0415
-    from .run import CachedEmbedder  # noqa: PLC0415
 
     base = cache_root(cache_dir)
     cfg = settings(quick)
     t0 = time.time()
-    data = synth.build(base / "synth" / synth.default_cache_dir(seed, quick).name, seed=seed, quick=quick,
-                       progress=progress)
+    try:
+        data = synth.build(base / "synth" / synth.default_cache_dir(seed, quick).name, seed=seed, quick=quick,
+                           progress=progress)
+    except ValueError as exc:                          # a folder in the cache that is not mgtil-synth's
+        raise ConfigError(f"demo: the cache: {exc}") from None
     t_data = time.time() - t0
     final = base / "demo" / f"v{VERSION}-seed{seed}{'-quick' if quick else ''}"
     want = {"format": "mgcl.demo.assets", "version": VERSION, "seed": seed, "quick": bool(quick),
@@ -320,13 +320,12 @@ class _RecordingSiphon:
 
 
 def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, progress: bool) -> dict:
-
-    from ..cl import ContinualTrainer  # noqa: PLC0415
+    from ..cl import ContinualTrainer, TrainConfig  # noqa: PLC0415
     from ..cl import strategies as S  # noqa: PLC0415
     from ..models import TinyCLIP  # noqa: PLC0415
-    from ..retrieval import get_embedder  # noqa: PLC0415
-    from .run import CachedEmbedder, make_siphon  # noqa: PLC0415
+    from ..retrieval import CachedEmbedder, Siphon, get_embedder  # noqa: PLC0415
 
+    train = TrainConfig.from_dict(cfg["train"])
     emb, vlm = None, None
     if assets.embedder is not None:                        # MiniLM is loaded already (the bank was built here)
         emb = CachedEmbedder(assets.embedder.inner, one_by_one=True)
@@ -335,24 +334,22 @@ def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, p
         t0 = time.time()
         _log(f"demo: [{k + 1}/{len(methods)}] {name} on {assets.data.benchmark.name} (SYNTHETIC)", progress)
         model = TinyCLIP.load(str(assets.model_dir))
-        opts = dict(cfg["strategies"][name])
+        strategy = S.create(name, **cfg["strategies"][name])
         recorder = None
-        if name in _DISTILLING:
+        if strategy.needs_reference_set:
             if emb is None:
                 emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]), one_by_one=True)
             if vlm is None:                                # the visual rerank: the frozen pretrained model
                 vlm = TinyCLIP.load(str(assets.model_dir)).eval().requires_grad_(False)
-            recorder = _RecordingSiphon(make_siphon(str(assets.bank_dir), vlm=vlm, embedder=emb,
-                                                    pool_per_domain=cfg["pool_per_domain"],
-                                                    siphon_options=cfg["siphon"]))
-            opts["siphon"] = recorder
+            recorder = _RecordingSiphon(Siphon.from_bank(str(assets.bank_dir), vlm=vlm, embedder=emb,
+                                                         pool_per_domain=cfg["pool_per_domain"], **cfg["siphon"]))
+            strategy.reference.siphon = recorder
         run_dir = out / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        trainer = ContinualTrainer(model, S.create(name, **opts), assets.data.tasks, device="cpu",
-                                   out_dir=str(run_dir), progress=progress, **cfg["train"])
-        res = trainer.run()
-        entry = report.method_entry(res)
+        res = ContinualTrainer(model, strategy, assets.data.tasks, device="cpu", out_dir=str(run_dir),
+                               progress=progress, train_config=train).run()
+        entry = res["methods"][name]
         if recorder is not None:
             entry["reference_sets"] = recorder.sets
         entries[name] = entry
@@ -362,44 +359,25 @@ def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, p
     return {"methods": entries, "seconds": seconds}
 
 
-def machine() -> dict:
-    import torch  # noqa: PLC0415
-
-    out = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch_threads_training": 1, "gpu": None}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-        if names:
-            out["processor"] = names[0]
-    except OSError:
-        pass
-    try:
-        import psutil  # noqa: PLC0415
-
-        out["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
-
-
 def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_dir=None,
              methods: Sequence[str] = METHODS, progress: bool = True, embed_threads: Optional[int] = None) -> dict:
     """Build or reuse the assets, run ``methods``, write results.json, the tables
     and the plots into ``out_dir``; returns the results dict."""
     import torch  # noqa: PLC0415
 
-    from ..cl.trainer import versions  # noqa: PLC0415
+    from ..cl.results import results as make_results  # noqa: PLC0415
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"demo: methods must be a non-empty subset of {list(METHODS)}, got {list(methods)}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"demo: seed must be a non-negative int, got {seed!r}")
+        raise ConfigError(f"demo: methods must be a non-empty subset of {list(METHODS)}, got {list(methods)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"demo: --seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     t0 = time.time()
     out = Path(out_dir).expanduser().absolute()
+    for what, path in (("--out", out), ("the cache", cache_root(cache_dir))):
+        problem = output_dir_problem(path)
+        if problem:
+            raise ConfigError(f"demo: {what}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick)
     threads = torch.get_num_threads()
@@ -411,24 +389,22 @@ def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_d
     finally:
         torch.set_num_threads(threads)
     data = assets.data
-    results = {
-        "format": report.FORMAT, "version": 1, "kind": "demo",
+    results = make_results(
         # The benchmark is mgtil-synth either way; "quick" says it ran the smoke-test size
         # (data.benchmark.name is then mgtil-synth-quick, the name `mgcl run` configs use for it).
-        "benchmark": "mgtil-synth", "quick": bool(quick), "synthetic": True, "label": data.label,
-        "notice": "SYNTHETIC: procedural images and captions made by mgcl.mgtil.synth; not medical data, and "
-                  "the numbers say nothing about medical performance",
-        "tasks": [t.name for t in data.tasks], "domains": [t.domain for t in data.tasks],
-        "methods": ran["methods"],
-        "config": {"seed": seed, "quick": bool(quick), "methods": list(methods), "settings": cfg,
-                   "choices": CHOICES, "assets": {k: assets.info.get(k) for k in
-                                                  ("parameters", "vocabulary", "zero_shot_after_pretraining",
-                                                   "distinct_captions_embedded", "created", "seconds")}},
-        "versions": versions(), "machine": machine(),
-        "timings": {"assets": t_assets, "assets_reused": assets.reused, "methods": ran["seconds"],
-                    "total": round(time.time() - t0, 2)},
-        "cache": str(assets.dir),
-    }
+        "demo", ran["methods"], benchmark="mgtil-synth", synthetic=True, tasks=[t.name for t in data.tasks],
+        domains=[t.domain for t in data.tasks],
+        config={"seed": seed, "quick": bool(quick), "methods": list(methods), "settings": cfg,
+                "choices": CHOICES, "assets": {k: assets.info.get(k) for k in
+                                               ("parameters", "vocabulary", "zero_shot_after_pretraining",
+                                                "distinct_captions_embedded", "created", "seconds")}},
+        versions=_env.versions(), quick=bool(quick), label=data.label,
+        notice="SYNTHETIC: procedural images and captions made by mgcl.mgtil.synth; not medical data, and "
+               "the numbers say nothing about medical performance",
+        machine={**_env.machine(), "torch_threads_training": 1},
+        timings={"assets": t_assets, "assets_reused": assets.reused, "methods": ran["seconds"],
+                 "total": round(time.time() - t0, 2)},
+        cache=str(assets.dir))
     report.write_json(str(out / "results.json"), results)
     files = report.render(results, str(out))
     results["files"] = [str(out / "results.json")] + files

@@ -1,20 +1,12 @@
 """Tables and plots of MGTIL runs (SPEC.md section 7): what ``mgcl demo``,
 ``mgcl run`` and ``mgcl report`` print and write.
 
-A results file (``results.json``, format ``mgcl.mgtil.results``)::
-
-    {"format": "mgcl.mgtil.results", "version": 1,
-     "benchmark": "mgtil-synth", "synthetic": true, "tasks": [...],
-     "methods": {name: {"transfer", "avg", "last", "bwt", "forgetting", "auc",
-                        "R": T x T, "zero_shot": z (T), ...}},
-     "config": {...}, "versions": {...}}
-
-``load`` also reads a ContinualTrainer's own ``results.json`` (format
-``mgcl.cl.results``) as a one-method file. ``combine`` puts several files
-side by side; ``render`` writes results.csv, results.md, curves.png (accuracy
-of each task across the sequence, one panel per method), curves_by_task.png
-(one panel per task, one line per method) and heatmaps.png (each R).
-Percentages throughout.
+Every results file has one schema (``mgcl.cl.results``), written by the
+trainer, ``mgcl run`` and the demo alike. ``load`` reads one (a file, or a
+directory holding ``results.json``); ``combine`` puts several side by side;
+``render`` writes results.csv, results.md, curves.png (accuracy of each task
+across the sequence, one panel per method), curves_by_task.png (one panel per
+task, one line per method) and heatmaps.png (each R). Percentages throughout.
 """
 from __future__ import annotations
 
@@ -25,9 +17,8 @@ import os
 from typing import Optional, Sequence
 
 from .._io import atomic_write_bytes, atomic_write_json
+from ..cl.results import FORMAT, METRICS, results, validate
 
-FORMAT = "mgcl.mgtil.results"
-METRICS = ("transfer", "avg", "last", "bwt", "forgetting", "auc")
 HEADERS = {"transfer": "Transfer", "avg": "Avg", "last": "Last", "bwt": "BWT", "forgetting": "Forgetting",
            "auc": "AUC"}
 SYNTHETIC_NOTE = "SYNTHETIC benchmark: procedural images and captions, not medical data"
@@ -37,77 +28,49 @@ def write_json(path: str, payload: dict) -> None:
     atomic_write_json(path, payload, indent=1)
 
 
-def method_entry(res: dict) -> dict:
-    """The ``methods[name]`` entry of one ContinualTrainer result (``run()``'s dict)."""
-    m = res["metrics"]
-    return {**{k: m.get(k) for k in METRICS}, "R": res["R"], "zero_shot": res["z"], "auc_per_task": res.get("auc"),
-            "zero_shot_auc": res.get("z_auc"), "strategy_options": res["config"].get("strategy_options"),
-            "seconds": res.get("seconds")}
-
-
-def from_trainer(res: dict, *, benchmark: str = "", synthetic: bool = False) -> dict:
-    """A one-method results dict from a ContinualTrainer result."""
-    return {"format": FORMAT, "version": 1, "benchmark": benchmark, "synthetic": synthetic, "tasks": res["tasks"],
-            "methods": {res["config"]["strategy"]: method_entry(res)}, "config": {"trainer": res["config"]},
-            "versions": res.get("versions", {})}
-
-
-def validate(res: dict, where: str = "results") -> dict:
-    """Check the shape of a results dict (every method: T x T R, z of T); returns it."""
-    if not isinstance(res, dict) or not isinstance(res.get("methods"), dict) or not res["methods"]:
-        raise ValueError(f"{where}: not an mgcl results file (no 'methods')")
-    for name, m in res["methods"].items():
-        missing = [k for k in (*METRICS[:5], "R", "zero_shot") if k not in m]
-        if missing:
-            raise ValueError(f"{where}: method {name!r} lacks {missing}")
-        R, z = m["R"], m["zero_shot"]
-        T = len(z)
-        if len(R) != T or any(len(row) != T for row in R):
-            raise ValueError(f"{where}: method {name!r}: R must be {T} x {T} (the length of zero_shot)")
-    return res
-
-
 def load(path: str) -> dict:
-    """A results file, or a directory holding ``results.json``."""
+    """A results file, or a directory holding ``results.json`` (ValueError naming the file)."""
     p = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
-        with open(p) as fh:
-            res = json.load(fh)
+        with open(p, "rb") as fh:
+            res = json.loads(fh.read().decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no results.json (is it an mgcl run or demo output?)") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    if isinstance(res, dict) and res.get("format") == "mgcl.cl.results":
-        res = from_trainer(res)
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     return validate(res, p)
 
 
-def combine(results: Sequence[dict], labels: Optional[Sequence[str]] = None) -> dict:
+def combine(results_list: Sequence[dict], labels: Optional[Sequence[str]] = None) -> dict:
     """Several results side by side. A method name that occurs in more than one
     file is shown as ``name [label]`` (label: the run's directory name)."""
-    if not results:
+    if not results_list:
         raise ValueError("combine: no results")
-    if len(results) == 1:
-        return results[0]
-    labels = list(labels) if labels is not None else [r.get("benchmark") or f"run{i}" for i, r in enumerate(results)]
+    if len(results_list) == 1:
+        return results_list[0]
+    labels = list(labels) if labels is not None else [r.get("benchmark") or f"run{i}"
+                                                      for i, r in enumerate(results_list)]
     counts: dict[str, int] = {}
-    for r in results:
+    for r in results_list:
         for name in r["methods"]:
             counts[name] = counts.get(name, 0) + 1
     methods, tasks_of = {}, {}
-    for r, lab in zip(results, labels):
+    for r, lab in zip(results_list, labels):
         for name, m in r["methods"].items():
             key = name if counts[name] == 1 else f"{name} [{lab}]"
             while key in methods:
                 key += "'"
             methods[key] = {**m, "run": lab, "benchmark": r.get("benchmark", "")}
             tasks_of[key] = r.get("tasks") or [f"task {j + 1}" for j in range(len(m["zero_shot"]))]
-    benches = list(dict.fromkeys(r.get("benchmark", "") for r in results))
+    benches = list(dict.fromkeys(r.get("benchmark", "") for r in results_list))
     same_tasks = len({tuple(t) for t in tasks_of.values()}) == 1
-    return {"format": FORMAT, "version": 1, "benchmark": " + ".join(b for b in benches if b),
-            "synthetic": any(r.get("synthetic") for r in results),
-            "tasks": next(iter(tasks_of.values())) if same_tasks else None, "task_names": tasks_of,
-            "methods": methods, "runs": labels}
+    return results("report", methods, tasks=next(iter(tasks_of.values())) if same_tasks else None,
+                   benchmark=" + ".join(b for b in benches if b),
+                   synthetic=any(r.get("synthetic") for r in results_list), task_names=tasks_of, runs=labels)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -326,6 +289,5 @@ def render(res: dict, out_dir: str, *, plots: bool = True) -> list[str]:
     return out
 
 
-__all__ = ["FORMAT", "METRICS", "load", "combine", "validate", "from_trainer", "method_entry", "rows",
-           "format_table", "markdown", "to_csv", "plot_curves", "plot_curves_by_task", "plot_heatmaps", "render",
-           "write_json"]
+__all__ = ["FORMAT", "METRICS", "load", "combine", "validate", "rows", "format_table", "markdown", "to_csv",
+           "plot_curves", "plot_curves_by_task", "plot_heatmaps", "render", "write_json"]

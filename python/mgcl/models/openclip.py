@@ -18,7 +18,8 @@ base uncased, abstracts) through open_clip's HF text tower (CLS token of the
 last hidden state, MLP projection), 256 tokens, 512-d joint embedding, OpenAI
 mean/std preprocessing at 224 px. open_clip's HF tower needs a transformers
 config and a tokenizer it can load from a directory, so mgcl writes one under
-its cache (``$MGCL_CACHE``, default ``~/.cache/mgcl``):
+its cache (``mgcl._env.cache_dir``: ``$MGCL_CACHE``, else ``$XDG_CACHE_HOME/mgcl``,
+else ``~/.cache/mgcl``):
 
 - ``config.json``: the BiomedBERT-base architecture as a ``BertConfig``
   (vocab 30522, 12 layers, width 768, 12 heads, MLP 3072, 512 positions);
@@ -46,6 +47,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._env import cache_dir
 from .._io import atomic_write_json
 from .images import as_image
 
@@ -64,10 +66,6 @@ BIOMEDBERT_CONFIG = dict(
     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
     type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
 )
-
-
-def cache_dir() -> str:
-    return os.environ.get("MGCL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mgcl")
 
 
 def biomedclip_config(text_dir: str) -> dict:
@@ -141,7 +139,7 @@ def biomedbert_dir() -> str:
             with open(os.path.join(tmp, "MGCL_OFFLINE_VOCAB.txt"), "w") as fh:
                 fh.write("Offline stand-in vocabulary built by mgcl: NOT BiomedBERT's token ids.\n")
 
-    return _atomic_dir(os.path.join(cache_dir(), "models", name), fill)
+    return _atomic_dir(str(cache_dir("models", name)), fill)
 
 
 def register_biomedclip() -> str:
@@ -153,7 +151,7 @@ def register_biomedclip() -> str:
         if os.path.isdir(cfg["text_cfg"]["hf_model_name"]):
             return BIOMEDCLIP
     text_dir = biomedbert_dir()
-    cfg_dir = os.path.join(cache_dir(), "open_clip_configs")
+    cfg_dir = str(cache_dir("open_clip_configs"))
     path = os.path.join(cfg_dir, BIOMEDCLIP + ".json")
     atomic_write_json(path, biomedclip_config(text_dir))
     open_clip.add_model_config(path)

@@ -149,35 +149,16 @@ def faiss_topk(bank, q: torch.Tensor, k: int, ties: bool = True, *, overfetch: i
     return v, i, off
 
 
-# Re-scoring FAISS candidates: each query's candidates in matmuls of this one
-# width, through similarity_topk's fixed-width scoring, so that copies of one
-# embedding score identically whatever the candidate count (a BLAS picks its
-# kernel, and so its float32 rounding, by the matrix shape).
-RESCORE_WIDTH = 512
-
-
 def rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Exact float32 cosine scores of (query, entry) pairs from the float16 rows."""
+    """Exact scores (similarity_topk's definition, as the exact backend gives
+    them) of (query, entry) pairs: the float32 queries against the stored
+    float16 rows."""
+    from ..ops.similarity_topk import pair_scores  # noqa: PLC0415
+
     if not len(idx):
         return np.zeros(0, np.float32)
-    qid = np.asarray(qid, dtype=np.int64)
-    idx = np.asarray(idx, dtype=np.int64)
-    out = np.empty(len(idx), dtype=np.float32)
-    qf = q.float().cpu()
-    order = np.argsort(qid, kind="stable")
-    bounds = np.searchsorted(qid[order], np.arange(qf.shape[0] + 1))
-    from ..ops.similarity_topk.reference import MIN_QUERY_ROWS, fixed_width_scores, pad_queries  # noqa: PLC0415
-
-    buf = torch.empty(MIN_QUERY_ROWS * RESCORE_WIDTH, dtype=torch.float32)
-    pad = [None]
-    for j in np.nonzero(np.diff(bounds))[0]:
-        sel = order[bounds[j]:bounds[j + 1]]
-        rows = bank.embeddings(idx[sel]).float()
-        qp = pad_queries(qf[j:j + 1])
-        for a in range(0, len(sel), RESCORE_WIDTH):
-            out[sel[a:a + RESCORE_WIDTH]] = fixed_width_scores(qp, 1, rows[a:a + RESCORE_WIDTH], RESCORE_WIDTH,
-                                                               buf, pad)[0].numpy()
-    return out
+    qf = q.float().cpu()[torch.from_numpy(np.asarray(qid, dtype=np.int64))]
+    return pair_scores(qf, bank.embeddings(np.asarray(idx, dtype=np.int64))).numpy()
 
 
 __all__ = ["build_index", "load_index", "faiss_topk", "rescore", "KINDS"]

@@ -43,16 +43,16 @@ def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: 
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
                backend: str | None = None):
     """Exact candidates of every query over ``shards`` (float16 [n_i, d] each,
-    memory-mapped) with ``similarity_topk``: on the CPU the float32 queries meet
-    each key block upcast to float32; on a GPU the queries are cast to float16
-    and the shards stream from host memory through the device in blocks."""
+    memory-mapped) with ``similarity_topk``: float32 queries, exact scores (the
+    op's definition, the same on CPU and GPU); on a GPU the shards stream from
+    host memory through the device in blocks."""
     from ..ops.similarity_topk import similarity_topk  # noqa: PLC0415
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n_q = q.shape[0]
     if not shards or not sum(s.shape[0] for s in shards) or n_q == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n_q + 1, np.int64)
-    qd = q.to(device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.float16).contiguous()
+    qd = q.to(device=dev, dtype=torch.float32).contiguous()
     r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend)
     return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 

@@ -12,31 +12,31 @@ highest one (task > domain > general), and within a level its best score.
 
 Uniform mode (PRIMED_uni): ``uniform_set(size)`` retrieves a fixed number of
 entries spread evenly over ~30 domain keywords.
+
+``Siphon.from_bank(dir, ...)`` is the one way to make a Siphon from a bank
+directory. Every Siphon embeds its queries through a ``CachedEmbedder`` one
+text at a time, so a resumed run retrieves exactly what an uninterrupted one
+did. A finished task is a ``FinishedTask`` (``mgcl.cl.Task.finished()`` makes
+one). A ``ReferenceSet`` is rows (save / load, level counts); batching and
+image decoding are the training side's (``mgcl.cl``).
 """
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import pool as pool_mod
+from .embedders import CachedEmbedder, for_bank
 from .rerank import retrieve
 from .vlm import encode_images, encode_texts
 
 LEVELS = ("task", "domain", "general", "uniform")
 COLUMNS = ("index", "id", "caption", "image", "domain", "level", "query", "score")
-
-
-@dataclass
-class RefBatch:
-    images: torch.Tensor   # float [B, 3, H, W] through vlm.transform(train=False)
-    tokens: torch.Tensor   # vlm.tokenize(captions)
-    weights: torch.Tensor  # float32 [B]: level_weights[level] (1.0 by default)
-    levels: list           # the level of each pair
 
 
 class ReferenceSet:
@@ -92,65 +92,31 @@ class ReferenceSet:
         cols = {c: t.column(c).to_pylist() for c in COLUMNS}
         return cls([{c: cols[c][i] for c in COLUMNS} for i in range(t.num_rows)])
 
-    def batches(self, vlm, batch_size: int, *, level_weights: Optional[dict] = None, shuffle: bool = True,
-                seed: int = 0, drop_last: bool = False) -> Iterator[RefBatch]:
-        """One pass over the set in batches (cycling is the caller's job)."""
-        from .images import open_image  # noqa: PLC0415
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batches: batch_size must be an integer >= 1, got {batch_size!r}")
-        lw = dict(level_weights or {})
-        bad = [k for k in lw if k not in LEVELS]
-        if bad:
-            raise ValueError(f"batches: unknown level(s) {bad} in level_weights; expected {LEVELS}")
-        n = len(self.rows)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(n))
-        tf = vlm.transform(False)
-        stop = n - n % batch_size if drop_last else n
-        for s in range(0, stop, batch_size):
-            rows = [self.rows[i] for i in order[s:s + batch_size]]
-            imgs = []
-            for r in rows:
-                try:
-                    imgs.append(tf(open_image(r["image"])))
-                except (OSError, ValueError) as exc:
-                    raise ValueError(f"reference pair {r['id']!r} (bank index {r['index']}): cannot open image "
-                                     f"{r['image']!r}: {exc}") from None
-            yield RefBatch(images=torch.stack(imgs), tokens=vlm.tokenize([r["caption"] for r in rows]),
-                           weights=torch.tensor([float(lw.get(r["level"], 1.0)) for r in rows], dtype=torch.float32),
-                           levels=[r["level"] for r in rows])
+@dataclass(frozen=True)
+class FinishedTask:
+    """What the Siphon needs of a finished task: its ``name``, its declared
+    ``domain`` ("" when unknown), one ``prompts`` per class, and optionally
+    ``images``, a map-style dataset of its training images (items are images or
+    ``(image, label)`` pairs; Phi_D looks at a few when the domain is unknown)."""
 
-
-@dataclass
-class _Finished:
     name: str
     domain: str
-    prompts: list
-    train: object = None
+    prompts: tuple
+    images: Optional[Sequence] = None
+
+    def __post_init__(self):
+        p = self.prompts
+        if isinstance(p, str) or not p or not all(isinstance(x, str) for x in p):
+            raise ValueError(f"FinishedTask {self.name!r}: needs a non-empty list of class prompts, got {p!r}")
+        object.__setattr__(self, "prompts", tuple(p))
 
 
-def _finished(task) -> _Finished:
-    """A finished task as (name, domain, class prompts, training data): an object
-    with those attributes (``prompts`` a list or a method, as ``mgcl.cl.Task``),
-    a dict with those keys, or a ``(name, domain, prompts[, train])`` tuple."""
-    if isinstance(task, _Finished):
-        return task
-    if isinstance(task, dict):
-        get = task.get
-    elif isinstance(task, (tuple, list)):
-        if len(task) not in (3, 4):
-            raise ValueError(f"Siphon: a finished task as a tuple is (name, domain, prompts[, train]), "
-                             f"got {len(task)} items")
-        get = dict(zip(("name", "domain", "prompts", "train"), task)).get
-    else:
-        def get(key):
-            return getattr(task, key, None)
-    prompts = get("prompts")
-    if callable(prompts):
-        prompts = prompts()
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"Siphon: finished task {get('name')!r} needs a non-empty list of class prompts")
-    return _Finished(str(get("name")), get("domain") or "", list(prompts), get("train"))
+def _finished(task) -> FinishedTask:
+    if not isinstance(task, FinishedTask):
+        raise ValueError(f"Siphon: a finished task is a mgcl.retrieval.FinishedTask (mgcl.cl.Task.finished() "
+                         f"makes one), got {type(task).__name__}")
+    return task
 
 
 def _int(name, v, lo):
@@ -163,10 +129,11 @@ class Siphon:
     """Builds reference sets from a bank and a question pool (module doc).
 
     Args:
-        bank: an opened ``MemoryBank``.
+        bank: an opened ``MemoryBank`` (from a directory: ``Siphon.from_bank``).
         pool: ``list[Question]`` (``load_pool()``).
-        embedder: the text embedder of the bank (an object or a name; None: the
-            one named in the bank's manifest).
+        embedder: the query embedder (an object or a name; None: the one named
+            in the bank's manifest), wrapped in a one-text-at-a-time
+            ``CachedEmbedder`` unless it is one.
         vlm: a VLM (``mgcl.models`` protocol) for the visual rerank and the
             zero-shot domain mapper; None: S_v is the dense score.
         a, b, c: candidates per task / domain / general query.
@@ -185,10 +152,9 @@ class Siphon:
         self.a, self.b, self.c = _int("a", a, 1), _int("b", b, 1), _int("c", c, 1)
         self.n_general, self.k_v, self.seed = _int("n_general", n_general, 0), _int("k_v", k_v, 1), int(seed)
         self.k1, self.bm25_b, self.backend, self.taxonomy = k1, bm25_b, backend, taxonomy
-        if embedder is None or isinstance(embedder, str):
-            from .embedders import get_embedder  # noqa: PLC0415
-
-            embedder = get_embedder(embedder or bank.embedder_name)
+        embedder = bank.embedder if embedder is None else for_bank(embedder, bank)
+        if not (isinstance(embedder, CachedEmbedder) and embedder.one_by_one):
+            embedder = CachedEmbedder(embedder, one_by_one=True)
         self.embedder = embedder
         if int(embedder.dim) != bank.dim:
             raise ValueError(f"Siphon: embedder {getattr(embedder, 'name', '?')!r} gives {embedder.dim}-d vectors; "
@@ -197,6 +163,20 @@ class Siphon:
         self.image_cache: dict = {}
         self.last_domains: dict[str, str] = {}
         self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def from_bank(cls, path: str, *, pool=None, pool_per_domain: Optional[int] = None, embedder=None, vlm=None,
+                  **options) -> "Siphon":
+        """A Siphon over the bank directory ``path``: ``pool`` is a question-pool
+        file, a list of questions or None (the built-in pool); ``pool_per_domain``
+        keeps a sample of at most that many questions per domain (seeded with the
+        Siphon's ``seed``); ``embedder`` and ``vlm`` and the other ``options`` as in
+        the constructor."""
+        from .bank import MemoryBank  # noqa: PLC0415
+
+        questions = pool_mod.load_pool(pool) if pool is None or isinstance(pool, str) else list(pool)
+        questions = sample_per_domain(questions, pool_per_domain, options.get("seed", 0))
+        return cls(MemoryBank.open(path), questions, embedder, vlm=vlm, **options)
 
     # ---- Phi_D --------------------------------------------------------------------------
 
@@ -219,15 +199,15 @@ class Siphon:
             dt = encode_texts(self.vlm, dom_prompts)
             feats = self._task_image_features(task)
             if feats is None:
-                feats = encode_texts(self.vlm, task.prompts)
+                feats = encode_texts(self.vlm, list(task.prompts))
             votes = np.bincount((feats @ dt.T).argmax(1).numpy(), minlength=len(self.domains))
             return self.domains[int(votes.argmax())]
-        pe = torch.from_numpy(self.embedder.encode(task.prompts, 64)).mean(0)
+        pe = torch.from_numpy(self.embedder.encode(list(task.prompts), 64)).mean(0)
         de = torch.from_numpy(self.embedder.encode(dom_prompts, 64))
         return self.domains[int((de @ pe).argmax())]
 
     def _task_image_features(self, task, n: int = 32):
-        data = task.train
+        data = task.images
         try:
             size = len(data)
         except TypeError:
@@ -263,10 +243,8 @@ class Siphon:
         return {"task": task_q, "domain": domain_q, "general": general_q}
 
     def reference_set(self, history) -> ReferenceSet:
-        """The reference set for the task after ``history``: the finished tasks,
-        each with a name, a domain and its class prompts (an object with
-        ``.name``, ``.domain``, ``.prompts`` (list or method), a dict with those
-        keys, or a ``(name, domain, prompts)`` tuple); see the module doc."""
+        """The reference set for the task after ``history`` (``FinishedTask`` s, in
+        order); see the module doc."""
         self.last_timings = {}
         qs = self.queries(history)
         best: dict[int, dict] = {}
@@ -325,4 +303,18 @@ class Siphon:
         return ReferenceSet(list(taken.values()))
 
 
-__all__ = ["Siphon", "ReferenceSet", "RefBatch", "LEVELS"]
+def sample_per_domain(pool: list, per_domain: Optional[int], seed: int = 0) -> list:
+    """A seeded sample of at most ``per_domain`` questions of each domain (pool order kept; None: all)."""
+    if per_domain is None:
+        return list(pool)
+    by: dict[str, list[int]] = {}
+    for i, q in enumerate(pool):
+        by.setdefault(q.domain, []).append(i)
+    rng = random.Random(seed)
+    keep = set()
+    for idx in by.values():
+        keep.update(idx if len(idx) <= per_domain else rng.sample(idx, per_domain))
+    return [q for i, q in enumerate(pool) if i in keep]
+
+
+__all__ = ["Siphon", "ReferenceSet", "FinishedTask", "LEVELS", "sample_per_domain"]

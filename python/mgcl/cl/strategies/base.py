@@ -13,11 +13,18 @@ and around each task ``before_task(trainer, t)`` / ``after_task(trainer, t)``;
 ``setup(trainer)`` runs once before the zero-shot row, ``check(trainer)`` before
 anything (bad settings fail there, before any training). A strategy's state for
 checkpoints is ``state_dict()``: tensors and JSON-able values.
+
+A strategy that distils on retrieved reference pairs holds its
+``ReferenceDistillation`` part (``mgcl.cl.strategies.parts``) as ``reference``
+(None for the others): ``needs_reference_set`` says so, and a runner that
+opens the Siphon itself hands it over with ``strategy.reference.siphon = ...``.
+Strategies are built from the parts of ``parts.py``.
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -44,15 +51,29 @@ class Strategy:
 
     name = "finetune"
     trains = True
+    reference = None  # a parts.ReferenceDistillation when the strategy distils on a reference set
+
+    @property
+    def needs_reference_set(self) -> bool:
+        return self.reference is not None
+
+    def __new__(cls, *args, **kwargs):
+        # the constructor arguments as given, defaults filled in: what ``options()`` reports
+        # (copy / pickle call __new__ without them and restore ``_options`` with the rest)
+        self = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            self._options = {}
+            return self
+        bound.apply_defaults()
+        self._options = dict(list(bound.arguments.items())[1:])
+        return self
 
     def options(self) -> dict:
-        """The constructor arguments (for the run config)."""
-        sig = inspect.signature(type(self).__init__)
-        out = {}
-        for k in list(sig.parameters)[1:]:
-            v = getattr(self, k, None)
-            out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict)) else type(v).__name__
-        return out
+        """The constructor arguments (for the run config; objects by their type name)."""
+        plain = (int, float, str, bool, type(None), list, tuple, dict)
+        return {k: v if isinstance(v, plain) else type(v).__name__ for k, v in self._options.items()}
 
     def check(self, trainer) -> None:
         pass
@@ -93,8 +114,8 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_lam(name: str, lam) -> float:
-    if not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"{name}: lam must be a number >= 0, got {lam!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+        raise ValueError(f"{name}: lam must be a finite number >= 0, got {lam!r}")
     return float(lam)
 
 
@@ -116,28 +137,3 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     s = torch.log_softmax(student_logits.float() / T, dim=-1)
     t = torch.softmax(teacher_logits.float() / T, dim=-1)
     return torch.nn.functional.kl_div(s, t, reduction="batchmean") * (T * T)
-
-
-def estimate_task_fisher(trainer, guard, t: int, n_batches: int) -> None:
-    """EWC's Fisher from CE gradients on task ``t``'s training data, added to ``guard``'s."""
-    batches = trainer.loader(trainer.tasks[t].train, train=False, seed=trainer.task_seed(t) + 1, iters=n_batches)
-
-    def ce(batch):
-        images, labels = batch
-        with trainer.autocast():
-            logits = trainer.task_logits(images.to(trainer.device), t)
-        return trainer.ce(logits, labels.to(trainer.device))
-
-    guard.estimate_fisher(ce, batches, accumulate=True)
-
-
-def reference_features(trainer, ref, teacher: torch.nn.Module):
-    """Student and (no-grad) teacher features of a reference batch, float32:
-    ``(img_s, txt_s, img_t, txt_t, scale_s, scale_t)``."""
-    dev = trainer.device
-    images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
-    m = trainer.model
-    img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
-    with torch.no_grad():
-        img_t, txt_t = teacher.encode_image(images).float(), teacher.encode_text(tokens).float()
-    return img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(), teacher.logit_scale.exp().float()

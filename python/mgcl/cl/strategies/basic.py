@@ -1,10 +1,8 @@
 """Zero-shot, continual fine-tuning, l2, EWC and WiSE-FT."""
 from __future__ import annotations
 
-import torch
-
-from ...guard import FisherGuard
-from .base import Loss, Strategy, TaskBatch, check_lam, check_normalize, estimate_task_fisher
+from .base import Strategy
+from .parts import GuardTerm, WeightEnsemble, prefixed
 
 
 class ZeroShot(Strategy):
@@ -27,27 +25,22 @@ class Finetune(Strategy):
 
 
 class _Guarded(Strategy):
-    """CE plus a FisherGuard gradient added after the CE backward (``guard.apply()``)."""
-
-    mode = "l2"
+    """CE plus a guard term added after the CE backward (``parts.GuardTerm``)."""
 
     def setup(self, trainer):
-        self.guard = FisherGuard(trainer.params, lam=self.lam, mode=self.mode, normalize=self.normalize)
-
-    def training_loss(self, trainer, batch: TaskBatch) -> Loss:
-        ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)
-        return Loss([ce], {"ce": ce})
+        self.guard.setup(trainer)
 
     def after_backward(self, trainer, part):
-        if self.mode == "ewc" and self.guard.fisher is None:
-            return  # first task: no Fisher yet
-        trainer.record(self.mode, self.guard.apply())
+        self.guard.apply(trainer)
+
+    def after_task(self, trainer, t):
+        self.guard.after_task(trainer, t)
 
     def state_dict(self):
-        return {k: v for k, v in self.guard.state_dict().items()}
+        return {f"guard.{k}": v for k, v in self.guard.state_dict().items()}
 
     def load_state_dict(self, sd):
-        self.guard.load_state_dict(sd)
+        self.guard.load_state_dict(prefixed(sd, "guard."))
 
 
 class L2(_Guarded):
@@ -55,13 +48,9 @@ class L2(_Guarded):
     task (the initial weights during the first task); lam = 1."""
 
     name = "l2"
-    mode = "l2"
 
     def __init__(self, lam: float = 1.0, normalize=None):
-        self.lam, self.normalize = check_lam(self.name, lam), check_normalize(self.name, normalize)
-
-    def after_task(self, trainer, t):
-        self.guard.consolidate()
+        self.guard = GuardTerm(self.name, "l2", lam=lam, normalize=normalize)
 
 
 class EWC(_Guarded):
@@ -71,17 +60,9 @@ class EWC(_Guarded):
     lam = 1 weighs like the l2 baseline; ``normalize=None`` uses the raw Fisher."""
 
     name = "ewc"
-    mode = "ewc"
 
     def __init__(self, lam: float = 1.0, normalize="mean", fisher_batches: int = 10):
-        if fisher_batches < 1:
-            raise ValueError(f"ewc: fisher_batches must be >= 1, got {fisher_batches}")
-        self.lam, self.normalize = check_lam(self.name, lam), check_normalize(self.name, normalize)
-        self.fisher_batches = int(fisher_batches)
-
-    def after_task(self, trainer, t):
-        estimate_task_fisher(trainer, self.guard, t, self.fisher_batches)
-        self.guard.consolidate()
+        self.guard = GuardTerm(self.name, "ewc", lam=lam, normalize=normalize, fisher_batches=fisher_batches)
 
 
 class WiseFT(Strategy):
@@ -90,17 +71,14 @@ class WiseFT(Strategy):
     name = "wise-ft"
 
     def __init__(self, alpha: float = 0.8):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"wise-ft: alpha must be in [0, 1], got {alpha}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"wise-ft: alpha must be a number in [0, 1], got {alpha!r}")
         self.alpha = float(alpha)
-        self.prev = None
+        self.ensemble = WeightEnsemble()
 
-    @torch.no_grad()
     def before_task(self, trainer, t):
-        self.prev = [p.detach().clone() for p in trainer.params]
+        self.ensemble.start(trainer, 1.0 - self.alpha)
 
-    @torch.no_grad()
     def after_task(self, trainer, t):
-        for p, q in zip(trainer.params, self.prev):
-            p.mul_(self.alpha).add_(q, alpha=1.0 - self.alpha)
-        self.prev = None
+        self.ensemble.add(trainer, self.alpha)
+        self.ensemble.merge(trainer)

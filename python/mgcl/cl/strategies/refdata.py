@@ -1,39 +1,63 @@
-"""Reference batches for the distilling strategies (ZSCL, PRIMED): a Siphon
-(given, or opened from a bank directory), an endless stream of its reference
-set's batches, and a background thread that prepares the next batches (image
-decoding) while the GPU works."""
+"""Reference batches, the training side of a reference set: its pairs as a
+map-style dataset (image decoded through the student's eval transform,
+caption, weight of the pair's level), an endless stream of reshuffled batches
+(captions tokenized by the student), and a background thread that prepares
+the next batches (image decoding) while the model works."""
 from __future__ import annotations
 
 import itertools
 import queue
 import threading
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
 
 
-def open_siphon(siphon, bank: Optional[str], siphon_options: Optional[dict], who: str):
-    """``siphon`` as given, or ``Siphon(MemoryBank.open(bank), load_pool(), **siphon_options)``."""
-    if siphon is not None:
-        return siphon
-    if bank is None:
-        raise ValueError(f"{who}: needs a reference set: pass siphon=mgcl.retrieval.Siphon(...) or bank=<bank dir>")
-    from ...retrieval import MemoryBank, Siphon, load_pool  # noqa: PLC0415
-
-    opts = dict(siphon_options or {})
-    pool = opts.pop("pool", None)
-    pool = load_pool() if pool is None else (load_pool(pool) if isinstance(pool, str) else pool)
-    embedder = opts.pop("embedder", None)
-    return Siphon(MemoryBank.open(bank), pool, embedder, **opts)
+@dataclass
+class RefBatch:
+    images: torch.Tensor   # float [B, 3, H, W], the student's eval transform
+    tokens: torch.Tensor   # the student's tokenize(captions)
+    weights: torch.Tensor  # float32 [B]: the weight of each pair's level (1.0 by default)
 
 
-def endless(refset, vlm, batch_size: int, *, seed: int, level_weights=None) -> Iterator:
-    """Reshuffled passes over ``refset`` (pass k seeded ``seed + k``), forever.
-    Batches are full-size when the set holds at least one batch."""
-    if len(refset) == 0:
+class ReferencePairs(torch.utils.data.Dataset):
+    """A ``ReferenceSet``'s rows as training pairs: item i = (image tensor,
+    caption, weight), the image opened from the bank's reference and passed
+    through ``transform``, the weight ``level_weights.get(level, 1.0)``."""
+
+    def __init__(self, refset, transform: Callable, level_weights: Optional[dict] = None):
+        self.refset, self.transform, self.level_weights = refset, transform, dict(level_weights or {})
+
+    def __len__(self) -> int:
+        return len(self.refset)
+
+    def __getitem__(self, i: int):
+        from ...retrieval.images import open_image  # noqa: PLC0415
+
+        r = self.refset[i]
+        try:
+            image = self.transform(open_image(r["image"]))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"reference pair {r['id']!r} (bank index {r['index']}): cannot open image "
+                             f"{r['image']!r}: {exc}") from None
+        return image, r["caption"], float(self.level_weights.get(r["level"], 1.0))
+
+
+def reference_batches(pairs, tokenize: Callable, batch_size: int, *, seed: int) -> Iterator[RefBatch]:
+    """Reshuffled passes over ``pairs`` (pass k ordered by ``randperm`` seeded
+    ``seed + k``), forever. Batches are full-size when the set holds at least one
+    batch (the last partial batch of a pass is dropped then)."""
+    n = len(pairs)
+    if n == 0:
         raise RuntimeError("the reference set is empty (nothing retrieved)")
-    drop_last = len(refset) >= batch_size
+    stop = n - n % batch_size if n >= batch_size else n
     for k in itertools.count():
-        yield from refset.batches(vlm, batch_size, level_weights=level_weights, shuffle=True, seed=seed + k,
-                                  drop_last=drop_last)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + k)).tolist()
+        for s in range(0, stop, batch_size):
+            items = [pairs[i] for i in order[s:s + batch_size]]
+            yield RefBatch(images=torch.stack([x[0] for x in items]), tokens=tokenize([x[1] for x in items]),
+                           weights=torch.tensor([x[2] for x in items], dtype=torch.float32))
 
 
 class Prefetch:

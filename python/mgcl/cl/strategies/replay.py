@@ -104,8 +104,8 @@ class ICaRL(_Distilling):
         self.replay = None
         if self.teacher is not None:
             self.replay = trainer.loader(_Memory(trainer.tasks, self.entries), train=True,
-                                         batch_size=self.replay_batch_size or trainer.batch_size,
-                                         seed=trainer.task_seed(t) + 7, iters=trainer.iters_per_task)
+                                         batch_size=self.replay_batch_size or trainer.train_config.batch_size,
+                                         seed=trainer.task_seed(t) + 7, iters=trainer.train_config.iters_per_task)
 
     def training_loss(self, trainer, batch: TaskBatch) -> Loss:
         ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)

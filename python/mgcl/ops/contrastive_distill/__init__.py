@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from ... import _backend
+from ..._backend import Entry
 from . import chunked, fused, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -50,13 +51,30 @@ def _triton(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row
                          col_weight, need_grad)
 
 
-# The dispatch table. "torch" is the differentiable reference (autograd through
-# the dense definition); the fused entries return (loss, d_img, d_txt, d_scale,
-# parts), the gradients computed in the forward when need_grad (Liger-style).
+# The crossover below which the dense reference beats chunked on the CPU (its
+# forward+backward, d = 256): `mgcl bench contrastive_distill` measures it on the
+# machine it runs on and writes it to its JSON ("crossover"), beside this
+# declared value. Measured on a shared 2-core AMD EPYC (Zen 3), one thread:
+# chunked / torch = 1.43 at B = 64, 1.12 at 256, 1.00 at 384, 0.69 at 512, 0.57 at 1024.
+CHUNKED_MIN_BATCH = 512
+
+
+def _chunked_pays(call) -> bool:
+    B = call.get("B")
+    return B is None or B >= CHUNKED_MIN_BATCH
+
+
+_chunked_pays.__doc__ = f"B >= {CHUNKED_MIN_BATCH} (below it the dense reference is faster on the CPU)"
+
+# The dispatch table, in order of preference (see mgcl._backend). "torch" is the
+# differentiable reference (autograd through the dense definition); the fused
+# entries return (loss, d_img, d_txt, d_scale, parts), the gradients computed in
+# the forward when need_grad (Liger-style). B is the batch of the loss (under
+# gather=True the global one).
 BACKENDS = {
-    "torch": reference.contrastive_distill,
-    "chunked": _chunked,
-    "triton": _triton,
+    "triton": Entry(_triton, devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+    "chunked": Entry(_chunked, devices=("cpu",), dtypes=DTYPES, prefer=_chunked_pays),
+    "torch": Entry(reference.contrastive_distill, devices=("cpu", "cuda"), dtypes=DTYPES),
 }
 
 
@@ -92,7 +110,9 @@ def _check(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_
         raise ValueError(f"contrastive_distill: txt_s has dtype {txt_s.dtype}, img_s {img_s.dtype}")
     if txt_t.dtype != img_t.dtype:
         raise ValueError(f"contrastive_distill: txt_t has dtype {txt_t.dtype}, img_t {img_t.dtype}")
-    checking_values = not torch.compiler.is_compiling()
+    # Value checks read tensor data: on a GPU each would be a host sync, so
+    # there they are folded into the result instead (see _poison).
+    checking_values = img_s.device.type == "cpu" and not torch.compiler.is_compiling()
     for name, sc in (("scale_s", scale_s), ("scale_t", scale_t)):
         if _is_number(sc):
             if not math.isfinite(sc):
@@ -121,6 +141,19 @@ def _check(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_
             raise ValueError(f"contrastive_distill: {name} is on {wt.device}, features on {img_s.device}")
         if checking_values and not bool(((wt.detach() >= 0) & torch.isfinite(wt.detach())).all()):
             raise ValueError(f"contrastive_distill: {name} must be finite and >= 0")
+
+
+def _poison(scale_s: torch.Tensor, scale_t, row_weight, col_weight) -> torch.Tensor:
+    """``scale_s``, NaN where a tensor scale is not finite or a weight is negative
+    or not finite: the value checks of a device tensor, without a host sync (the
+    loss and every gradient then come out NaN)."""
+    ok = torch.isfinite(scale_s.detach())
+    if isinstance(scale_t, torch.Tensor):
+        ok = ok & torch.isfinite(scale_t)
+    for wt in (row_weight, col_weight):
+        if wt is not None:
+            ok = ok & ((wt >= 0) & torch.isfinite(wt)).all()
+    return torch.where(ok, scale_s, torch.nan)
 
 
 @torch.library.custom_op("mgcl::contrastive_distill", mutates_args=())
@@ -159,15 +192,20 @@ def _(img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight, kd, 
 
 def _setup_context(ctx, inputs, output):
     _, d_img, d_txt, d_scale, parts = output
-    ctx.save_for_backward(d_img, d_txt, d_scale)
+    img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight = inputs[:8]
+    # the inputs too (references, no copies): a double backward re-derives the gradient from them
+    ctx.save_for_backward(d_img, d_txt, d_scale, img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight)
+    ctx.coefs = inputs[8:12]
     ctx.mark_non_differentiable(d_img, d_txt, d_scale, parts)
 
 
 def _backward(ctx, grad, *_unused):
-    d_img, d_txt, d_scale = ctx.saved_tensors
+    d_img, d_txt, d_scale, *inputs = ctx.saved_tensors
     need = ctx.needs_input_grad
     if any(need[i] for i in (0, 1, 4)) and d_scale.dim() != 0:
         raise RuntimeError("contrastive_distill: the forward ran with need_grad=False")
+    if torch.is_grad_enabled() and any(need[i] for i in (0, 1, 4)):
+        return _graph_grads(inputs, ctx.coefs, need, grad)
     return (
         d_img * grad if need[0] else None,
         d_txt * grad if need[1] else None,
@@ -175,6 +213,18 @@ def _backward(ctx, grad, *_unused):
         None,
         (d_scale * grad).to(d_scale.dtype) if need[4] else None,
     ) + (None,) * 9
+
+
+def _graph_grads(inputs, coefs, need, grad):
+    """A backward under ``create_graph=True``: the fused forward's gradients are
+    constants, so the gradient is re-derived, with its graph, by autograd
+    through the dense reference (its B x B memory, for this call only)."""
+    img_s, txt_s, img_t, txt_t, scale_s, scale_t, row_weight, col_weight = inputs
+    loss = reference.contrastive_distill(img_s, txt_s, img_t, txt_t, scale_s, scale_t, *coefs, row_weight, col_weight)
+    wrt = [x for x, i in zip((img_s, txt_s, scale_s), (0, 1, 4)) if need[i]]
+    got = iter(torch.autograd.grad(loss, wrt, grad_outputs=grad, create_graph=True))
+    return (next(got) if need[0] else None, next(got) if need[1] else None, None, None,
+            next(got) if need[4] else None) + (None,) * 9
 
 
 _contrastive_distill_op.register_autograd(_backward, setup_context=_setup_context)
@@ -244,25 +294,34 @@ def contrastive_distill(
 
     Raises ValueError on bad input (shapes, B = 0, non-finite scales or
     weights, negative weights, wrong weight length, mixed devices or dtypes).
+    The checks of tensor values (a tensor scale that is not finite, a negative
+    or non-finite weight) would each synchronise a GPU with the host, so on a
+    GPU they make the loss and every gradient NaN instead of raising.
+
+    Double backward (``create_graph=True``) works with every backend: the
+    fused ones re-derive that gradient through the dense reference.
     """
     _check(img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, t2i, row_weight, col_weight)
-    name = _backend.select("contrastive_distill", BACKENDS, img_s.device, backend)
-    if name == "triton" and (img_s.dtype == torch.float64 or img_t.dtype == torch.float64):
-        if backend is not None:
-            raise ValueError("contrastive_distill: the triton backend takes float32, float16 or bfloat16 features")
-        name = "chunked" if _backend.available("chunked", img_s.device.type) else "torch"
+    group = _group(gather, process_group)
+    world = 1 if group is None else torch.distributed.get_world_size(group)
+    name = _backend.select("contrastive_distill", BACKENDS, img_s.device, backend,
+                           dtypes=(img_s.dtype, img_t.dtype), B=img_s.shape[0] * world)
     kd, cmc, i2t, t2i = float(kd), float(cmc), float(i2t), float(t2i)
     img_t, txt_t = img_t.detach(), txt_t.detach()
     row_weight = None if row_weight is None else row_weight.detach()
     col_weight = None if col_weight is None else col_weight.detach()
     ct = reference.compute_dtype(img_s.dtype)
+    unchecked = img_s.device.type != "cpu" and any(
+        isinstance(x, torch.Tensor) for x in (scale_s, scale_t, row_weight, col_weight))
+    # torch.full, not torch.tensor: a copy from the host would synchronise with the GPU
     if not isinstance(scale_s, torch.Tensor):
-        scale_s = torch.tensor(float(scale_s), dtype=ct, device=img_s.device)
+        scale_s = torch.full((), float(scale_s), dtype=ct, device=img_s.device)
     if not isinstance(scale_t, torch.Tensor):
-        scale_t = torch.tensor(float(scale_t), dtype=ct, device=img_s.device)
+        scale_t = torch.full((), float(scale_t), dtype=ct, device=img_s.device)
     scale_t = scale_t.detach()
+    if unchecked:
+        scale_s = _poison(scale_s, scale_t, row_weight, col_weight)
 
-    group = _group(gather, process_group)
     if group is not None:
         from . import distributed  # noqa: PLC0415
 

@@ -24,7 +24,11 @@ partial (over these M rows) until merged across ranks.
     U = G @ Y   [M, d]          V = G.T @ X   [N, d]   (V summed over chunks)
 
 Work: 2 + 4 GEMM-sized products of the block (the fewest a method that never
-stores the block can do), about 8 exponentials per element.
+stores the block can do), about 8 exponentials per element. When the block is
+one chunk (R = M: every block of up to BLOCK_ELEMENTS entries, so every
+batch up to B = 2896), ``block_stats`` leaves S and T in ``work`` and
+``block_grads`` uses them instead of recomputing: 2 + 2 products, as few as the
+dense reference, in the memory the two sweeps take anyway.
 """
 from __future__ import annotations
 
@@ -50,14 +54,16 @@ def _term(out, Z, lse, coef):
     return torch.sub(Z, lse, out=out).exp_().mul_(coef)
 
 
-def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None, diag=None, off: int = 0):
+def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None, diag=None, off: int = 0, work: dict | None = None):
     """Row statistics of ``s*X@Y.T`` vs ``t*Xt@Yt.T`` and the column partials.
 
     Returns ``(row, col)``: each a tuple ``(lse_s, lse_t, e)`` of length M and N.
     ``diag = (row_out, col_out)`` (length M and N) receives the positive-pair
     logits S[i, i + off] at row i and at column i + off, taken from the very
     products the statistics come from (so lse - S_ii is exactly 0 when a row
-    holds one entry); entries without a pair are left as they are.
+    holds one entry); entries without a pair are left as they are. ``work``
+    (a dict, optional) receives S and T when the block is one chunk, for
+    :func:`block_grads`.
     """
     ct = compute_dtype(X.dtype)
     M, N = X.shape[0], Y.shape[0]
@@ -102,16 +108,20 @@ def block_stats(X, Y, Xt, Yt, s, t, block: int | None = None, diag=None, off: in
         col_l_t = col_l_t * rescale + torch.sub(T, new_m_t, out=E).exp_().sum(dim=0)
         col_k = col_k * rescale + E.mul_(diff).sum(dim=0)
         col_m_t = new_m_t
+    if work is not None and R == M:
+        work.update(S=bS, T=bT)  # the one chunk's products, untouched since the mm
     col = (col_m_s + col_l_s.log(), col_m_t + col_l_t.log(), col_k / col_l_t)
     return (row_lse_s, row_lse_t, row_e), col
 
 
-def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher: bool = True):
+def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher: bool = True,
+                work: dict | None = None):
     """``U = G @ Y`` and ``V = G.T @ X`` for the block (see the module doc).
 
     ``row = (lse_s, lse_t, a, g)`` (length M), ``col = (lse_s, lse_t, b, e)``
     (length N); returns float32 (float64 for float64 inputs) tensors.
     ``teacher=False`` promises g = e = 0: the T products are skipped.
+    ``work``: what :func:`block_stats` left there (S and T of a one-chunk block).
     """
     ct = compute_dtype(X.dtype)
     M, N = X.shape[0], Y.shape[0]
@@ -123,16 +133,18 @@ def block_grads(X, Y, Xt, Yt, s, t, row, col, block: int | None = None, teacher:
     U = torch.empty(M, X.shape[1], dtype=ct, device=dev)
     V = torch.zeros(N, X.shape[1], dtype=ct, device=dev)
     R = min(M, rows_per_block(N, block))
-    bZ, bG, bW = (torch.empty(R, N, dtype=ct, device=dev) for _ in range(3))
+    kept = work is not None and "S" in work and R == M
+    bZ = None if kept else torch.empty(R, N, dtype=ct, device=dev)
+    bG, bW = (torch.empty(R, N, dtype=ct, device=dev) for _ in range(2))
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
-        Z, G, W = bZ[: r1 - r0], bG[: r1 - r0], bW[: r1 - r0]
+        G, W = bG[: r1 - r0], bW[: r1 - r0]
         Xc = X[r0:r1].to(ct)
-        torch.mm(Xc * s, Y.T, out=Z)  # S
+        Z = work["S"] if kept else torch.mm(Xc * s, Y.T, out=bZ[: r1 - r0])  # S
         _term(G, Z, r_lse_s[r0:r1], r_a[r0:r1])
         G.add_(_term(W, Z, c_lse_s, c_b))
         if teacher:
-            torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=Z)  # T
+            Z = work["T"] if kept else torch.mm(Xt[r0:r1].to(ct) * t, Yt.T, out=Z)  # T
             G.sub_(_term(W, Z, r_lse_t[r0:r1], r_g[r0:r1]))
             G.sub_(_term(W, Z, c_lse_t, c_e))
         torch.mm(G, Y, out=U[r0:r1])

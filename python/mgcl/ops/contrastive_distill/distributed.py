@@ -74,6 +74,9 @@ class _FusedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _parts_grad):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
+            raise RuntimeError("contrastive_distill: double backward (create_graph=True) with gather=True or a "
+                               "process group needs backend='torch'; the fused backends keep no graph of the gradient")
         d_img, d_txt, d_scale = ctx.saved_tensors
         return (d_img * grad, d_txt * grad, (d_scale * grad).to(d_scale.dtype)) + (None,) * 8
 

@@ -3,15 +3,17 @@
 A backend ("engine") offers two block primitives over the rectangular block
 ``S = s*X@Y.T`` (M x N) with its teacher block ``T = t*Xt@Yt.T``:
 
-- ``block_stats(X, Y, Xt, Yt, s, t, diag=(row_out, col_out), off=off) -> (row, col)``,
+- ``block_stats(X, Y, Xt, Yt, s, t, diag=(row_out, col_out), off=off, work=work) -> (row, col)``,
   each ``(lse_s, lse_t, e)``: log-sum-exp of S and T and ``e = E_{softmax T}[T - S]``
   per row (over all N columns) and per column (over these M rows: partial when
   M is one rank's rows); it also writes the positive-pair logits S[i, i + off]
   from its own products into ``row_out[i]`` and ``col_out[i + off]``;
-- ``block_grads(X, Y, Xt, Yt, s, t, (lse_s, lse_t, a, g), (cse_s, cse_t, b, e))
+- ``block_grads(X, Y, Xt, Yt, s, t, (lse_s, lse_t, a, g), (cse_s, cse_t, b, e), work=work)
   -> (U, V)`` with ``U = G @ Y``, ``V = G.T @ X`` and
   ``G_ij = a_i Q_ij - g_i P_ij + b_j Q'_ij - e_j P'_ij`` (Q, P the row softmaxes
-  of S and T, Q', P' the column softmaxes).
+  of S and T, Q', P' the column softmaxes);
+- ``work``: a dict the statistics sweep may leave products in for the gradient
+  sweep (``chunked`` keeps S and T of a one-chunk block; ``triton`` keeps nothing).
 
 Math (B = global batch, X = img_s rows of this rank, Y = every txt_s row):
 
@@ -76,7 +78,8 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
     # exactly 0 where a row or column holds a single entry (B = 1).
     row_diag = torch.empty(M, dtype=ct, device=dev)
     col_diag = torch.empty(Y.shape[0], dtype=ct, device=dev)
-    row, col = engine.block_stats(img_s.detach(), Y, img_t, Yt, s, t, diag=(row_diag, col_diag), off=off)
+    work = {} if need_grad else None  # what an engine keeps from its statistics sweep for its gradient sweep
+    row, col = engine.block_stats(img_s.detach(), Y, img_t, Yt, s, t, diag=(row_diag, col_diag), off=off, work=work)
     row = tuple(x.to(ct) for x in row)
     col = tuple(x.to(ct) for x in col)
     if comm is not None:
@@ -98,7 +101,8 @@ def forward(engine, img_s, txt_s, img_t, txt_t, scale_s, scale_t, kd, cmc, i2t, 
     b, e = kd * t2i * v_all + cmc, kd * t2i * v_all
     teacher = kd * i2t != 0.0 or kd * t2i != 0.0  # else g = e = 0 and the T products are skipped
     U, V = engine.block_grads(img_s.detach(), Y, img_t, Yt, s, t, (row[0], row[1], a, g), (col[0], col[1], b, e),
-                              teacher=teacher)
+                              teacher=teacher, work=work)
+    del work
     U = U.to(ct).div_(B)
     V = V.to(ct).div_(B)
     zeta = 2.0 * cmc / B

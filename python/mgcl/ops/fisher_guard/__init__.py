@@ -4,40 +4,89 @@
 
 updates every ``grads[i]`` in place with ``2*lam*W*(params[i] - anchors[i])``
 and returns ``lam * sum(W*(params - anchors)**2)`` (0-d float32). The math is
-in ``reference.py``; see also ``mgcl.FisherGuard`` for the training-loop API.
+in ``reference.py``; see also ``mgcl.FisherGuard`` for the training-loop API,
+which calls :class:`Prepared` (validated once, a pointer check per step).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ... import _backend
+from ..._backend import Entry
 from . import native, reference
 
 MODES = ("dfg", "ewc", "l2")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The dispatch table: backend name -> implementation (same signature).
+# The dispatch table, in order of preference (see mgcl._backend): every entry
+# has the signature (grads, params, anchors, fisher, lam, mode, ema, normalize).
 BACKENDS = {
-    "torch": reference.fisher_guard,
-    "cpp": native.fisher_guard_cpu,
-    "cuda": native.fisher_guard_cuda,
+    "cuda": Entry(native.fisher_guard, devices=("cuda",), dtypes=DTYPES),
+    "cpp": Entry(native.fisher_guard, devices=("cpu",), dtypes=DTYPES),
+    "torch": Entry(reference.fisher_guard, devices=("cpu", "cuda"), dtypes=DTYPES),
 }
 
 
-def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
-    if mode not in MODES:
-        raise ValueError(f"fisher_guard: unknown mode {mode!r}; expected one of {MODES}")
+def check_settings(lam, mode, ema, normalize, who: str = "fisher_guard") -> None:
+    """lam a finite number >= 0, mode one of MODES, ema a number in [0, 1) (dfg only), normalize None or 'mean'."""
+    def number(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{who}: unknown mode {mode!r}; expected one of {MODES}")
     if normalize not in (None, "mean"):
-        raise ValueError(f"fisher_guard: normalize must be None or 'mean', got {normalize!r}")
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"fisher_guard: lam must be a finite number >= 0, got {lam!r}")
-    if not isinstance(ema, (int, float)) or not (0.0 <= ema < 1.0):
-        raise ValueError(f"fisher_guard: ema must be in [0, 1), got {ema!r}")
+        raise ValueError(f"{who}: normalize must be None or 'mean', got {normalize!r}")
+    if not number(lam) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{who}: lam must be a finite number >= 0, got {lam!r}")
+    if not number(ema) or not 0.0 <= ema < 1.0:
+        raise ValueError(f"{who}: ema must be a number in [0, 1), got {ema!r}")
     if ema > 0 and mode != "dfg":
-        raise ValueError(f"fisher_guard: ema applies to mode 'dfg' only (mode={mode!r})")
+        raise ValueError(f"{who}: ema applies to mode 'dfg' only (mode={mode!r})")
+
+
+def dense_layout(t: torch.Tensor) -> Optional[tuple]:
+    """The strides of ``t``'s dims of size > 1 when ``t`` is dense (its elements
+    fill numel consecutive slots from ``data_ptr()``), else None. Two dense
+    tensors with one shape and one layout line up element for element in memory."""
+    if t.layout != torch.strided:
+        return None
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return None
+        expect *= sz
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
+
+
+def describe_layout(t: torch.Tensor) -> str:
+    if t.layout != torch.strided:
+        return f"layout {t.layout}"
+    return f"shape {tuple(t.shape)}, strides {t.stride()}"
+
+
+def check_no_overlap(named: list[tuple[str, torch.Tensor]], who: str = "fisher_guard") -> None:
+    """No two of the (dense) tensors share memory; the error names a pair, in list order."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k)
+                   for k, (_, t) in enumerate(named) if t.numel())
+    reach, owner = 0, None
+    for start, end, k in spans:
+        if start < reach:
+            a, b = sorted((owner, k))
+            raise ValueError(f"{who}: {named[a][0]} and {named[b][0]} overlap in memory (aliased tensors); the op "
+                             "writes grads (and fisher) in place, so every tensor needs memory of its own")
+        if end > reach:
+            reach, owner = end, k
+
+
+def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
+    check_settings(lam, mode, ema, normalize)
     if len(params) != len(grads) or len(anchors) != len(grads):
         raise ValueError(
             f"fisher_guard: list lengths differ: {len(grads)} grads, {len(params)} params, {len(anchors)} anchors"
@@ -49,29 +98,42 @@ def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
         raise ValueError(f"fisher_guard: {len(fisher)} fisher tensors for {len(grads)} grads")
     if not grads:
         return
+    if not isinstance(grads[0], torch.Tensor):
+        raise ValueError(f"fisher_guard: grads[0] is {type(grads[0]).__name__}, not a tensor")
     dev, dt = grads[0].device, grads[0].dtype
     if dt not in DTYPES:
         raise ValueError(f"fisher_guard: grads[0] has dtype {dt}; supported: float32, float16, bfloat16")
+    named = []
     for i, g in enumerate(grads):
-        trio = (("grads", g), ("params", params[i]), ("anchors", anchors[i]))
+        group = (("grads", g), ("params", params[i]), ("anchors", anchors[i]))
         if fisher is not None:
-            trio += (("fisher", fisher[i]),)
-        for name, t in trio:
+            group += (("fisher", fisher[i]),)
+        layout = None
+        for name, t in group:
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"fisher_guard: {name}[{i}] is {type(t).__name__}, not a tensor")
             if t.device != dev:
                 raise ValueError(f"fisher_guard: {name}[{i}] is on {t.device}, grads[0] on {dev} (mixed devices)")
             if t.shape != g.shape:
                 raise ValueError(f"fisher_guard: {name}[{i}] has shape {tuple(t.shape)}, grads[{i}] {tuple(g.shape)}")
-            if not t.is_contiguous():
-                raise ValueError(f"fisher_guard: {name}[{i}] is not contiguous")
             if name == "fisher":
                 if t.dtype not in (torch.float32, dt):
                     raise ValueError(f"fisher_guard: fisher[{i}] has dtype {t.dtype}; expected float32 or {dt}")
+                if t.dtype != fisher[0].dtype:
+                    raise ValueError(f"fisher_guard: fisher[{i}] has dtype {t.dtype}, fisher[0] {fisher[0].dtype}")
             elif t.dtype != dt:
                 raise ValueError(f"fisher_guard: {name}[{i}] has dtype {t.dtype}, grads[0] {dt} (mixed dtypes)")
-        if fisher is not None and fisher[i].dtype != fisher[0].dtype:
-            raise ValueError(f"fisher_guard: fisher[{i}] has dtype {fisher[i].dtype}, fisher[0] {fisher[0].dtype}")
+            here = dense_layout(t)
+            if here is None:
+                raise ValueError(f"fisher_guard: {name}[{i}] is not dense ({describe_layout(t)}): the fused paths walk "
+                                 "each tensor as one flat array")
+            if layout is not None and here != layout:
+                raise ValueError(f"fisher_guard: {name}[{i}] has strides {t.stride()}, grads[{i}] {g.stride()}: "
+                                 "grad, param, anchor and fisher of one index must share one memory layout")
+            layout = here
+            named.append((f"{name}[{i}]", t))
+    if not torch.compiler.is_compiling():  # fake tensors have no addresses
+        check_no_overlap(named)
 
 
 @torch.library.custom_op("mgcl::fisher_guard", mutates_args=("grads", "fisher"))
@@ -81,19 +143,20 @@ def _fisher_guard_op(
     anchors: list[torch.Tensor],
     fisher: list[torch.Tensor],
     lam: float,
-    mode: str,
+    importance: str,
     ema: float,
-    normalize: str,
+    normalize: Optional[str],
     backend: str,
 ) -> torch.Tensor:
-    # fisher is [] when the mode does not read it (the schema has no optional list).
-    return BACKENDS[backend](grads, params, anchors, fisher or None, lam, mode, ema, normalize or None)
+    # ``importance`` is fisher_guard's ``mode``: an argument named "mode" collides
+    # with torch's own in compiled and AOT-dispatched graphs. ``fisher`` is [] when
+    # the mode reads none: torch's schemas have no optional list of tensors.
+    return BACKENDS[backend](grads, params, anchors, fisher or None, lam, importance, ema, normalize)
 
 
 @_fisher_guard_op.register_fake
-def _(grads, params, anchors, fisher, lam, mode, ema, normalize, backend):
-    device = grads[0].device if grads else torch.device("cpu")
-    return torch.empty((), dtype=torch.float32, device=device)
+def _(grads, params, anchors, fisher, lam, importance, ema, normalize, backend):
+    return torch.empty((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
 
 
 def fisher_guard(
@@ -111,17 +174,19 @@ def fisher_guard(
     """Add ``2*lam*W*(param - anchor)`` to every grad in place; return the penalty.
 
     Args:
-        grads, params, anchors: equal-length lists; each triple shares shape,
-            dtype (float32, float16 or bfloat16) and device, contiguous.
-        lam: guard strength (>= 0).
+        grads, params, anchors: equal-length lists; the tensors of one index
+            share shape, dtype (float32, float16 or bfloat16), device and one
+            dense memory layout (contiguous, channels_last, a transpose, ...);
+            no two tensors may overlap in memory.
+        lam: guard strength (a finite number >= 0).
         mode: ``"dfg"`` (W = grad**2, grad holding the distillation gradient),
             ``"ewc"`` (W = ``fisher[i]``) or ``"l2"`` (W = 1).
         fisher: per-tensor importance (float32 or the grads' dtype); read by
             ewc, updated in place by dfg with ``ema > 0``.
         ema: dfg only: ``fisher = ema*fisher + (1-ema)*grad**2``, W = fisher.
         normalize: ``"mean"`` divides W by its per-tensor mean.
-        backend: ``"torch"``, ``"cpp"`` or ``"cuda"``; default by device
-            (see ``mgcl._backend``).
+        backend: ``"cuda"``, ``"cpp"`` or ``"torch"``; default by device
+            (the table above, see ``mgcl._backend``).
 
     Returns:
         0-d float32 tensor ``lam * sum(W*(param-anchor)**2)`` on the grads' device.
@@ -131,19 +196,109 @@ def fisher_guard(
     grads, params, anchors = list(grads), list(params), list(anchors)
     fisher = list(fisher) if fisher is not None else None
     _check(grads, params, anchors, fisher, lam, mode, ema, normalize)
-    device = grads[0].device if grads else torch.device("cpu")
-    name = _backend.select("fisher_guard", BACKENDS, device, backend)
-    if not grads:
+    if not grads:  # no device to run on: nothing to do, whichever backend was asked for
+        if backend is not None:
+            _backend.offered("fisher_guard", BACKENDS, backend)
         return torch.zeros((), dtype=torch.float32)
+    name = _backend.select("fisher_guard", BACKENDS, grads[0].device, backend, dtypes=(grads[0].dtype,))
     if fisher is not None and not (mode == "ewc" or ema > 0):
         fisher = None  # not read: keep it out of the op's mutation set
     return _fisher_guard_op(
         [g.detach() for g in grads],
         [p.detach() for p in params],
         [a.detach() for a in anchors],
-        [f.detach() for f in fisher] if fisher is not None else [],
-        float(lam), mode, float(ema), normalize or "", name,
+        [] if fisher is None else [f.detach() for f in fisher],
+        float(lam), mode, float(ema), normalize, name,
     )
 
 
-__all__ = ["fisher_guard", "BACKENDS", "MODES"]
+class Prepared:
+    """fisher_guard over fixed ``params``, ``anchors`` and ``fisher`` lists, for a
+    training loop that calls it once a step with that step's grads.
+
+    The first call validates everything (as :func:`fisher_guard`) and packs the
+    native metadata. Later calls compare the grads' and params' addresses with
+    the validated ones: equal addresses cost nothing more; new grads (a loop
+    that sets grads to None allocates new ones) are re-checked for layout and
+    overlap in bulk and re-pointed. torch guarantees that ``p.grad`` has p's
+    shape, dtype and device, so those need no re-check. The settings (mode,
+    ema, normalize, and lam unless a call gives its own) are the object's;
+    the backend is selected again when MGCL_BACKEND changes.
+    """
+
+    def __init__(self, params, anchors, fisher, *, lam, mode, ema, normalize, backend=None):
+        check_settings(lam, mode, ema, normalize)
+        self.params, self.anchors = list(params), list(anchors)
+        self.fisher = list(fisher) if fisher is not None and (mode == "ewc" or ema > 0) else None
+        self.lam, self.mode, self.ema, self.normalize, self.backend = float(lam), mode, float(ema), normalize, backend
+        self._gp = self._pp = None  # the validated grad and param addresses
+        self._env = self._name = None
+
+    def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None) -> torch.Tensor:
+        """The op on ``grads``; ``lam`` for this call only (FisherGuard under a GradScaler)."""
+        lam = self.lam if lam is None else float(lam)
+        if not self.params:
+            return fisher_guard([], [], [], lam=lam, backend=self.backend)
+        try:
+            gp = list(map(native._ptr, grads))
+        except TypeError:
+            raise ValueError("fisher_guard: every grad must be a tensor (a grad is None)") from None
+        pp = list(map(native._ptr, self.params))
+        if gp != self._gp or pp != self._pp:
+            self._validate(grads, gp, pp)
+        env = os.environ.get("MGCL_BACKEND")
+        if self._name is None or env != self._env:
+            p0 = self.params[0]
+            self._name = _backend.select("fisher_guard", BACKENDS, p0.device, self.backend, dtypes=(p0.dtype,))
+            self._env = env
+        run = BACKENDS[self._name]
+        if self._name == "torch":
+            return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize)
+        return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize,
+                   prepared=(self._meta, gp, self._rest))
+
+    def _validate(self, grads, gp, pp):
+        if pp != self._pp or len(gp) != len(self.params):  # first call, or params moved: everything
+            _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
+            fis = self.fisher
+            self._rest = native.pointers(self.params, self.anchors, fis)
+            self._meta = native.Meta([p.numel() for p in self.params], self.params[0].device)
+            # the fixed memory (params, anchors, fisher) as sorted disjoint spans, and
+            # each param's layout rule, for the cheap re-check of new grads
+            fixed = [t for ts in (self.params, self.anchors, fis or ()) for t in ts if t.numel()]
+            spans = np.array(sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in fixed),
+                             dtype=np.int64).reshape(-1, 2)
+            self._fixed_starts, self._fixed_ends = spans[:, 0], spans[:, 1]
+            self._nbytes = np.array([p.numel() * p.element_size() for p in self.params], dtype=np.int64)
+            self._sized = self._nbytes > 0
+            contiguous = [i for i, p in enumerate(self.params) if p.is_contiguous()]
+            self._contiguous = None if len(contiguous) == len(pp) else contiguous  # None: all
+            self._other = [(i, dense_layout(p)) for i, p in enumerate(self.params) if not p.is_contiguous()]
+        elif not self._grads_look_valid(grads, gp):
+            # something is off: the full check names it
+            _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
+        self._gp, self._pp = gp, pp
+
+    def _grads_look_valid(self, grads, gp) -> bool:
+        """Layout and overlap of new grads, in bulk (False: let the full check say what is wrong)."""
+        contiguous = grads if self._contiguous is None else [grads[i] for i in self._contiguous]
+        if not all(map(torch.Tensor.is_contiguous, contiguous)):
+            return False
+        if any(dense_layout(grads[i]) != layout for i, layout in self._other):
+            return False
+        starts = np.array(gp, dtype=np.int64)[self._sized]
+        order = np.argsort(starts)
+        s = starts[order]
+        e = s + self._nbytes[self._sized][order]
+        if (e[:-1] > s[1:]).any():  # grads among themselves
+            return False
+        # against the fixed spans: the last one starting at or before each grad must
+        # end before it, and the next one must start after the grad's end
+        fs, fe = self._fixed_starts, self._fixed_ends
+        j = np.searchsorted(fs, s, side="right")
+        prev_end = np.where(j > 0, fe[np.maximum(j - 1, 0)], np.iinfo(np.int64).min)
+        next_start = np.where(j < len(fs), fs[np.minimum(j, len(fs) - 1)], np.iinfo(np.int64).max)
+        return not ((prev_end > s) | (next_start < e)).any()
+
+
+__all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES", "check_settings", "dense_layout", "describe_layout"]

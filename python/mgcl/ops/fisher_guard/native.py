@@ -1,5 +1,12 @@
-"""fisher_guard through the compiled modules: validated inputs in, Python
-allocates the penalty (and, on CUDA, the chunk map and workspaces)."""
+"""fisher_guard through the compiled modules.
+
+Inputs arrive validated (``__init__._check``). Python packs the metadata (the
+pointer arrays and the chunk map, one int64 array; its layout is documented
+once, in csrc/include/mgcl/fisher_guard.h) and allocates the penalty and, on
+CUDA, the workspace. A :class:`Meta` is built once per list of tensor sizes;
+``FisherGuard``'s prepared path keeps one and only re-points it when an
+address changes, so a step costs no repacking.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,95 +15,91 @@ from ... import _native
 
 MODE_CODE = {"dfg": 0, "ewc": 1, "l2": 2}
 
-# Elements per CUDA chunk (one block each): 64K elements keeps ~2,300 blocks
-# in flight for a 150M-parameter model while 300 small tensors cost one each.
-CUDA_CHUNK = 1 << 16
+# Elements per chunk (one CUDA block, one OpenMP task each): 64K elements keep
+# ~2,300 chunks in flight for a 150M-parameter model while 300 small tensors
+# cost one each.
+CHUNK = 1 << 16
 
-# Device copies of the pointer arrays + chunk map, keyed by the tensors'
-# addresses: a training loop guards the same tensors every step, so the map is
-# uploaded once. Small and bounded.
-_META_CACHE: dict = {}
-_META_CACHE_MAX = 8
+_ptr = torch.Tensor.data_ptr
 
 
-def _fisher_dtype(fisher, dtype):
-    return _native.DTYPE_CODE[fisher[0].dtype] if fisher else _native.DTYPE_CODE[dtype]
+def pointers(params, anchors, fisher) -> list[int]:
+    """The param, anchor and fisher address sections (fisher addresses 0 when absent)."""
+    fis = map(_ptr, fisher) if fisher is not None else [0] * len(anchors)
+    return [*map(_ptr, params), *map(_ptr, anchors), *fis]
 
 
-def fisher_guard_cpu(grads, params, anchors, fisher, lam, mode, ema, normalize):
-    penalty = torch.zeros((), dtype=torch.float32)
-    if not grads:
+class Meta:
+    """The packed metadata for one list of tensor sizes on one device.
+
+    The sizes and the chunk map are written once; :meth:`point` writes the
+    address sections and, on CUDA, uploads the array, only when an address
+    changed since the last call.
+    """
+
+    def __init__(self, numels: list[int], device: torch.device):
+        n = len(numels)
+        first, chunk_tensor, chunk_start = [0], [], []
+        for t, m in enumerate(numels):
+            starts = range(0, m, CHUNK)
+            chunk_tensor.extend([t] * len(starts))
+            chunk_start.extend(starts)
+            first.append(len(chunk_tensor))
+        self.n, self.n_chunks, self.device = n, len(chunk_tensor), device
+        self.host = torch.zeros(6 * n + 1 + 2 * self.n_chunks, dtype=torch.int64)
+        self.host[4 * n:] = torch.tensor(numels + first + chunk_tensor + chunk_start, dtype=torch.int64)
+        self._addresses = self.host.numpy()
+        self._grads: list[int] | None = None
+        self._rest: list[int] | None = None
+        self.buf = self.host  # the array the kernel reads (a device copy on CUDA)
+        self.address = self.buf.data_ptr()
+        self.workspace = None
+        if device.type == "cuda":
+            self.workspace = torch.empty(2 * self.n_chunks + n, dtype=torch.float32, device=device)
+
+    def point(self, grads: list[int], rest: list[int]) -> int:
+        """Set the grad addresses and the rest (``pointers()``); the address of the array to pass."""
+        changed = False
+        if rest is not self._rest:
+            self._addresses[self.n:4 * self.n] = rest
+            self._rest, changed = rest, True
+        if grads != self._grads:
+            self._addresses[:self.n] = grads
+            self._grads, changed = grads, True
+        if changed and self.device.type == "cuda":
+            # A fresh pinned copy and a fresh device array each time: torch's
+            # allocators keep both alive until the stream has used them, so an
+            # earlier launch still reading the old array is never raced.
+            self.buf = self.host.pin_memory().to(self.device, non_blocking=True)
+            self.address = self.buf.data_ptr()
+        return self.address
+
+
+def launch(meta: Meta, grads: list[int], rest: list[int], dtype, fisher_dtype, lam, mode, ema,
+           normalize) -> torch.Tensor:
+    """Run the native kernel over the tensors at the given addresses; the penalty (0-d float32)."""
+    address = meta.point(grads, rest)
+    args = (meta.n, meta.n_chunks, CHUNK, fisher_dtype is not None, _native.DTYPE_CODE[dtype],
+            _native.DTYPE_CODE[fisher_dtype or dtype], MODE_CODE[mode], float(lam), float(ema), normalize == "mean")
+    if meta.device.type == "cpu":
+        penalty = torch.empty((), dtype=torch.float32)
+        _native._C.fisher_guard(address, *args, penalty.data_ptr())
         return penalty
-    dtype = grads[0].dtype
-    _native._C.fisher_guard(
-        [t.data_ptr() for t in grads],
-        [t.data_ptr() for t in params],
-        [t.data_ptr() for t in anchors],
-        [t.data_ptr() for t in fisher] if fisher is not None else [],
-        [t.numel() for t in grads],
-        _native.DTYPE_CODE[dtype],
-        _fisher_dtype(fisher, dtype),
-        MODE_CODE[mode],
-        float(lam),
-        float(ema),
-        normalize == "mean",
-        penalty.data_ptr(),
-    )
+    with torch.cuda.device(meta.device):  # the launch goes to the tensors' GPU, whichever is current
+        penalty = torch.empty((), dtype=torch.float32, device=meta.device)
+        stream = torch.cuda.current_stream(meta.device)
+        meta.buf.record_stream(stream)
+        _native._C_cuda.fisher_guard(address, *args, meta.workspace.data_ptr(), penalty.data_ptr(),
+                                     stream.cuda_stream)
     return penalty
 
 
-def _cuda_meta(grads, params, anchors, fisher, device):
-    """int64 device buffer: grad|param|anchor|fisher pointers, numel,
-    tensor_first_chunk (n+1), chunk_tensor (C), chunk_start (C)."""
-    fis = fisher if fisher is not None else [None] * len(grads)
-    key = (
-        device,
-        tuple((g.data_ptr(), p.data_ptr(), a.data_ptr(), f.data_ptr() if f is not None else 0, g.numel())
-              for g, p, a, f in zip(grads, params, anchors, fis)),
-    )
-    hit = _META_CACHE.get(key)
-    if hit is not None:
-        return hit
-    n = len(grads)
-    numel = [g.numel() for g in grads]
-    first, chunk_tensor, chunk_start = [0], [], []
-    for t, m in enumerate(numel):
-        starts = range(0, m, CUDA_CHUNK)
-        chunk_tensor.extend([t] * len(starts))
-        chunk_start.extend(starts)
-        first.append(len(chunk_tensor))
-    host = torch.tensor(
-        [g.data_ptr() for g in grads]
-        + [p.data_ptr() for p in params]
-        + [a.data_ptr() for a in anchors]
-        + [f.data_ptr() if f is not None else 0 for f in fis]
-        + numel + first + chunk_tensor + chunk_start,
-        dtype=torch.int64,
-    )
-    assert host.numel() == 6 * n + 1 + 2 * len(chunk_tensor)
-    # A plain (synchronous) copy: it happens once per distinct tensor list, and
-    # a later call on another stream must not race an in-flight upload.
-    meta = host.to(device)
-    if len(_META_CACHE) >= _META_CACHE_MAX:
-        _META_CACHE.pop(next(iter(_META_CACHE)))
-    entry = (meta, len(chunk_tensor))
-    _META_CACHE[key] = entry
-    return entry
+def fisher_guard(grads, params, anchors, fisher, lam, mode, ema, normalize, *, prepared=None):
+    """The dispatch table's cpp and cuda entry (the signature of reference.fisher_guard).
 
-
-def fisher_guard_cuda(grads, params, anchors, fisher, lam, mode, ema, normalize):
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    device = grads[0].device
-    dtype = grads[0].dtype
-    meta, n_chunks = _cuda_meta(grads, params, anchors, fisher, device)
-    n = len(grads)
-    penalty = torch.empty((), dtype=torch.float32, device=device)
-    workspace = torch.empty(2 * n_chunks + n + 1, dtype=torch.float32, device=device)
-    _native._C_cuda.fisher_guard(
-        meta.data_ptr(), n, n_chunks, CUDA_CHUNK, fisher is not None,
-        _native.DTYPE_CODE[dtype], _fisher_dtype(fisher, dtype), MODE_CODE[mode],
-        float(lam), float(ema), normalize == "mean",
-        workspace.data_ptr(), penalty.data_ptr(), _native.stream_handle(device),
-    )
-    return penalty
+    ``prepared``: ``(meta, grad addresses, the other addresses)`` from the caller
+    (``Prepared``, which validated them) instead of packing them here."""
+    meta, gp, rest = prepared or (Meta([g.numel() for g in grads], grads[0].device), list(map(_ptr, grads)),
+                                  pointers(params, anchors, fisher))
+    fisher_dtype = fisher[0].dtype if fisher is not None else None
+    return launch(meta, gp, rest, grads[0].dtype, fisher_dtype, lam, mode, ema, normalize)

@@ -7,7 +7,8 @@ For each tensor triple (grad, param, anchor), in float32:
       = fisher                       mode "ewc"
       = 1                            mode "l2"
     dfg with ema > 0: fisher <- ema*fisher + (1-ema)*grad**2 (stored), W = fisher
-    normalize="mean": W <- W / mean(W)   (W = 0 where the mean is 0)
+    normalize="mean": W <- W / mean(W)   (W = 0 where the mean is 0; the mean
+                                          accumulated in float64, then float32)
     grad <- grad + 2*lam*W*d             (W from the incoming grad)
     penalty = lam * sum over tensors of sum(W*d**2)
 
@@ -39,7 +40,7 @@ def fisher_guard(grads, params, anchors, fisher, lam: float, mode: str, ema: flo
         f = fisher[i] if fisher is not None else None
         w = importance(g, f, mode, ema)
         if normalize == "mean":
-            m = w.mean()
+            m = w.double().mean().float()  # accumulated in float64: sum(W) may pass float32's range
             w = torch.where(m == 0, torch.zeros_like(w), w / m)
         d = p.float() - a.float()
         wd = w * d

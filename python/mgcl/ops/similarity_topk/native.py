@@ -1,67 +1,126 @@
 """similarity_topk through the compiled modules.
 
-Both paths compute the float32 scores with torch (BLAS / cuBLAS) one block at
-a time and hand each block to a native selection that keeps per-query state
-which Python allocated; Python then builds the ragged result.
+cpp (CPU): per call, the queries are quantised to 7-bit codes (and packed for
+the int8 tiles) and each key shard to 8-bit codes, unless the caller passes
+the shard's ``QuantizedKeys`` (made once by ``quantize_keys``, e.g. stored in
+a bank). One native call per shard screens every (query, key) pair with an
+int8 dot product and a rigorous per-pair upper bound on the exact score,
+scores exactly (by the definition) only the pairs that can still reach the
+query's running threshold, and keeps the per-query state Python allocated;
+``finish`` sorts each query's result. A query whose candidates outgrow their
+buffer is screened again with its now known threshold as a floor and twice
+the room. The derivation is atop csrc/cpu/similarity_topk.cpp.
 
-cpp (CPU): the reference's own score blocks (``reference.score_blocks``, the
-same ``torch.mm`` calls into the same kind of buffer), so the scores, and the
-result, are bit-identical to the reference. Per query the C++ state is the k
-best (distinct) values plus a bounded candidate buffer; a query whose buffer
-overflows is collected in a second pass over just its query block.
+Which screen runs (``screen_path``): the best int8 path the CPU has
+(AVX512-VNNI, AVX-VNNI, AVX2), each compared on first use with the scalar
+int8 loop on a fixed problem (exact integers); a path that disagrees is
+skipped with one warning. Without any, the screen is a float32 torch.mm
+(BLAS) with its rounding-error bound (``streaming.gemm_rel``).
 
-cuda: GEMM tiles of all queries x ``tile`` keys into a float32 buffer, the
-select kernel on a side stream (it overlaps the next tile's GEMM; two score
-buffers and events), keys either device-resident or streamed from host memory
-(a copy stream, two device buffers, pinned staging for pageable shards). Each
-query keeps its top K' = k + slack entries. A query is resolved from its list
-unless the list is full and either holds fewer than k distinct values or its
-last value equals tau; those queries alone get two more passes over
-their own sub-GEMM: a distinct select (exact tau), then a collection of every
-score >= tau. Memory: O(Q * (K' + tile)), never Q x N.
+cuda: ``streaming.screened_topk`` with the CUDA select kernel (per query the
+best K' upper bounds, K' = k + slack) and the CUDA exact pair-score kernel;
+keys device-resident or streamed from host memory.
 """
 from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple
 
 import torch
 
 from ... import _native
-from . import reference
+from . import streaming
 
-# ---- shared: the ragged result from sorted per-query lists + collected rows --------------
-
-
-def assemble(lists_v, lists_i, count, collected, keep, cap):
-    """TopK fields from (a) per-query sorted lists [Q, W] whose first count[q]
-    entries are query q's result, and (b) for queries with count[q] == -1,
-    collected (q, n, v) triples sorted by query, value desc, index asc."""
-    dev = count.device
-    nq = count.shape[0]
-    cq, cn, cv = collected
-    from_list = count >= 0
-    raw = torch.bincount(cq, minlength=nq) if cq.numel() else torch.zeros(nq, dtype=torch.int64, device=dev)
-    total, truncated = reference.clip_counts(torch.where(from_list, count, raw), keep, cap)
-    offsets = torch.zeros(nq + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(total, 0)
-    m = int(offsets[-1])
-    # output slot p belongs to query owner[p], at rank p - offsets[owner[p]]
-    owner = torch.repeat_interleave(torch.arange(nq, device=dev), total, output_size=m)
-    rank = torch.arange(m, device=dev) - offsets[owner]
-    if not cq.numel():
-        return lists_v[owner, rank], lists_i[owner, rank], offsets, truncated
-    values = torch.empty(m, dtype=torch.float32, device=dev)
-    indices = torch.empty(m, dtype=torch.int64, device=dev)
-    mine = from_list[owner]
-    values[mine] = lists_v[owner[mine], rank[mine]]
-    indices[mine] = lists_i[owner[mine], rank[mine]]
-    starts = torch.cumsum(raw, 0) - raw  # first collected triple of each query
-    other = ~mine
-    src = starts[owner[other]] + rank[other]
-    values[other] = cv[src]
-    indices[other] = cn[src]
-    return values, indices, offsets, truncated
+# Mirrors csrc/include/mgcl/similarity_topk.h.
+KEY_LEVELS = 127
+QUERY_LEVELS = 63
+INT8_MAX_DIM = 65536
+PATHS = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3, "blas": -1}
+PREFERRED = ("avx512vnni", "avxvnni", "avx2")  # int8 paths, best first; then "blas"
+CPU_BLAS_KEY_BLOCK = 4096
+CPU_BLAS_QUERY_BLOCK = 1024
 
 
-# ---- cpp ------------------------------------------------------------------------------------
+class QuantizedKeys(NamedTuple):
+    """Screening codes of one key shard [N, d], made by :func:`quantize_keys`.
+
+    Plain CPU tensors, so they store as they are (e.g.
+    ``safetensors.torch.save_file(q._asdict(), path)`` and
+    ``QuantizedKeys(**safetensors.torch.load_file(path))``). Deterministic:
+    the same keys give the same bits on every machine. They speed up the
+    screen only; results never depend on them, but they must be those of the
+    keys they are passed with (a few rows are re-checked on every call).
+    """
+
+    codes: torch.Tensor  # int8 [N, d]: round(k / scale), |code| <= 127
+    scale: torch.Tensor  # float32 [N]: max |k_j| / 127 (0 for a zero or special row)
+    err: torch.Tensor    # float32 [N]: >= ||k - scale * codes||_2 (inf for a special row)
+    norm: torch.Tensor   # float32 [N]: >= ||scale * codes||_2
+    sum: torch.Tensor    # int32 [N]: sum_j codes[j]
+
+
+def _params(**kw):
+    """A native params dict: tensors become their addresses, None becomes 0."""
+    return {k: (v.data_ptr() if isinstance(v, torch.Tensor) else (0 if v is None else v)) for k, v in kw.items()}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit inner stride (a row stride is passed separately)."""
+    return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
+
+
+def quantize(rows: torch.Tensor, levels: int) -> QuantizedKeys:
+    """Codes and row metadata of ``rows`` [R, d] (CPU) at ``levels``."""
+    rows = _rows(rows)
+    r, d = rows.shape
+    out = QuantizedKeys(torch.empty(r, d, dtype=torch.int8), torch.empty(r), torch.empty(r), torch.empty(r),
+                        torch.empty(r, dtype=torch.int32))
+    if r:
+        _native._C.similarity_topk_quantize(_params(
+            src=rows, dtype=_native.DTYPE_CODE[rows.dtype], rows=r, d=d, ld=rows.stride(0), levels=levels,
+            codes=out.codes, scale=out.scale, err=out.err, norm=out.norm, sum=out.sum))
+    return out
+
+
+def check_quantized(keys: torch.Tensor, qk: QuantizedKeys, what: str) -> None:
+    """Raise ValueError unless ``qk`` has the shapes of ``keys`` and agrees with
+    it on a few rows (first, middle, last): a cheap guard against stale or
+    misaligned copies."""
+    n, d = keys.shape
+    want = {"codes": ((n, d), torch.int8), "scale": ((n,), torch.float32), "err": ((n,), torch.float32),
+            "norm": ((n,), torch.float32), "sum": ((n,), torch.int32)}
+    for name, (shape, dt) in want.items():
+        t = getattr(qk, name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt or t.device.type != "cpu":
+            raise ValueError(f"similarity_topk: {what}.{name} must be a CPU {dt} tensor of shape {shape} "
+                             "(from quantize_keys of these keys)")
+        if not t.is_contiguous():
+            raise ValueError(f"similarity_topk: {what}.{name} must be contiguous")
+    if n:
+        rows = sorted({0, n // 2, n - 1})
+        fresh = quantize(keys[rows], KEY_LEVELS)
+        if not all(torch.equal(getattr(fresh, f), getattr(qk, f)[rows]) for f in QuantizedKeys._fields):
+            raise ValueError(f"similarity_topk: {what} does not match its keys (rows {rows} quantise "
+                             "differently): pass quantize_keys() of these very keys")
+
+
+def cpu_paths() -> list[str]:
+    """The int8 screening paths this CPU can run (before the self-check), best first."""
+    bits = int(_native._C.similarity_topk_paths())
+    return [p for p in PREFERRED if bits >> PATHS[p] & 1]
+
+
+@functools.lru_cache(maxsize=None)
+def screen_path() -> str:
+    """The screen the cpp backend uses on this machine (see the module doc)."""
+    for p in cpu_paths():
+        if _native._C.similarity_topk_selfcheck(PATHS[p]):
+            return p
+        warnings.warn(f"mgcl similarity_topk: the {p} int8 screen disagreed with the scalar loop in its "
+                      "self-check; not using it on this machine", RuntimeWarning, stacklevel=2)
+    return "blas"
 
 
 def cand_capacity(k: int) -> int:
@@ -69,56 +128,132 @@ def cand_capacity(k: int) -> int:
     return max(2 * k, k + 256)
 
 
-def similarity_topk_cpu(queries, shards, k, ties, max_per_query):
-    nq = queries.shape[0]
-    cap = cand_capacity(k)
+# ---- cpp ------------------------------------------------------------------------------------
+
+def _screen(queries, qq, shards, kqs, k, ties, cap, floor, path, rescored):
+    """One screening pass of every shard into a fresh state; finish; returns
+    (cand_v, cand_i, count, tau) with count -1 for overflowed queries."""
+    nq, d = queries.shape
     f32, i64 = torch.float32, torch.int64
-    best_v = torch.empty(nq, k, dtype=f32)
-    best_n = torch.zeros(nq, dtype=i64)
-    cand_v = torch.empty(nq, cap, dtype=f32)
-    cand_i = torch.empty(nq, cap, dtype=i64)
-    cand_n = torch.zeros(nq, dtype=i64)
-    overflow = torch.zeros(nq, dtype=torch.uint8)
+    state = dict(n_queries=nq, k=k, distinct=ties, best_v=torch.empty(nq, k), best_n=torch.zeros(nq, dtype=i64),
+                 cand_v=torch.empty(nq, cap), cand_i=torch.empty(nq, cap, dtype=i64),
+                 cand_n=torch.zeros(nq, dtype=i64), cand_cap=cap, overflow=torch.zeros(nq, dtype=torch.uint8))
+    blas = path == "blas"
+    packed = None
+    if not blas:
+        packed = torch.empty(-(-nq // 16) * -(-d // 4) * 64, dtype=torch.uint8)
+        _native._C.similarity_topk_pack_queries(qq.codes.data_ptr(), nq, d, packed.data_ptr())
+    qf = queries.float() if blas else None
+    rel = streaming.gemm_rel(d, "cpu") if blas else 0.0
+    base = dict(queries=queries, q_dtype=_native.DTYPE_CODE[queries.dtype], d=d,
+                q_ld=queries.stride(0), q_packed=packed, q_scale=qq.scale, q_err=qq.err, q_norm=qq.norm,
+                path=PATHS[path], approx=None, approx_ld=0, approx_rel=rel, floor=floor, rescored=rescored, **state)
     tau = torch.empty(nq, dtype=f32)
     count = torch.empty(nq, dtype=i64)
-    state = dict(best_cap=k, distinct=ties, best_v=best_v.data_ptr(), best_n=best_n.data_ptr(),
-                 cand_v=cand_v.data_ptr(), cand_i=cand_i.data_ptr(), cand_n=cand_n.data_ptr(), cand_cap=cap,
-                 overflow=overflow.data_ptr())
-    if nq:
-        for q0, n0, s in reference.score_blocks(queries, shards):
-            _native._C.similarity_topk_update(s.data_ptr(), s.stride(0), s.shape[0], s.shape[1], q0, n0, **state)
-        _native._C.similarity_topk_finish(nq, k, tau=tau.data_ptr(), count=count.data_ptr(), **state)
+    if nq == 0:
+        return state["cand_v"], state["cand_i"], count, tau
+    col0 = 0
+    for shard, kq in zip(shards, kqs):
+        n = shard.shape[0]
+        if n == 0:
+            continue
+        kd = _native.DTYPE_CODE[shard.dtype]
+        if not blas:
+            _native._C.similarity_topk_screen(_params(
+                **base, row0=0, rows=nq, keys=shard, k_dtype=kd, n_keys=n, k_ld=shard.stride(0), col0=col0,
+                k_codes=kq.codes, k_scale=kq.scale, k_err=kq.err, k_norm=kq.norm, k_sum=kq.sum))
+        else:
+            for a in range(0, n, CPU_BLAS_KEY_BLOCK):
+                kb = shard[a:a + CPU_BLAS_KEY_BLOCK]
+                kf = kb.float()
+                for r0 in range(0, nq, CPU_BLAS_QUERY_BLOCK):
+                    approx = torch.mm(qf[r0:r0 + CPU_BLAS_QUERY_BLOCK], kf.t())
+                    _native._C.similarity_topk_screen(_params(
+                        **{**base, "approx": approx, "approx_ld": approx.stride(0)}, row0=r0, rows=approx.shape[0],
+                        keys=kb, k_dtype=kd, n_keys=kb.shape[0], k_ld=shard.stride(0), col0=col0 + a,
+                        k_codes=None, k_scale=kq.scale[a:], k_err=kq.err[a:], k_norm=kq.norm[a:], k_sum=None))
+        col0 += n
+    _native._C.similarity_topk_finish(_params(tau=tau, count=count, **state))
+    return state["cand_v"], state["cand_i"], count, tau
 
-    pieces = []
-    over = (count < 0).nonzero().flatten()
-    if over.numel():
-        # Same blocks, same torch.mm calls: the overflowed rows see the very
-        # scores their tau came from.
-        qblock = reference.QUERY_BLOCK["cpu"]
-        starts = set((over // qblock * qblock).tolist())
-        for q0, n0, s in reference.score_blocks(queries, shards, only=starts):
-            rows = over[(over >= q0) & (over < q0 + s.shape[0])]
-            r, c = (s[rows - q0] >= tau[rows, None]).nonzero(as_tuple=True)
-            pieces.append((rows[r], c + n0, s[rows[r] - q0, c]))
-    collected = reference.sorted_triples(pieces, queries.device)
-    return assemble(cand_v, cand_i, count, collected, None if ties else k, max_per_query)
+
+def _listed(cand_v, cand_i, count, rows):
+    """(query, index, value) triples of the finished lists (count >= 0), in row order."""
+    keep = torch.arange(cand_v.shape[1])[None, :] < count[:, None]
+    return torch.repeat_interleave(rows, keep.sum(1)), cand_i[keep], cand_v[keep]
 
 
-# ---- cuda -----------------------------------------------------------------------------------
+def similarity_topk_cpu(queries, shards, k, ties, max_per_query, quantized=None, *, path=None, stats=None):
+    """The cpp backend. ``quantized``: one QuantizedKeys per shard (or None to
+    make them here); ``path``: force a screen (tests, bench); ``stats``: a dict
+    that receives the path, the exact scores per query and the reruns."""
+    path = path or screen_path()
+    nq, d = queries.shape
+    if path != "blas" and d > INT8_MAX_DIM:
+        path = "blas"
+    queries = _rows(queries)
+    shards = [_rows(s) for s in shards]
+    kqs = list(quantized) if quantized is not None else [quantize(s, KEY_LEVELS) for s in shards]
+    qq = quantize(queries, QUERY_LEVELS)
+    rescored = torch.zeros(nq, dtype=torch.int64)
+    n_total = sum(s.shape[0] for s in shards)
+    rows = torch.arange(nq)
+    floor = torch.full((nq,), -math.inf)
+    cap = cand_capacity(k)
+    pieces, passes = [], 0
+    while passes == 0 or rows.numel():
+        sub = rows if passes else slice(None)
+        qsub = queries[sub]
+        qqs = QuantizedKeys(*(t[sub].contiguous() for t in qq))
+        scored = torch.zeros(rows.numel(), dtype=torch.int64)
+        cv, ci, count, tau = _screen(qsub, qqs, shards, kqs, k, ties, cap, floor[sub].contiguous(), path, scored)
+        rescored[rows] += scored
+        pieces.append(_listed(cv, ci, count, rows))
+        over = count < 0
+        floor[rows[over]] = tau[over]
+        rows = rows[over]
+        cap = min(2 * cap, n_total + k + 1)
+        passes += 1
+    q, n, v = (torch.cat(t) for t in zip(*pieces))
+    if passes > 1:  # each query's triples come from one pass, already in order
+        order = q.argsort(stable=True)
+        q, n, v = q[order], n[order], v[order]
+    if stats is not None:
+        stats.update(path=path, rescored=rescored, passes=passes)
+    return streaming.ragged(q, n, v, nq, max_per_query)
 
-# Scores per GEMM tile (float32 elements per buffer; two buffers): queries x
-# tile keys, tile = CUDA_TILE_ELEMS // Q clamped to [CUDA_TILE_MIN, CUDA_TILE_MAX].
+
+def pair_scores_cpu(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    x, k = _rows(x), _rows(k)
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    if x.shape[0]:
+        _native._C.similarity_topk_pair_scores(x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.stride(0), k.data_ptr(),
+                                               _native.DTYPE_CODE[k.dtype], k.stride(0), x.shape[0], x.shape[1],
+                                               out.data_ptr())
+    return out
+
+
+# ---- chunked (torch only) and cuda ------------------------------------------------------------
+
+CHUNKED_TILE = {"cpu": 4096, "cuda": 65536}
+
+
+def slack(k: int) -> int:
+    """K' - k: room in each list for bounds above the exact threshold."""
+    return max(32, k)
+
+
+def similarity_topk_chunked(queries, shards, k, ties, max_per_query, *, stats=None):
+    tile = CHUNKED_TILE.get(queries.device.type, 4096)
+    return streaming.screened_topk(queries, shards, k, ties, max_per_query, cap=k + slack(k), tile=tile,
+                                   stats=stats)
+
+
+# Scores per GEMM tile (float32 elements): queries x tile keys,
+# tile = CUDA_TILE_ELEMS // Q clamped to [CUDA_TILE_MIN, CUDA_TILE_MAX].
 CUDA_TILE_ELEMS = 1 << 26
 CUDA_TILE_MIN = 1024
 CUDA_TILE_MAX = 65536
-# Run the select of tile j on a side stream while the GEMM of tile j+1 runs.
-CUDA_OVERLAP = True
-
-
-def cuda_slack(k: int) -> int:
-    """K' - k for ties=True: room for ties at the boundary before a query
-    needs the collection pass."""
-    return max(32, k)
 
 
 def tile_cols(rows: int) -> int:
@@ -126,8 +261,8 @@ def tile_cols(rows: int) -> int:
     return max(256, max(CUDA_TILE_MIN, min(CUDA_TILE_MAX, t)) // 256 * 256)
 
 
-def device_tiles(shards, dev, tile: int, gdt):
-    """(n0, key tile [rows, d] on ``dev`` in ``gdt``) in key order.
+def device_tiles(shards, dev, tile: int):
+    """(n0, key tile [rows, d] on ``dev``) in key order.
 
     Device-resident shards give views. Host-resident blocks are copied on a
     side stream into two device buffers, block j+1 while block j computes:
@@ -135,7 +270,7 @@ def device_tiles(shards, dev, tile: int, gdt):
     after the caller has enqueued its work on the tile) gates the next copy
     into buffer b. Pageable shards go through pinned staging buffers, refilled
     on the host once the copy out of them has finished."""
-    blocks = list(reference.key_blocks(shards, tile))
+    blocks = list(streaming.key_blocks(shards, tile))
     host = [i for i, (_, kb) in enumerate(blocks) if kb.device.type == "cpu"]
     rank = {i: r for r, i in enumerate(host)}
     compute = torch.cuda.current_stream(dev)
@@ -168,108 +303,42 @@ def device_tiles(shards, dev, tile: int, gdt):
             issue(0)
         for i, (n0, kb) in enumerate(blocks):
             if kb.device.type != "cpu":
-                yield n0, kb.to(gdt)
+                yield n0, kb
                 continue
             r = rank[i]
             slot = r % 2
             if r + 1 < len(host):
                 issue(r + 1)
             compute.wait_event(copied[slot])
-            yield n0, dbuf[slot][:kb.shape[0]].to(gdt)
+            yield n0, dbuf[slot][:kb.shape[0]]
             used[slot].record(compute)
     finally:
         if copy is not None:
             compute.wait_stream(copy)
 
 
-def _select_pass(qg, shards, tile, cap, distinct, best_v, best_i, best_n):
-    """Fold every key tile into the per-row lists (rows = qg's rows). Each
-    tile's GEMM has the full tile width (reference.fixed_width_scores)."""
-    dev = qg.device
-    nq = qg.shape[0]
-    qp = reference.pad_queries(qg)
-    compute = torch.cuda.current_stream(dev)
-    side = torch.cuda.Stream(dev) if CUDA_OVERLAP else compute
-    nbuf = 2 if CUDA_OVERLAP else 1
-    bufs = [torch.empty(qp.shape[0] * tile, dtype=torch.float32, device=dev) for _ in range(nbuf)]
-    pad = [None]  # written and read on the compute stream only
-    gemm_done = [torch.cuda.Event() for _ in range(nbuf)]
-    select_done = [torch.cuda.Event() for _ in range(nbuf)]
-    try:
-        for j, (n0, kt) in enumerate(device_tiles(shards, dev, tile, qg.dtype)):
-            b = j % nbuf
-            compute.wait_event(select_done[b])  # the select reading bufs[b] two tiles ago is done
-            cols = kt.shape[0]
-            s = reference.fixed_width_scores(qp, nq, kt, tile, bufs[b], pad)
-            gemm_done[b].record(compute)
-            side.wait_event(gemm_done[b])
-            _native._C_cuda.similarity_topk_select(
-                s.data_ptr(), s.stride(0), nq, cols, n0, cap, distinct, best_v.data_ptr(), best_i.data_ptr(),
-                best_n.data_ptr(), side.cuda_stream)
-            select_done[b].record(side)
-    finally:
-        compute.wait_stream(side)
+def cuda_select(ub, n0, lv, li, ln):
+    """The CUDA select kernel (see kernels/similarity_topk.cu) on one tile of bounds."""
+    dev = ub.device
+    _native._C_cuda.similarity_topk_select(ub.data_ptr(), ub.stride(0), ub.shape[0], ub.shape[1], n0, lv.shape[1],
+                                           False, lv.data_ptr(), li.data_ptr(), ln.data_ptr(),
+                                           _native.stream_handle(dev))
 
 
-def _new_lists(nq, cap, dev):
-    return (torch.empty(nq, cap, dtype=torch.float32, device=dev),
-            torch.empty(nq, cap, dtype=torch.int64, device=dev),
-            torch.zeros(nq, dtype=torch.int64, device=dev))
+def pair_scores_cuda(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    x, k = _rows(x), _rows(k)
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        _native._C_cuda.similarity_topk_pair_scores(
+            x.data_ptr(), _native.DTYPE_CODE[x.dtype], x.stride(0), k.data_ptr(), _native.DTYPE_CODE[k.dtype],
+            k.stride(0), x.shape[0], x.shape[1], out.data_ptr(), _native.stream_handle(x.device))
+    return out
 
 
-def _resolve(lv, li, ln, k):
-    """From the top-K' lists: tau, the count of entries >= tau, and whether the
-    list alone settles the query (ties=True)."""
-    cap = lv.shape[1]
-    j = torch.arange(cap, device=lv.device)
-    valid = j[None, :] < ln[:, None]
-    new = valid.clone()
-    new[:, 1:] &= lv[:, 1:] != lv[:, :-1]
-    ndist = new.cumsum(1)
-    has_k = ndist[:, -1] >= k
-    pos_k = (ndist < k).sum(1).clamp(max=cap - 1)
-    last = (ln - 1).clamp(min=0)
-    tau = lv.gather(1, torch.where(has_k, pos_k, last)[:, None]).squeeze(1)
-    count = (valid & (lv >= tau[:, None])).sum(1)
-    count = torch.where(ln > 0, count, torch.zeros_like(count))
-    unresolved = (ln == cap) & (~has_k | (lv[:, cap - 1] == tau))
-    return count, unresolved
-
-
-def similarity_topk_cuda(queries, shards, k, ties, max_per_query):
+def similarity_topk_cuda(queries, shards, k, ties, max_per_query, *, stats=None):
     dev = queries.device
     nq = queries.shape[0]
-    max_cap = int(_native._C_cuda.max_best_cap)
-    if k > max_cap:  # beyond the select's shared memory: the reference, on the GPU
-        return reference.similarity_topk(queries, shards, k, ties, max_per_query)
-    kdtype = shards[0].dtype if shards else queries.dtype
-    qg = queries.contiguous().to(reference.gemm_dtype(queries.dtype, kdtype, dev))
-    tile = tile_cols(nq)
-    cap = min(k + cuda_slack(k), max_cap) if ties else k
-    lv, li, ln = _new_lists(nq, cap, dev)
-    if nq:
-        _select_pass(qg, shards, tile, cap, False, lv, li, ln)
-    if not ties:
-        count = ln.clamp(max=k)
-        unresolved = torch.zeros(nq, dtype=torch.bool, device=dev)
-    else:
-        count, unresolved = _resolve(lv, li, ln, k)
-    rows = unresolved.nonzero().flatten()
-    pieces = []
-    if rows.numel():
-        # Their own sub-GEMM for both passes (identical calls, so tau and the
-        # collected scores agree bit for bit).
-        qr = qg[rows]
-        dv, di, dn = _new_lists(rows.numel(), k, dev)
-        _select_pass(qr, shards, tile, k, True, dv, di, dn)
-        tau = dv.gather(1, (dn - 1).clamp(min=0)[:, None]).squeeze(1)
-        qrp = reference.pad_queries(qr)
-        buf = torch.empty(qrp.shape[0] * tile, dtype=torch.float32, device=dev)
-        pad = [None]
-        for n0, kt in device_tiles(shards, dev, tile, qg.dtype):
-            s = reference.fixed_width_scores(qrp, rows.numel(), kt, tile, buf, pad)
-            r, c = (s >= tau[:, None]).nonzero(as_tuple=True)
-            pieces.append((rows[r], c + n0, s[r, c]))
-        count = count.masked_fill(unresolved, -1)
-    collected = reference.sorted_triples(pieces, dev)
-    return assemble(lv, li, count, collected, None if ties else k, max_per_query)
+    cap = min(k + slack(k), int(_native._C_cuda.max_best_cap))
+    return streaming.screened_topk(queries, shards, k, ties, max_per_query, cap=cap, tile=tile_cols(nq),
+                                   tiles=lambda sh, t: device_tiles(sh, dev, t), select=cuda_select,
+                                   pair_scores=pair_scores_cuda, stats=stats)
