@@ -265,8 +265,8 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                                       "records_read": item.records_read})
                 note(item, "damaged", item.reason, records_read=item.records_read)
                 continue
-            if not (isinstance(item, Record) and item.panel > 0):  # a figure's later panels are no new read
-                pf["read"] += 1
+            later_panel = isinstance(item, Record) and item.panel > 0  # read and kept once, as panel 0
+            pf["read"] += not later_panel
             if isinstance(item, Record) and missing_images == "skip" and (image_problem or not item.image):
                 item = Skipped(item.file, item.position, f"unreadable image: {image_problem}" if image_problem
                                else "no image: the bank serves the visual rerank (--missing-images keep keeps it)")
@@ -275,7 +275,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 skipped[item.reason.split(":")[0]] += 1
                 note(item, "skipped", item.reason)
                 continue
-            pf["kept"] += 1
+            pf["kept"] += not later_panel
             if item.repaired:
                 pf["repaired"] += 1
                 counts["repaired"] += 1

@@ -271,7 +271,8 @@ class GutterSplitter:
         """(widest gutter, trimmed pieces, gutter colour) of cutting ``box``
         along the runs of uniform ``lines`` (rows: axis 0, columns: axis 1)
         of the gutter ``colour`` (None: that of the widest run of uniform
-        lines of one colour); None without two pieces."""
+        lines of one colour); (0, [piece], None) when the cut leaves one
+        piece and only strips too small for a panel beside it; else None."""
         if colour is not None:
             return self._cut_colour(a, box, lines, means, axis, min_side, colour)
         # no colour yet: try the colours of the runs of uniform lines, widest run first, each run
@@ -282,14 +283,16 @@ class GutterSplitter:
             breaks = [s, *(s + np.nonzero(~same[s + 1:e])[0] + 1).tolist(), e]
             runs += [(b1 - b0, -b0, means[b0:b1].mean(0)) for b0, b1 in zip(breaks[:-1], breaks[1:])]
         tried: list = []
+        single = None
         for _, _, c in sorted(runs, key=lambda r: r[:2], reverse=True):
             if any(np.abs(c - t).max() <= self.colour_tol for t in tried):
                 continue
             tried.append(c)
             cut = self._cut_colour(a, box, lines, means, axis, min_side, c)
-            if cut:
+            if cut and len(cut[1]) >= 2:
                 return cut
-        return None
+            single = single or cut
+        return single
 
     def _cut_colour(self, a, box, lines, means, axis, min_side, colour):
         starts, ends = self._runs(lines & (np.abs(means - colour).max(1) <= self.colour_tol))
@@ -307,6 +310,8 @@ class GutterSplitter:
             t = self._trim(a, sub)
             if t is not None and self._ok(t[0], min_side):
                 pieces.append(t)
+        if len(pieces) == 1 and pieces[0][0] != tuple(box):
+            return 0, pieces, None  # only a label or title strip was cut off: no cut, the rest is split again
         return (int((ends - starts).max()), pieces, colour) if len(pieces) >= 2 else None
 
     def _split(self, a: np.ndarray, box: Box, depth: int, min_side: float, out: list, colour,
@@ -315,14 +320,17 @@ class GutterSplitter:
         if t is None:
             return
         box, (rows, cols, rmean, cmean) = t
-        cuts = [c for c in (self._cut(a, box, rows, rmean, 0, min_side, colour),
-                            self._cut(a, box, cols, cmean, 1, min_side, colour)) if c]
-        if not cuts or depth == 0:
+        found = [c for c in (self._cut(a, box, rows, rmean, 0, min_side, colour),
+                             self._cut(a, box, cols, cmean, 1, min_side, colour)) if c]
+        cuts = [c for c in found if len(c[1]) >= 2]
+        if depth == 0 or not found:
             out.append(box)
-            return
-        _, pieces, colour = max(cuts, key=lambda c: c[0])  # the widest gutter; rows first on a tie
-        for p in pieces:
-            self._split(a, p[0], depth - 1, min_side, out, colour, trimmed=p)
+        elif cuts:
+            _, pieces, colour = max(cuts, key=lambda c: c[0])  # the widest gutter; rows first on a tie
+            for p in pieces:
+                self._split(a, p[0], depth - 1, min_side, out, colour, trimmed=p)
+        else:  # a strip too small to be a panel (a label, a title, a colour bar) cut off: split the rest
+            self._split(a, found[0][1][0][0], depth - 1, min_side, out, colour, trimmed=found[0][1][0])
 
 
 # ---- a torchvision detector ----------------------------------------------------------------
@@ -446,6 +454,8 @@ _ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii":
 _LIST = rf"[A-Za-z]{{1,4}}(?:(?:\s*(?:,?\s*and|,?\s*&|,|/|[{_DASHES}]|to)\s*)[A-Za-z]{{1,4}})*"
 _PAREN = re.compile(rf"\(\s*(?:(?i:panels?)\s+)?({_LIST})\s*\)")
 _BARE = re.compile(rf"(?:(?i:panels?)\s+)?({_LIST})(?:\s*[.):,]|\s+[{_DASHES}])\s+")
+_PHRASE = re.compile(rf"(?i:panels?)\s+({_LIST})\s+(?=[a-z])")  # "Panels A and B show ...": the words stay text
+_BETWEEN = re.compile(r"\s*(?:,|&|and|or|,\s*and)?\s*")  # "(a) and (b) show ...": one marker
 _POS_WORD = r"(?:top|bottom|upper|lower|middle|centre|center|left|right)"
 _POS = rf"{_POS_WORD}(?:[\s{_DASHES}]+{_POS_WORD})?"
 _POS_NOUN = r"(?:panels?|images?|columns?|rows?|sides?|figures?)"
@@ -562,6 +572,11 @@ def _markers(text: str, start: int) -> tuple[list[_Marker], list[_Marker]]:
             parsed = _parse_list(m.group(1))
             if parsed:
                 labels[b] = _Marker(b, m.end(), *parsed, boundary=True)
+        m = None if b in labels else _PHRASE.match(text, b)
+        if m:
+            parsed = _parse_list(m.group(1))
+            if parsed:
+                labels[b] = _Marker(b, b, *parsed, boundary=True)
         m = _POS_BARE.match(text, b)
         if m and b not in where:
             where[b] = _Marker(b, m.end(), where=_where(m.group(1)), boundary=True)
@@ -624,6 +639,7 @@ def split_caption(caption: str) -> CaptionParts:
             return CaptionParts(text, text, ())
         kind, marks, count = "position", wheres, 0
         spans = [() for _ in wheres]
+    marks, spans = _merge_adjacent(text, marks, spans)
     closing = marks[0].closes and not marks[0].boundary  # "x-ray (A) and ...": the first marker ends its text
     segs, tail = [], ""
     if closing:  # "Chest x-ray (A) and CT (B) of ...": each marker closes its text; the rest is shared
@@ -639,6 +655,21 @@ def split_caption(caption: str) -> CaptionParts:
             end = marks[i + 1].start if i + 1 < len(marks) else len(text)
             segs.append(Segment(_clean(text[m.end:end]), span, m.where))
     return CaptionParts(text, lead, tuple(segs), tail, kind, count)
+
+
+def _merge_adjacent(text: str, marks: list, spans: list) -> tuple[list, list]:
+    """Markers with only a conjunction or a comma between them ("(a) and (b)
+    show ...") as one marker naming the panels of both."""
+    out_m, out_s = [marks[0]], [spans[0]]
+    for m, span in zip(marks[1:], spans[1:]):
+        prev = out_m[-1]
+        if prev.end > prev.start and _BETWEEN.fullmatch(text, prev.end, m.start):
+            out_m[-1] = dataclasses.replace(prev, end=m.end, where=prev.where + m.where, closes=m.closes)
+            out_s[-1] = tuple(sorted(set(out_s[-1]) | set(span)))
+        else:
+            out_m.append(m)
+            out_s.append(span)
+    return out_m, out_s
 
 
 def _clean(s: str) -> str:
