@@ -154,7 +154,7 @@ def detector_name(detector) -> str:
 
 # ---- the gutter splitter --------------------------------------------------------------------
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_LUMA = (299, 587, 114)  # Rec. 601 luma, in thousandths: integer arithmetic, so boxes do not depend on the CPU
 
 @dataclass(frozen=True)
 class GutterSplitter:
@@ -222,12 +222,15 @@ class GutterSplitter:
 
     def _uniform(self, a: np.ndarray):
         """(uniform rows [h], uniform columns [w], row colours [h, 3], column
-        colours [w, 3]) of the region ``a`` [h, w, 3]."""
-        f = a.astype(np.float32)
-        y = f @ _LUMA
-        rows = np.abs(y - y.mean(1, keepdims=True)).mean(1) <= self.tol
-        cols = np.abs(y - y.mean(0, keepdims=True)).mean(0) <= self.tol
-        return rows, cols, f.mean(1), f.mean(0)
+        colours [w, 3]) of the region ``a`` [h, w, 3] (uint8). A line of n
+        pixels of luma y_i (thousandths) with sum S is uniform when
+        sum_i |n y_i - S| <= 1000 tol n^2, i.e. its mean absolute deviation
+        is at most tol: exact integer sums, so no rounding decides a line."""
+        h, w = a.shape[:2]
+        y = a[..., 0] * np.int64(_LUMA[0]) + a[..., 1] * np.int64(_LUMA[1]) + a[..., 2] * np.int64(_LUMA[2])
+        rows = np.abs(w * y - y.sum(1, keepdims=True)).sum(1) <= 1000 * self.tol * w * w
+        cols = np.abs(h * y - y.sum(0, keepdims=True)).sum(0) <= 1000 * self.tol * h * h
+        return rows, cols, a.sum(1, dtype=np.int64) / w, a.sum(0, dtype=np.int64) / h
 
     def _canvas(self, a: np.ndarray) -> Optional[np.ndarray]:
         """The figure's background colour when its margins show one: the
@@ -241,7 +244,7 @@ class GutterSplitter:
             found += [means[i] for i in (first - 1, last + 1) if 0 <= i < len(lines)]
         if not found or np.ptp(np.stack(found), axis=0).max() > self.colour_tol:
             return None
-        return np.mean(found, axis=0)
+        return sum(found) / len(found)
 
     def _trim(self, a: np.ndarray, box: Box):
         """``box`` without its uniform margins, and ``_uniform`` of it; None when blank."""
@@ -281,7 +284,7 @@ class GutterSplitter:
         runs = []
         for s, e in zip(*self._runs(lines)):
             breaks = [s, *(s + np.nonzero(~same[s + 1:e])[0] + 1).tolist(), e]
-            runs += [(b1 - b0, -b0, means[b0:b1].mean(0)) for b0, b1 in zip(breaks[:-1], breaks[1:])]
+            runs += [(b1 - b0, -b0, sum(means[b0:b1]) / (b1 - b0)) for b0, b1 in zip(breaks[:-1], breaks[1:])]
         tried: list = []
         single = None
         for _, _, c in sorted(runs, key=lambda r: r[:2], reverse=True):
