@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -315,6 +319,27 @@ def test_split_compound_build_resumes_after_a_kill(figures, tmp_path):
         build_bank([corpus], str(tmp_path / "x"), _hook=stop, **kw)
     with pytest.raises(BankError, match="different settings .*split_compound"):
         build_bank([corpus], str(tmp_path / "x"), panel_detector=GutterSplitter(min_panel=20), **kw)
+
+
+def test_split_compound_build_resumes_after_sigkill(figures, tmp_path):
+    """A real kill -9 while shard 1 is being written, then a restart: the same files as an unbroken build."""
+    corpus = write_figures(tmp_path, figures[:16])
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from mgcl.retrieval import build_bank
+        def hook(stage, j):
+            if stage == "shard_written" and j == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        build_bank([{corpus!r}], {str(out)!r}, embedder={EMB!r}, split_compound=True, shard_size=8,
+                   progress=False, _hook=hook)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert json.loads((out / ".build/state.json").read_text())["done"] == 1
+    build_bank([corpus], str(out), embedder=EMB, split_compound=True, shard_size=8, progress=False)
+    build_bank([corpus], str(ref), embedder=EMB, split_compound=True, shard_size=8, progress=False)
+    assert file_hashes(str(out)) == file_hashes(str(ref))
 
 
 def test_without_the_flag_nothing_changes(figures, tmp_path):
