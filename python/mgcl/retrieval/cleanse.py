@@ -154,14 +154,13 @@ def detector_name(detector) -> str:
 
 # ---- the gutter splitter --------------------------------------------------------------------
 
-_LUMA = (299, 587, 114)  # Rec. 601 luma, in thousandths: integer arithmetic, so boxes do not depend on the CPU
 
 @dataclass(frozen=True)
 class GutterSplitter:
     """Panels of a compound figure from its gutters (module doc).
 
-    ``tol``: a row or column is uniform when its pixels' luma (Rec. 601)
-    differs from its mean by at most ``tol`` (of 255) on average: a flat
+    ``tol``: a row or column is uniform when the standard deviation of its
+    pixels' luma (Rec. 601, 0-255) is at most ``tol``: a flat
     gutter through JPEG noise, ringing and chroma subsampling (which smears a
     thin coloured gutter's chroma, not its luma) is, a line crossing any
     sizeable structure is not. ``colour_tol``: the gutters of one figure share a
@@ -176,7 +175,7 @@ class GutterSplitter:
     factor (box filter), the boxes scaled back.
     """
 
-    tol: float = 2.0
+    tol: float = 4.0
     colour_tol: float = 12.0
     min_gutter: int = 1
     min_panel: int = 16
@@ -207,8 +206,8 @@ class GutterSplitter:
         f = 1
         while img.width * img.height > self.analysis_pixels * f * f:
             f += 1
-        a = np.asarray(img.reduce(f) if f > 1 else img)
-        h, w = a.shape[:2]
+        a = _Sums(img.reduce(f) if f > 1 else img)
+        h, w = a.shape
         min_side = max(self.min_panel / f, self.min_fraction * min(h, w))
         out: list[Box] = []
         self._split(a, (0, 0, w, h), self.max_depth, min_side, out, self._canvas(a))
@@ -216,26 +215,33 @@ class GutterSplitter:
             out = [(x0 * f, y0 * f, min(img.width, x1 * f), min(img.height, y1 * f)) for x0, y0, x1, y1 in out]
         return out
 
-    # A region is cut where a run of uniform lines crosses it; the lines'
-    # deviations are two passes over the region, so a level of the recursion
-    # costs O(area) and the whole split O(area * depth).
+    # A region is cut where a run of uniform lines crosses it. Prefix sums of
+    # the luma, its square and the colour along rows and along columns, made
+    # once per figure (O(area)), give any line segment's mean and variance in
+    # O(1), so testing a region's lines costs O(h + w), not O(area).
 
-    def _uniform(self, a: np.ndarray):
+    def _uniform(self, s: "_Sums", box: Box):
         """(uniform rows [h], uniform columns [w], row colours [h, 3], column
-        colours [w, 3]) of the region ``a`` [h, w, 3] (uint8). A line of n
-        pixels of luma y_i (thousandths) with sum S is uniform when
-        sum_i |n y_i - S| <= 1000 tol n^2, i.e. its mean absolute deviation
-        is at most tol: exact integer sums, so no rounding decides a line."""
-        h, w = a.shape[:2]
-        y = a[..., 0] * np.int64(_LUMA[0]) + a[..., 1] * np.int64(_LUMA[1]) + a[..., 2] * np.int64(_LUMA[2])
-        rows = np.abs(w * y - y.sum(1, keepdims=True)).sum(1) <= 1000 * self.tol * w * w
-        cols = np.abs(h * y - y.sum(0, keepdims=True)).sum(0) <= 1000 * self.tol * h * h
-        return rows, cols, a.sum(1, dtype=np.int64) / w, a.sum(0, dtype=np.int64) / h
+        colours [w, 3]) of ``box``. A line of n pixels is uniform when the
+        standard deviation of its luma is at most ``tol``: Q / n - (S / n)^2
+        <= tol^2 for the exact integer sums S, Q of its luma and of its
+        square (elementwise IEEE operations on exact integers: no summation
+        order, so the same lines on every CPU)."""
+        x0, y0, x1, y1 = box
+        w, h = x1 - x0, y1 - y0
+        lim = float(self.tol) ** 2
+        rs, rq = s.row_y[y0:y1, x1] - s.row_y[y0:y1, x0], s.row_q[y0:y1, x1] - s.row_q[y0:y1, x0]
+        cs, cq = s.col_y[y1, x0:x1] - s.col_y[y0, x0:x1], s.col_q[y1, x0:x1] - s.col_q[y0, x0:x1]
+        rows = rq / w - (rs / w) ** 2 <= lim
+        cols = cq / h - (cs / h) ** 2 <= lim
+        rmean = (s.row_c[y0:y1, x1] - s.row_c[y0:y1, x0]) / w
+        cmean = (s.col_c[y1, x0:x1] - s.col_c[y0, x0:x1]) / h
+        return rows, cols, rmean, cmean
 
-    def _canvas(self, a: np.ndarray) -> Optional[np.ndarray]:
+    def _canvas(self, a: "_Sums") -> Optional[np.ndarray]:
         """The figure's background colour when its margins show one: the
         innermost uniform line of each margin, where they agree."""
-        rows, cols, rmean, cmean = self._uniform(a)
+        rows, cols, rmean, cmean = self._uniform(a, (0, 0, a.shape[1], a.shape[0]))
         if rows.all() or cols.all():
             return None
         found = []
@@ -246,11 +252,11 @@ class GutterSplitter:
             return None
         return sum(found) / len(found)
 
-    def _trim(self, a: np.ndarray, box: Box):
+    def _trim(self, a: "_Sums", box: Box):
         """``box`` without its uniform margins, and ``_uniform`` of it; None when blank."""
         x0, y0, x1, y1 = box
         for _ in range(4):  # trimming one direction can make lines of the other uniform
-            u = self._uniform(a[y0:y1, x0:x1])
+            u = self._uniform(a, (x0, y0, x1, y1))
             rows, cols = u[0], u[1]
             if rows.all() or cols.all():
                 return None
@@ -259,7 +265,7 @@ class GutterSplitter:
             if (t, b, lft, r) == (0, len(rows), 0, len(cols)):
                 return (x0, y0, x1, y1), u
             x0, y0, x1, y1 = x0 + lft, y0 + t, x0 + r, y0 + b
-        return (x0, y0, x1, y1), self._uniform(a[y0:y1, x0:x1])
+        return (x0, y0, x1, y1), self._uniform(a, (x0, y0, x1, y1))
 
     def _ok(self, box: Box, min_side: float) -> bool:
         w, h = box[2] - box[0], box[3] - box[1]
@@ -269,7 +275,7 @@ class GutterSplitter:
         d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
         return np.nonzero(d == 1)[0], np.nonzero(d == -1)[0]
 
-    def _cut(self, a: np.ndarray, box: Box, lines: np.ndarray, means: np.ndarray, axis: int, min_side: float,
+    def _cut(self, a: "_Sums", box: Box, lines: np.ndarray, means: np.ndarray, axis: int, min_side: float,
              colour):
         """(widest gutter, trimmed pieces, gutter colour) of cutting ``box``
         along the runs of uniform ``lines`` (rows: axis 0, columns: axis 1)
@@ -317,7 +323,7 @@ class GutterSplitter:
             return 0, pieces, None  # only a label or title strip was cut off: no cut, the rest is split again
         return (int((ends - starts).max()), pieces, colour) if len(pieces) >= 2 else None
 
-    def _split(self, a: np.ndarray, box: Box, depth: int, min_side: float, out: list, colour,
+    def _split(self, a: "_Sums", box: Box, depth: int, min_side: float, out: list, colour,
                trimmed=None) -> None:
         t = trimmed or self._trim(a, box)
         if t is None:
@@ -334,6 +340,29 @@ class GutterSplitter:
                 self._split(a, p[0], depth - 1, min_side, out, colour, trimmed=p)
         else:  # a strip too small to be a panel (a label, a title, a colour bar) cut off: split the rest
             self._split(a, found[0][1][0][0], depth - 1, min_side, out, colour, trimmed=found[0][1][0])
+
+
+class _Sums:
+    """Prefix sums of a figure for ``GutterSplitter``: of its luma y (0-255,
+    PIL's integer Rec. 601 conversion), of y^2 and of its colour, along each
+    row (``row_*[r, x]``: the first x pixels of row r) and along each column
+    (``col_*[y, c]``). Integers, exact."""
+
+    def __init__(self, img):
+        a = np.asarray(img)
+        y = np.asarray(img.convert("L")).astype(np.int32)
+        q = y * y
+        self.shape = a.shape[:2]
+        self.row_y, self.row_q, self.row_c = (_prefix(v, 1, t) for v, t in ((y, np.int32), (q, np.int64), (a, np.int32)))
+        self.col_y, self.col_q, self.col_c = (_prefix(v, 0, t) for v, t in ((y, np.int32), (q, np.int64), (a, np.int32)))
+
+
+def _prefix(v: np.ndarray, axis: int, dtype) -> np.ndarray:
+    shape = list(v.shape)
+    shape[axis] += 1
+    out = np.zeros(shape, dtype)
+    np.cumsum(v, axis=axis, dtype=dtype, out=out[(slice(None),) * axis + (slice(1, None),)])
+    return out
 
 
 # ---- a torchvision detector ----------------------------------------------------------------
