@@ -31,7 +31,8 @@ EMB = "hashing:64"
 # ---- helpers ------------------------------------------------------------------------------
 
 def mosaic(boxes, size, gutter=(255, 255, 255), seed=0) -> Image.Image:
-    """Textured panels (noise plus a gradient, so no row or column inside is uniform) at ``boxes`` on a canvas of the gutter colour."""
+    """Textured panels (noise plus a gradient: no row or column inside is
+    uniform) at ``boxes`` on a canvas of the gutter colour."""
     rng = np.random.default_rng(seed)
     w, h = size
     a = np.empty((h, w, 3), np.uint8)

@@ -11,9 +11,10 @@ duplicates and containers, and sorts them into reading order.
   black, grey, tinted) crossing the whole region being cut. Each region is
   first trimmed of its uniform margins; of the two directions the one with
   the widest gutter is cut; pieces smaller than the minimum panel side or
-  thinner than the aspect limit (labels, titles, colour bars) are dropped, and
-  a cut needs two pieces left; each piece is cut again the same way.
-  Abutting panels without a gutter are not separated.
+  thinner than the aspect limit (labels, titles, colour bars) are dropped; a
+  cut needs two pieces left (a cut leaving one only trims the strips off it);
+  each piece is cut again the same way. Abutting panels without a gutter are
+  not separated.
 - ``TorchvisionDetector``: a torchvision detection model (Faster R-CNN,
   RetinaNet, FCOS, SSD, ...) loaded from a local safetensors checkpoint
   (``save_detector`` writes one, with the architecture in its header).
@@ -353,8 +354,9 @@ class _Sums:
         y = np.asarray(img.convert("L")).astype(np.int32)
         q = y * y
         self.shape = a.shape[:2]
-        self.row_y, self.row_q, self.row_c = (_prefix(v, 1, t) for v, t in ((y, np.int32), (q, np.int64), (a, np.int32)))
-        self.col_y, self.col_q, self.col_c = (_prefix(v, 0, t) for v, t in ((y, np.int32), (q, np.int64), (a, np.int32)))
+        typed = ((y, np.int32), (q, np.int64), (a, np.int32))
+        self.row_y, self.row_q, self.row_c = (_prefix(v, 1, t) for v, t in typed)
+        self.col_y, self.col_q, self.col_c = (_prefix(v, 0, t) for v, t in typed)
 
 
 def _prefix(v: np.ndarray, axis: int, dtype) -> np.ndarray:
@@ -492,8 +494,8 @@ _POS_WORD = r"(?:top|bottom|upper|lower|middle|centre|center|left|right)"
 _POS = rf"{_POS_WORD}(?:[\s{_DASHES}]+{_POS_WORD})?"
 _POS_NOUN = r"(?:panels?|images?|columns?|rows?|sides?|figures?)"
 _POS_PAREN = re.compile(rf"\(\s*(?:on\s+the\s+|at\s+)?({_POS})(?:\s+{_POS_NOUN})?\s*\)", re.I)
-_POS_BARE = re.compile(rf"(?:on\s+the\s+|at\s+|in\s+the\s+)?({_POS})(?:(?:\s+{_POS_NOUN})?\s*[:,]\s+|\s+{_POS_NOUN}\s+)",
-                       re.I)
+_POS_BARE = re.compile(
+    rf"(?:on\s+the\s+|at\s+|in\s+the\s+)?({_POS})(?:(?:\s+{_POS_NOUN})?\s*[:,]\s+|\s+{_POS_NOUN}\s+)", re.I)
 _BOUNDARY = re.compile(r"[.;:!?]\s+")
 _CLOSES = re.compile(r"\s*(?:[,;.:)]|and\b|or\b|$)")
 _POS_CANON = {"upper": "top", "lower": "bottom", "centre": "middle", "center": "middle"}
