@@ -104,6 +104,20 @@ def test_abutting_panels_without_gutters_stay_one():
     assert len(find_panels(img, GutterSplitter())) < 2
 
 
+def test_single_images_with_smooth_background_are_not_split():
+    """Flat background between the cells of a smear or around a lesion is no
+    gutter (it fades into structure): the synthetic benchmark's single images stay whole."""
+    from mgcl.mgtil.synth import DOMAINS, render
+
+    images = [(dom, Image.fromarray(img).resize((128, 128), Image.BILINEAR)) for dom in sorted(DOMAINS)
+              for img in render(dom, [list(DOMAINS[dom].findings)[i % len(DOMAINS[dom].findings)]
+                                      for i in range(12)], (7,))]
+    split = [dom for dom, img in images if len(find_panels(img, GutterSplitter())) > 1]
+    assert len(split) <= 1, split
+    # without the edge test, smooth background is cut: the images are a real test of it
+    assert sum(len(find_panels(img, GutterSplitter(edge=0))) > 1 for _, img in images) >= 3
+
+
 def test_large_figures_are_analysed_reduced_and_boxes_scaled_back():
     scale = 12
     big = [(x0 * scale, y0 * scale, x1 * scale, y1 * scale) for x0, y0, x1, y1 in GRID]

@@ -173,7 +173,10 @@ class GutterSplitter:
     of the figure's shorter side. ``max_aspect``: a panel's long side is at
     most that many times its short side. ``max_depth``: levels of recursion.
     ``analysis_pixels``: larger figures are analysed reduced by an integer
-    factor (box filter), the boxes scaled back.
+    factor (box filter), the boxes scaled back. ``edge``: a run of uniform
+    lines without a flat core is a gutter only where the lines beside it are
+    not near-uniform (luma std above ``edge`` x ``tol``), so smooth
+    background inside a single image is not cut (0: no such test).
     """
 
     tol: float = 4.0
@@ -184,6 +187,7 @@ class GutterSplitter:
     max_aspect: float = 8.0
     max_depth: int = 6
     analysis_pixels: int = 4_000_000
+    edge: float = 3.0
 
     def __post_init__(self):
         for f in ("min_gutter", "min_panel", "max_depth", "analysis_pixels"):
@@ -223,21 +227,10 @@ class GutterSplitter:
 
     def _uniform(self, s: "_Sums", box: Box):
         """(uniform rows [h], uniform columns [w], row colours [h, 3], column
-        colours [w, 3]) of ``box``. A line of n pixels is uniform when the
-        standard deviation of its luma is at most ``tol``: Q / n - (S / n)^2
-        <= tol^2 for the exact integer sums S, Q of its luma and of its
-        square (elementwise IEEE operations on exact integers: no summation
-        order, so the same lines on every CPU)."""
-        x0, y0, x1, y1 = box
-        w, h = x1 - x0, y1 - y0
+        colours [w, 3]) of ``box``: a line is uniform when the standard
+        deviation of its luma is at most ``tol``."""
         lim = float(self.tol) ** 2
-        rs, rq = s.row_y[y0:y1, x1] - s.row_y[y0:y1, x0], s.row_q[y0:y1, x1] - s.row_q[y0:y1, x0]
-        cs, cq = s.col_y[y1, x0:x1] - s.col_y[y0, x0:x1], s.col_q[y1, x0:x1] - s.col_q[y0, x0:x1]
-        rows = rq / w - (rs / w) ** 2 <= lim
-        cols = cq / h - (cs / h) ** 2 <= lim
-        rmean = (s.row_c[y0:y1, x1] - s.row_c[y0:y1, x0]) / w
-        cmean = (s.col_c[y1, x0:x1] - s.col_c[y0, x0:x1]) / h
-        return rows, cols, rmean, cmean
+        return (s.variances(box, 0) <= lim, s.variances(box, 1) <= lim, s.means(box, 0), s.means(box, 1))
 
     def _canvas(self, a: "_Sums") -> Optional[np.ndarray]:
         """The figure's background colour when its margins show one: the
@@ -304,20 +297,37 @@ class GutterSplitter:
             single = single or cut
         return single
 
+    def _edged(self, a: "_Sums", box: Box, axis: int, s: int, e: int, colour) -> bool:
+        """Whether the run [s, e) of uniform lines of ``box`` is a drawn gutter:
+        it has a flat core (a line of luma std at most tol / 4), or it ends
+        sharply on each side inside ``box``, the line beyond it being no
+        near-uniform line of the gutter colour (luma std above ``edge`` x
+        ``tol`` or colour off by more than ``colour_tol``). Flat background
+        fading into structure (between the cells of a smear) is neither."""
+        if not self.edge or a.variances(_band(box, axis, s, e), axis).min() <= (self.tol / 4) ** 2:
+            return True
+        n = (box[3] - box[1]) if axis == 0 else (box[2] - box[0])
+        for i in (s - 1, e):
+            if 0 <= i < n:
+                line = _band(box, axis, i, i + 1)
+                var, mean = a.variances(line, axis)[0], a.means(line, axis)[0]
+                if var <= (self.edge * self.tol) ** 2 and np.abs(mean - colour).max() <= self.colour_tol:
+                    return False
+        return True
+
     def _cut_colour(self, a, box, lines, means, axis, min_side, colour):
         starts, ends = self._runs(lines & (np.abs(means - colour).max(1) <= self.colour_tol))
-        keep = ends - starts >= self.min_gutter
+        keep = (ends - starts >= self.min_gutter) & np.array(
+            [self._edged(a, box, axis, s, e, colour) for s, e in zip(starts, ends)], bool)
         starts, ends = starts[keep], ends[keep]
         if not len(starts):
             return None
-        x0, y0, x1, y1 = box
         bounds = [0, *np.column_stack([starts, ends]).ravel().tolist(), len(lines)]
         pieces = []
         for s, e in zip(bounds[::2], bounds[1::2]):
             if e <= s:
                 continue
-            sub = (x0, y0 + s, x1, y0 + e) if axis == 0 else (x0 + s, y0, x0 + e, y1)
-            t = self._trim(a, sub)
+            t = self._trim(a, _band(box, axis, s, e))
             if t is not None and self._ok(t[0], min_side):
                 pieces.append(t)
         if len(pieces) == 1 and pieces[0][0] != tuple(box):
@@ -343,6 +353,12 @@ class GutterSplitter:
             self._split(a, found[0][1][0][0], depth - 1, min_side, out, colour, trimmed=found[0][1][0])
 
 
+def _band(box: Box, axis: int, s: int, e: int) -> Box:
+    """Rows (axis 0) or columns (axis 1) [s, e) of ``box``, as a box."""
+    x0, y0, x1, y1 = box
+    return (x0, y0 + s, x1, y0 + e) if axis == 0 else (x0 + s, y0, x0 + e, y1)
+
+
 class _Sums:
     """Prefix sums of a figure for ``GutterSplitter``: of its luma y (0-255,
     PIL's integer Rec. 601 conversion), of y^2 and of its colour, along each
@@ -357,6 +373,24 @@ class _Sums:
         typed = ((y, np.int32), (q, np.int64), (a, np.int32))
         self.row_y, self.row_q, self.row_c = (_prefix(v, 1, t) for v, t in typed)
         self.col_y, self.col_q, self.col_c = (_prefix(v, 0, t) for v, t in typed)
+
+
+    def _sums(self, box: Box, axis: int, row, col):
+        x0, y0, x1, y1 = box
+        return (x1 - x0, row[y0:y1, x1] - row[y0:y1, x0]) if axis == 0 else (y1 - y0, col[y1, x0:x1] - col[y0, x0:x1])
+
+    def variances(self, box: Box, axis: int) -> np.ndarray:
+        """Luma variance of each row (axis 0) or column (axis 1) of ``box``:
+        Q / n - (S / n)^2 of the exact integer sums S, Q of its luma and its
+        square (elementwise IEEE operations on exact integers: no summation
+        order, so the same values on every CPU)."""
+        n, sy = self._sums(box, axis, self.row_y, self.col_y)
+        return self._sums(box, axis, self.row_q, self.col_q)[1] / n - (sy / n) ** 2
+
+    def means(self, box: Box, axis: int) -> np.ndarray:
+        """Mean colour [., 3] of each row (axis 0) or column (axis 1) of ``box``."""
+        n, sc = self._sums(box, axis, self.row_c, self.col_c)
+        return sc / n
 
 
 def _prefix(v: np.ndarray, axis: int, dtype) -> np.ndarray:
