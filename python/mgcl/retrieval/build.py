@@ -122,9 +122,10 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     outside the corpus root. ``split_compound``: one entry per panel of each
     compound figure (module doc), found by ``panel_detector`` (a callable
     returning boxes, see ``cleanse``; default ``cleanse.GutterSplitter()``).
-    Folders holding a bank, ``out`` among them, are not read as corpus. Returns the manifest; its ``build`` entry counts
-    records kept, skipped (by reason), repaired and damaged, per file and in
-    total (each one listed in ``skipped.jsonl``). Rerunning a finished build
+    Folders holding a bank, ``out`` among them, are not read as corpus.
+    Returns the manifest; its ``build`` entry counts records kept, skipped
+    (by reason), repaired and damaged, per file and in total (each one listed
+    in ``skipped.jsonl``). Rerunning a finished build
     with the same settings returns its manifest and changes nothing.
     ``_hook(stage, shard)`` is called at every commit point (tests inject
     failures there).
