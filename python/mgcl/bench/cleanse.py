@@ -14,10 +14,10 @@ one of the marker styles of PubMed captions ("(a) ...", "(A) ...", "A. ...",
 their text "... (A) and ... (B) of ...", "Left: ... Right: ...", "Top left,
 ...") or with no markers; an optional lead ("Figure 3. Imaging of ...").
 
-Measured, per subset (all figures; with gutters; without):
+Measured, per subset (all figures; with gutters; without; of one panel):
 - panel detection (``GutterSplitter`` through ``find_panels``) against the
   true panel boxes: precision and recall at IoU 0.5 (one-to-one matching,
-  best IoU first);
+  best IoU first), and the share of one-panel figures split into two or more;
 - caption assignment: the share of true panels of marked captions whose
   matched box gets the expected sub-caption (``assign_subcaptions``), and the
   same with the true boxes given (the caption logic alone);
@@ -260,7 +260,8 @@ def evaluate(figures: list[Figure], detector=None, progress: bool = False) -> di
                      "panels": len(f.boxes), "gutter": f.gutter, "marked": f.marked, "style": f.style,
                      "caption_right": right, "caption_right_given_boxes": right_given})
     subsets = {"all": rows, "with gutters": [r for r in rows if r["gutter"]],
-               "without gutters": [r for r in rows if not r["gutter"]]}
+               "without gutters": [r for r in rows if not r["gutter"]],
+               "one panel": [r for r in rows if r["panels"] == 1]}
     return {"figures": rows, "subsets": {k: _rates(v) for k, v in subsets.items()}}
 
 
@@ -268,7 +269,9 @@ def _rates(rows: list[dict]) -> dict:
     tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
     marked = [r for r in rows if r["marked"]]
     n_marked = sum(r["panels"] for r in marked)
+    single = [r for r in rows if r["panels"] == 1]
     return {"figures": len(rows), "panels": sum(r["panels"] for r in rows),
+            "single_split": sum(r["tp"] + r["fp"] >= 2 for r in single) / len(single) if single else None,
             "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
             "marked_figures": len(marked),
             "caption_accuracy": sum(r["caption_right"] for r in marked) / n_marked if n_marked else None,
@@ -328,7 +331,8 @@ def table(result: dict) -> str:
     lines.append(harness.format_table(rows, [("subset", "subset"), ("figures", "figures"), ("panels", "panels"),
                                              ("precision", "precision@0.5"), ("recall", "recall@0.5"),
                                              ("caption_accuracy", "caption acc."),
-                                             ("caption_accuracy_given_boxes", "caption acc. (true boxes)")]))
+                                             ("caption_accuracy_given_boxes", "caption acc. (true boxes)"),
+                                             ("single_split", "1-panel split")]))
     lines.append("marked-caption styles (figures of 2+ panels):")
     rows = [{"style": k, **v} for k, v in result["styles"].items()]
     lines.append(harness.format_table(rows, [("style", "style"), ("figures", "figures"), ("precision", "precision"),
