@@ -256,3 +256,18 @@ def test_on_open_clip_vit_b16(tmp_path, name):
     head = strat.eval_head(tr, 0)
     out = strat.eval_logits(tr, images, 0, head)
     assert out.shape == (2, len(tasks[0].classnames)) and torch.isfinite(out).all()
+
+
+# ---- shipped configs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bench", ["hmt-order1", "hmt-order2", "medxtreme-order1", "medxtreme-order2"])
+@pytest.mark.parametrize("name", ["moe-adapters", "diki"])
+def test_a_shipped_config_per_mgtil_sequence(bench, name):
+    from mgcl.mgtil.benchmarks import BENCHMARKS
+    from mgcl.mgtil.run import load_config
+
+    cfg = load_config(f"{bench}-vit-b-16-{name}")
+    assert cfg.strategy.name == name and cfg.data["benchmark"] == bench
+    if name == "moe-adapters":     # a learning rate per dataset, every dataset of the sequence named
+        assert sorted(cfg.strategy.lr) == sorted(BENCHMARKS[bench].names)
