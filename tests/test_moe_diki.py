@@ -52,9 +52,16 @@ def vit(tasks, seed=0):
                     text_width=32, text_layers=2, text_heads=2, embed_dim=16)
 
 
-def assert_unchanged(params, saved):
+def run_frozen(strategy, tasks, tmp_path):
+    """Run ``strategy`` on a ViT TinyCLIP over ``tasks``; every backbone weight must stay as it was."""
+    model = vit(tasks)
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    tr = ContinualTrainer(model, strategy, tasks, out_dir=str(tmp_path), **KW)
+    res = tr.run()
     for p, s in zip(params, saved):
         assert torch.equal(p, s)
+    return tr, res
 
 
 # ---- surgery --------------------------------------------------------------------------------
@@ -119,12 +126,7 @@ def test_both_are_registered_and_check_their_options():
 def test_moe_adapters_trains_two_tasks_with_the_backbone_frozen(tmp_path):
     tasks = toy_tasks(2, n_train=4, n_test=3, image_size=32)
     strat = create("moe-adapters", lr={tasks[0].name: 5e-3, tasks[1].name: 1e-3}, n_experts=4, ddas_iters=5)
-    model = vit(tasks)
-    params = list(model.parameters())
-    saved = [p.detach().clone() for p in params]
-    tr = ContinualTrainer(model, strat, tasks, out_dir=str(tmp_path), **KW)
-    res = tr.run()
-    assert_unchanged(params, saved)
+    tr, res = run_frozen(strat, tasks, tmp_path)
     R = res["methods"]["moe-adapters"]["R"]
     assert len(R) == 2 and all(len(r) == 2 for r in R)
     assert [g["lr"] for g in tr.optimizer.param_groups] == [pytest.approx(tr.lr_at(KW["iters_per_task"] - 1, 1e-3))]
@@ -188,12 +190,7 @@ def test_moe_adapters_freezes_the_most_used_experts_and_trains_the_new_router(tm
 def test_diki_trains_two_tasks_with_sgd_and_only_the_task_prompts(tmp_path):
     tasks = toy_tasks(2, n_train=4, n_test=3, image_size=32)
     strat = create("diki", depth_image=1, length_image=4, length_text=4)
-    model = vit(tasks)
-    params = list(model.parameters())
-    saved = [p.detach().clone() for p in params]
-    tr = ContinualTrainer(model, strat, tasks, out_dir=str(tmp_path), **KW)
-    res = tr.run()
-    assert_unchanged(params, saved)
+    tr, res = run_frozen(strat, tasks, tmp_path)
     assert len(res["methods"]["diki"]["R"]) == 2
     assert isinstance(tr.optimizer, torch.optim.SGD) and tr.optimizer.param_groups[0]["weight_decay"] == 0
     assert all(n.endswith("prompts.1") for n in tr.param_names)

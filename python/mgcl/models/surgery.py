@@ -186,8 +186,8 @@ class Experts(nn.Module):
         y = torch.zeros_like(xs)
         for e in (g > 0).any(0).nonzero().flatten().tolist():
             rows = (g[:, e] > 0).nonzero().flatten()
-            y = y.index_add(0, rows, g[rows, e, None, None].to(x.dtype) * self.adapters[e](xs[rows]))
-        return out.index_copy(0, on, y)
+            y = y.index_add(0, rows, (g[rows, e, None, None] * self.adapters[e](xs[rows])).to(y.dtype))
+        return out.index_copy(0, on, y.to(out.dtype))
 
 
 # ---- DIKI's prefix-KV prompts ------------------------------------------------------------------
@@ -225,7 +225,7 @@ class PrefixKV(nn.Module):
         if weights is not None:
             o = o * weights[on].view(B, 1, 1, 1)
         o = F.linear(o.transpose(1, 2).reshape(B, N, D), attn.out_proj.weight)
-        return out.index_copy(0, on, o)
+        return out.index_copy(0, on, o.to(out.dtype))
 
 
 # ---- the adapted block and model -----------------------------------------------------------------

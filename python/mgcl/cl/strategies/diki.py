@@ -136,7 +136,8 @@ class DIKI(Strategy):
         """``(ids [B], weights [B], frozen features [B, d])``: each image's prompt
         (the batch's majority with ``batchwise_prompt``) and its calibration weight."""
         f0 = trainer.image_features(images)          # outside routing: the frozen model
-        logp = self.log_densities(f0).to(f0.device)
+        with trainer.fp32():
+            logp = self.log_densities(f0).to(f0.device)
         best, ids = logp.max(1)
         weights = torch.sigmoid(best / f0.shape[1] - 1.0).float()
         if self.batchwise_prompt:
