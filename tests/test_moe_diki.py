@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mgcl.cl import ContinualTrainer
-from mgcl.cl.strategies import available, create
+from mgcl.cl.strategies import available, create, get
 from mgcl.cl.toy import toy_tasks, toy_vocabulary
 from mgcl.cl.tasks import Task
 from mgcl.models import TinyCLIP, WordTokenizer
@@ -105,6 +105,7 @@ def test_surgery_refuses_a_model_without_transformer_towers():
 
 def test_both_are_registered_and_check_their_options():
     assert {"moe-adapters", "diki"} <= set(available())
+    assert get("moe-adapters").needs_transformer_towers and get("diki").needs_transformer_towers
     with pytest.raises(ValueError, match="top_k"):
         create("moe-adapters", top_k=30)
     with pytest.raises(ValueError, match="ddas_route"):

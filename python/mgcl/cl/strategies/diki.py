@@ -50,6 +50,7 @@ class DIKI(Strategy):
     """DIKI (module doc)."""
 
     name = "diki"
+    needs_transformer_towers = True  # its model surgery needs ViT / text transformer blocks
 
     def __init__(self, lr: float = 5.0, momentum: float = 0.0, depth_image: int = 8, depth_text: int = 8,
                  length_image: int = 8, length_text: int = 8, batchwise_prompt: bool = True,

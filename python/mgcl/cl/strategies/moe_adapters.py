@@ -100,6 +100,7 @@ class MoEAdapters(Strategy):
     """MoE-Adapters (module doc)."""
 
     name = "moe-adapters"
+    needs_transformer_towers = True  # its model surgery needs ViT / text transformer blocks
 
     def __init__(self, lr=1e-3, n_experts: int = 22, top_k: int = 2, bottleneck: int = 64,
                  freeze_per_task: int = 2, ddas_threshold: float = 0.0655, ddas_code: int = 100,
