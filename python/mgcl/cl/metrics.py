@@ -7,7 +7,8 @@ R[t][j]: accuracy on task j after training on task t (t, j = 0..T-1).
 - last: the mean of the last row;
 - bwt: (1/(T-1)) * sum over j < T-1 of (R[T-1][j] - R[j][j]);
 - forgetting: the mean over j < T-1 of max over t in [j, T-2] of (R[t][j] - R[T-1][j]);
-- auc: the mean over tasks of the per-task AUC after the last task.
+- auc: the mean over tasks of the per-task AUC after the last task
+  (:func:`macro_auc`, one task's macro one-vs-rest ROC-AUC).
 
 Undefined values (transfer, bwt, forgetting when T = 1; auc when not given)
 are None. Worked example: [[80,45,35],[70,85,32],[60,75,90]] -> transfer 39.25,
@@ -15,7 +16,10 @@ avg 63.556, last 75, bwt -15, forgetting 15.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
+
+import torch
 
 
 def _matrix(R) -> list[list[float]]:
@@ -68,3 +72,39 @@ def summarize(R: Optional[Sequence[Sequence[float]]], z: Optional[Sequence[float
             raise ValueError(f"summarize: auc has {len(auc)} entries for T = {T}")
         out["auc"] = _mean(float(a) for a in auc)
     return out
+
+
+def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Macro one-vs-rest ROC-AUC of ``probs`` [n, C] against ``labels`` [n].
+
+    Per class c, the Mann-Whitney U of column c (ties count half):
+    AUC_c = (sum of the positives' midranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
+    All classes at once: each column sorted once, a value's midrank is
+    (first position + one past its last position + 1) / 2 of its run of equal
+    values (two ``searchsorted``), so the cost is a sort of n x C, no Python loop.
+    The midranks are half-integers and their sums stay below 2^53, so U is exact
+    in float64. Classes with no positive or no negative sample are left out of
+    the mean (AUC is undefined for them); NaN when no class is scorable, or when
+    ``probs`` holds NaN or inf (a diverged model has no ranking).
+    """
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels)
+    if probs.dim() != 2 or labels.dim() != 1 or len(labels) != len(probs):
+        raise ValueError(f"macro_auc: probs must be [n, C] and labels [n], got {tuple(probs.shape)} and "
+                         f"{tuple(labels.shape)}")
+    n, C = probs.shape
+    cols = probs.detach().double().cpu().T.contiguous()  # [C, n]
+    if not bool(torch.isfinite(cols).all()):
+        return math.nan
+    ordered = cols.sort(dim=1).values
+    first = torch.searchsorted(ordered, cols, side="left")
+    after = torch.searchsorted(ordered, cols, side="right")
+    ranks = (first + after + 1).double() / 2.0  # 1-based midranks
+    pos = labels.long().cpu()[None, :] == torch.arange(C)[:, None]  # [C, n]
+    n_pos = pos.sum(1).double()
+    n_neg = n - n_pos
+    u = torch.where(pos, ranks, 0.0).sum(1) - n_pos * (n_pos + 1) / 2.0
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not bool(ok.any()):
+        return math.nan
+    return float((u[ok] / (n_pos[ok] * n_neg[ok])).mean())
