@@ -11,18 +11,15 @@ distill and the guard penalty. Swap in a real model (HFCLIP.from_pretrained),
 a real reference set (mgcl.retrieval.Siphon -> refdata.ReferencePairs) and the
 task's data for a real run.
 """
-import argparse
 import json
 import os
 import warnings
 
-from _data import setup
+from _data import arguments, setup
 from transformers import CLIPConfig, TrainingArguments
 
-from mgcl.integrations import PrimedLosses
 from mgcl.integrations.transformers import PrimedTrainer
 from mgcl.models import HFCLIP, WordTokenizer
-from mgcl.nn import PrimedLoss
 
 
 def tiny_clip(vocabulary):
@@ -37,16 +34,9 @@ def tiny_clip(vocabulary):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    ap.add_argument("--accumulate", type=int, default=2, help="gradient_accumulation_steps")
-    ap.add_argument("--batch-size", type=int, default=4, help="task micro-batch size")
-    ap.add_argument("--lam", type=float, default=1.0, help="guard strength lambda")
-    ap.add_argument("--out", default="hf-primed-out", help="output folder (log_history.json)")
-    args = ap.parse_args()
+    args = arguments(__doc__, "hf-primed-out", "gradient_accumulation_steps")
 
-    student, teacher, class_tokens, refs, data = setup(tiny_clip)
-    losses = PrimedLosses(teacher, class_tokens, refs, PrimedLoss(alpha=1.0, beta=0.25, label_smoothing=0.2))
+    student, losses, data = setup(tiny_clip)
     targs = TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                               gradient_accumulation_steps=args.accumulate, learning_rate=1e-4, logging_steps=1,
                               report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)

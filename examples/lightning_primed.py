@@ -9,17 +9,14 @@ mgcl.integrations.lightning.GuardedModule. Offline, CPU, seconds:
 ce, ckt, cmc, distill and the guard penalty are logged with self.log (a CSV
 file under --out).
 """
-import argparse
 import warnings
 
 import lightning as L
 import torch
-from _data import setup
+from _data import arguments, setup
 
-from mgcl.integrations import PrimedLosses
 from mgcl.integrations.lightning import GuardedModule
 from mgcl.models import TinyCLIP, WordTokenizer
-from mgcl.nn import PrimedLoss
 
 
 def tiny_clip(vocabulary):
@@ -44,16 +41,9 @@ class Primed(GuardedModule, L.LightningModule):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    ap.add_argument("--accumulate", type=int, default=2, help="batches per optimizer step")
-    ap.add_argument("--batch-size", type=int, default=4, help="task batch size")
-    ap.add_argument("--lam", type=float, default=1.0, help="guard strength lambda")
-    ap.add_argument("--out", default="lightning-primed-out", help="output folder (CSV log)")
-    args = ap.parse_args()
+    args = arguments(__doc__, "lightning-primed-out", "batches per optimizer step")
 
-    student, teacher, class_tokens, refs, data = setup(tiny_clip)
-    losses = PrimedLosses(teacher, class_tokens, refs, PrimedLoss(alpha=1.0, beta=0.25, label_smoothing=0.2))
+    student, losses, data = setup(tiny_clip)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, log_every_n_steps=1,

@@ -53,6 +53,18 @@ def moved(model, seed=3, sd=0.05):
     return model
 
 
+def student_and_teacher(base):
+    """(student, teacher, class tokens): the teacher a frozen copy of ``base``, the student moved off it."""
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    student = moved(base)
+    return student, teacher, student.tokenize([f"a photo of {c}" for c in ("red", "green", "blue")])
+
+
+def primed_losses(student, teacher, tokens):
+    """PRIMED's losses with a fresh (so replayable) iterator of reference batches."""
+    return PrimedLosses(teacher, tokens, references(student.tokenize, 16), PrimedLoss(alpha=1.0, beta=0.25))
+
+
 class Recording:
     """Wraps a losses callable; remembers each micro-batch's inputs (to replay them)."""
 
@@ -137,12 +149,10 @@ def test_hf_trainer_accumulation_is_mgcl_guarded_loop(tmp_path):
     weights after the Trainer equal mgcl's guarded loop over the same micro-batches
     (W from the accumulated g_kd), and the terms reach the Trainer's log."""
     base = tiny_hf_clip()
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
-    base = moved(base)
-    tokens = base.tokenize([f"a photo of {c}" for c in ("red", "green", "blue")])
+    base, teacher, tokens = student_and_teacher(base)
 
     def primed():
-        return PrimedLosses(teacher, tokens, references(base.tokenize, 16), PrimedLoss(alpha=1.0, beta=0.25))
+        return primed_losses(base, teacher, tokens)
 
     student = copy.deepcopy(base)
     rec = Recording(primed())
@@ -180,9 +190,7 @@ def per_sample_losses(teacher, tokens):
 
 def test_hf_trainer_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path):
     base = tiny_hf_clip()
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
-    base = moved(base)
-    tokens = base.tokenize([f"a photo of {c}" for c in ("red", "green", "blue")])
+    base, teacher, tokens = student_and_teacher(base)
     data = task_items(16, 8)
     out = []
     for bs, ga in ((8, 1), (4, 2), (2, 4)):
@@ -245,12 +253,10 @@ def lightning_fit(student, losses, data, batch_size, accumulate, lr, epochs=1):
 
 def test_lightning_accumulation_is_mgcl_guarded_loop():
     base = tiny_clip()
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
-    base = moved(base)
-    tokens = base.tokenize([f"a photo of {c}" for c in ("red", "green", "blue")])
+    base, teacher, tokens = student_and_teacher(base)
 
     def primed():
-        return PrimedLosses(teacher, tokens, references(base.tokenize, 16), PrimedLoss(alpha=1.0, beta=0.25))
+        return primed_losses(base, teacher, tokens)
 
     student = copy.deepcopy(base)
     rec = Recording(primed())
@@ -267,9 +273,7 @@ def test_lightning_accumulation_is_mgcl_guarded_loop():
 
 def test_lightning_accumulation_equals_one_step_on_the_concatenated_batch():
     base = tiny_clip()
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
-    base = moved(base)
-    tokens = base.tokenize([f"a photo of {c}" for c in ("red", "green", "blue")])
+    base, teacher, tokens = student_and_teacher(base)
     data = task_items(16, 8)
     out = []
     for bs, acc in ((8, 1), (4, 2), (2, 4)):

@@ -73,7 +73,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5) -> dict:
         pairs = _decode_case(root, n_img, 1024, 768)
         pool = min(8, os.cpu_count() or 1, n_img)
         batches = {}
-        for impl, workers in ((f"reference decode, 1 thread", 1), (f"reference decode, {pool} threads", None)):
+        for impl, workers in (("reference decode, 1 thread", 1), (f"reference decode, {pool} threads", None)):
             def one(workers=workers, impl=impl):
                 batches[impl] = next(reference_batches(pairs, tok, n_img, seed=0, workers=workers))
             t = harness.time_fn(one, repeats=repeats, warmup=1)

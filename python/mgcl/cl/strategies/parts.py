@@ -295,5 +295,5 @@ class WeightEnsemble:
         self.mean, self.total = None, 0.0
 
 
-__all__ = ["ReferenceDistillation", "TeacherCache", "teacher_features", "GuardTerm", "WeightEnsemble", "TEACHERS", "SOURCES", "DIRECTIONS",
-           "GUARD_MODES", "ANCHORS", "prefixed"]
+__all__ = ["ReferenceDistillation", "TeacherCache", "teacher_features", "GuardTerm", "WeightEnsemble", "TEACHERS",
+           "SOURCES", "DIRECTIONS", "GUARD_MODES", "ANCHORS", "prefixed"]
