@@ -154,7 +154,7 @@ def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, model: str | 
                    "batch": bs, "ref_batch": rb, "classes": N_CLASSES, "amp": amp,
                    "repeats": repeats, "scale": scale,
                    "backends": {"fisher_guard": _backend.select("fisher_guard", fg.BACKENDS, dev),
-                                "contrastive_distill": _backend.select("contrastive_distill", cd.BACKENDS, dev)}},
+                                "contrastive_distill": _backend.select("contrastive_distill", cd.BACKENDS, dev, B=rb)}},
         "rows": rows,
         "target": {"primed_over_finetune": ratio, "target": TARGET, "met": ratio <= TARGET,
                    "applies": dev.type == "cuda"},
