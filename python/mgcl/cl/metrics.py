@@ -79,13 +79,15 @@ def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
     Per class c, the Mann-Whitney U of column c (ties count half):
     AUC_c = (sum of the positives' midranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
-    All classes at once: each column sorted once, a value's midrank is
-    (first position + one past its last position + 1) / 2 of its run of equal
-    values (two ``searchsorted``), so the cost is a sort of n x C, no Python loop.
-    The midranks are half-integers and their sums stay below 2^53, so U is exact
-    in float64. Classes with no positive or no negative sample are left out of
-    the mean (AUC is undefined for them); NaN when no class is scorable, or when
-    ``probs`` holds NaN or inf (a diverged model has no ranking).
+    All classes at once: each column sorted once (in its own dtype: the order and
+    the ties are the values'); in sorted order a run of equal values spans
+    positions first..last (0-based, a running max of run starts and a reversed
+    running min of run ends), and each of its values has midrank
+    (first + last + 2) / 2. Twice the midranks are integers, summed in int64, so U
+    is exact; no Python loop, no search. Classes with no positive or no negative
+    sample are left out of the mean (AUC is undefined for them); NaN when no
+    class is scorable, or when ``probs`` holds NaN or inf (a diverged model has
+    no ranking).
     """
     probs = torch.as_tensor(probs)
     labels = torch.as_tensor(labels)
@@ -93,17 +95,24 @@ def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
         raise ValueError(f"macro_auc: probs must be [n, C] and labels [n], got {tuple(probs.shape)} and "
                          f"{tuple(labels.shape)}")
     n, C = probs.shape
-    cols = probs.detach().double().cpu().T.contiguous()  # [C, n]
+    cols = probs.detach().cpu().T.contiguous()  # [C, n]
+    if cols.dtype not in (torch.float32, torch.float64):
+        cols = cols.double()  # exact for 16-bit floats and integers alike
     if not bool(torch.isfinite(cols).all()):
         return math.nan
-    ordered = cols.sort(dim=1).values
-    first = torch.searchsorted(ordered, cols, side="left")
-    after = torch.searchsorted(ordered, cols, side="right")
-    ranks = (first + after + 1).double() / 2.0  # 1-based midranks
-    pos = labels.long().cpu()[None, :] == torch.arange(C)[:, None]  # [C, n]
+    ordered, order = cols.sort(dim=1)
+    pos = labels.long().cpu()[order] == torch.arange(C)[:, None]  # [C, n], in each column's sorted order
+    at = torch.arange(n).expand(C, n)
+    starts = torch.ones(C, n, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = torch.ones(C, n, dtype=torch.bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, at, 0).cummax(dim=1).values
+    last = torch.where(ends, at, n).flip(1).cummin(dim=1).values.flip(1)
+    twice = torch.where(pos, first + last + 2, 0).sum(1)  # 2 x the positives' midrank sum
     n_pos = pos.sum(1).double()
     n_neg = n - n_pos
-    u = torch.where(pos, ranks, 0.0).sum(1) - n_pos * (n_pos + 1) / 2.0
+    u = twice.double() / 2.0 - n_pos * (n_pos + 1) / 2.0
     ok = (n_pos > 0) & (n_neg > 0)
     if not bool(ok.any()):
         return math.nan
