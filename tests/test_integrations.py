@@ -65,6 +65,15 @@ def primed_losses(student, teacher, tokens):
     return PrimedLosses(teacher, tokens, references(student.tokenize, 16), PrimedLoss(alpha=1.0, beta=0.25))
 
 
+def recorded_primed(base):
+    """(student, a factory of fresh PRIMED losses, a Recording of one for the trainer under test)."""
+    base, teacher, tokens = student_and_teacher(base)
+
+    def primed():
+        return primed_losses(base, teacher, tokens)
+    return base, primed, Recording(primed())
+
+
 class Recording:
     """Wraps a losses callable; remembers each micro-batch's inputs (to replay them)."""
 
@@ -148,14 +157,8 @@ def test_hf_trainer_accumulation_is_mgcl_guarded_loop(tmp_path):
     """gradient_accumulation_steps = 2 (plus a one-micro-batch last step): the
     weights after the Trainer equal mgcl's guarded loop over the same micro-batches
     (W from the accumulated g_kd), and the terms reach the Trainer's log."""
-    base = tiny_hf_clip()
-    base, teacher, tokens = student_and_teacher(base)
-
-    def primed():
-        return primed_losses(base, teacher, tokens)
-
+    base, primed, rec = recorded_primed(tiny_hf_clip())
     student = copy.deepcopy(base)
-    rec = Recording(primed())
     trainer = hf_train(student, rec, task_items(16, 12), hf_args(tmp_path, max_steps=-1, num_train_epochs=1),
                        GUARD)
     assert [len(x["images"]) for x in rec.seen] == [4, 4, 4]
@@ -252,14 +255,8 @@ def lightning_fit(student, losses, data, batch_size, accumulate, lr, epochs=1):
 
 
 def test_lightning_accumulation_is_mgcl_guarded_loop():
-    base = tiny_clip()
-    base, teacher, tokens = student_and_teacher(base)
-
-    def primed():
-        return primed_losses(base, teacher, tokens)
-
+    base, primed, rec = recorded_primed(tiny_clip())
     student = copy.deepcopy(base)
-    rec = Recording(primed())
     trainer = lightning_fit(student, rec, task_items(16, 12), 4, 2, 0.05)  # groups of 2, then 1
     assert [len(x["images"]) for x in rec.seen] == [4, 4, 4] and trainer.global_step == 2
     again = copy.deepcopy(base)
