@@ -34,19 +34,12 @@ import numpy as np
 import torch
 
 from . import store
+from .store import BankError, BankFileMissing  # noqa: F401  (defined beside the files they are about)
 
 FORMAT = "mgcl-bank"
 FORMAT_VERSION = 1
 EMB_KEY = "embeddings"
 VLM_KEY = "image_embeddings"
-
-
-class BankError(ValueError):
-    """A bank directory that is missing, incomplete, corrupt or changed since its build."""
-
-
-class BankFileMissing(BankError, FileNotFoundError):
-    """A bank directory or one of its files does not exist (also a FileNotFoundError)."""
 
 
 @dataclass
@@ -409,11 +402,6 @@ def _file(bank: str, rel: str) -> str:
     if not os.path.isfile(p):
         raise BankFileMissing(f"bank {bank!r}: missing file {rel!r}")
     return p
-
-
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
 
 
 def _open_shards(bank: str, entries: list, key: str, dim: int) -> list[torch.Tensor]:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
-from .bank import BankError
-from .search import select
+from .store import BankError
+from .ties import select
 
 KINDS = ("flat", "ivfpq")
 _loaded: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bank -> (sha256, nprobe, kind, index, gpu res)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bank import Hit, _check_k
+from .bank import Hit
 from .search import query_embeddings as embed_queries
-from .search import topk
+from .search import check_k, topk
 from .vlm import encode_images, encode_texts
 
 STAGES = ("embed", "dense", "vlm_text", "vlm_image", "visual", "group", "bm25", "sort")
@@ -167,7 +167,7 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
     ``timings`` accumulates seconds per stage (``STAGES``); ``stats`` accumulates
     the candidate counts after each stage (``dense``, ``usable``, ``grouped``,
     ``final``) and the number of queries the BM25 gate cut (``gated_queries``)."""
-    _check_k(k)
+    check_k(k)
     if isinstance(k_v, bool) or not isinstance(k_v, int) or k_v < 1:
         raise ValueError(f"retrieve: k_v must be an integer >= 1, got {k_v!r}")
     queries = list(queries)

@@ -18,27 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-def select(qid: np.ndarray, values: np.ndarray, indices: np.ndarray, n_queries: int, k: int, ties: bool):
-    """Apply the tie rule (or plain top-k) to candidate rows ``(qid, value, index)``."""
-    order = np.lexsort((indices, -values.astype(np.float64), qid))
-    qid, values, indices = qid[order], values[order], indices[order]
-    if len(qid):
-        start = np.ones(len(qid), dtype=bool)
-        start[1:] = qid[1:] != qid[:-1]
-        seg_start = np.maximum.accumulate(np.where(start, np.arange(len(qid)), 0))
-        if ties:
-            new = start.copy()
-            new[1:] |= values[1:] != values[:-1]
-            c = np.cumsum(new)
-            rank = c - c[seg_start] + 1  # 1-based rank of the distinct value within its query
-        else:
-            rank = np.arange(len(qid)) - seg_start + 1
-        keep = rank <= k
-        qid, values, indices = qid[keep], values[keep], indices[keep]
-    offsets = np.zeros(n_queries + 1, dtype=np.int64)
-    np.cumsum(np.bincount(qid, minlength=n_queries), out=offsets[1:])
-    return values.astype(np.float32), indices.astype(np.int64), offsets
-
+from .ties import check_k, select  # noqa: F401  (select: the rule over candidate rows, used here and by FAISS)
 
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
                backend: str | None = None):
@@ -101,9 +81,7 @@ def topk(bank, queries, k: int, ties: bool = True, *, backend: str = "exact", ov
     ``similarity_topk``; ``"faiss"`` asks the bank's FAISS index for
     ``overfetch * k`` candidates and re-scores them exactly (the tie rule then
     holds over those candidates)."""
-    from .bank import _check_k  # noqa: PLC0415
-
-    _check_k(k)
+    check_k(k)
     if backend not in DENSE:
         raise ValueError(f"search: unknown backend {backend!r}; expected one of {sorted(DENSE)}")
     return DENSE[backend](bank, query_embeddings(bank, queries), int(k), bool(ties), overfetch=overfetch)

@@ -13,6 +13,15 @@ import torch
 from .. import _io
 from .._io import atomic_write_bytes, atomic_write_tensors  # noqa: F401 - the bank's writers, re-exported
 
+
+class BankError(ValueError):
+    """A bank directory that is missing, incomplete, corrupt or changed since its build."""
+
+
+class BankFileMissing(BankError, FileNotFoundError):
+    """A bank directory or one of its files does not exist (also a FileNotFoundError)."""
+
+
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I32": np.int32, "I64": np.int64}
 
 
