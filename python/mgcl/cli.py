@@ -141,6 +141,22 @@ def _warned(cmd: str, fn, *args, **kwargs):
 DB_ERRORS = (ValueError, OSError, ImportError)  # user input: a bad path, file, name or option (BankError included)
 
 
+def _corpus_inputs(args) -> list:
+    """The corpus arguments, saved Hugging Face dataset folders given their columns."""
+    import os  # noqa: PLC0415
+
+    from .retrieval.corpus import HFDataset, is_saved_dataset  # noqa: PLC0415
+
+    if args.image_column is None and args.caption_column is None:
+        return args.corpus
+    out = [HFDataset(p, args.image_column, args.caption_column) if os.path.isdir(p) and is_saved_dataset(p) else p
+           for p in args.corpus]
+    if not any(isinstance(p, HFDataset) for p in out):
+        raise ValueError("--image-column / --caption-column name the columns of a saved Hugging Face dataset "
+                         "folder; none is among the corpus paths")
+    return out
+
+
 def cmd_db_build(args) -> int:
     from .retrieval.bank import resolve_device
     from .retrieval.build import build_bank, problems, report
@@ -148,7 +164,7 @@ def cmd_db_build(args) -> int:
     try:
         resolve_device(args.device)
         vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
-        manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
+        manifest = build_bank(_corpus_inputs(args), args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
                               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                               image_root=args.image_root, missing_images=args.missing_images,
                               max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images)
@@ -271,7 +287,12 @@ def _add_db(sub) -> None:
                                   "records were skipped, containers damaged or images unreadable (all listed in "
                                   "OUT/skipped.jsonl; --allow-skipped makes this 0), 2 on an error (nothing "
                                   "written).")
-    s.add_argument("corpus", nargs="+", help="jsonl / parquet / WebDataset .tar files or folders")
+    s.add_argument("corpus", nargs="+",
+                   help="jsonl / parquet / WebDataset .tar files or folders, brace patterns "
+                        "(shard-{000000..000999}.tar), fsspec URLs (file://, hf://, ...) or a saved Hugging Face "
+                        "dataset folder (save_to_disk)")
+    s.add_argument("--image-column", help="a Hugging Face dataset's image column (default: image, img_path, ...)")
+    s.add_argument("--caption-column", help="a Hugging Face dataset's caption column (default: caption, text, ...)")
     s.add_argument("--out", required=True, help="bank directory")
     s.add_argument("--embedder", default="minilm", help="minilm (default) | hashing[:DIM] | a sentence-transformers folder or hub name")
     s.add_argument("--vlm", help="store this VLM's image embeddings for reranking (mgcl.models name or folder)")

@@ -268,6 +268,23 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#0
 HEATMAP_CMAP = "cividis"  # perceptually uniform and colour-blind safe
 
 
+def luminance(rgb) -> float:
+    """WCAG relative luminance of an sRGB colour (components 0..1)."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(a, b) -> float:
+    """WCAG contrast ratio of two colours (1 to 21; 4.5 is AA for normal text)."""
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_colour(background) -> str:
+    """Black or white, whichever contrasts more with ``background`` (never below 4.58:1)."""
+    return "black" if contrast(background, (0, 0, 0)) >= contrast(background, (1, 1, 1)) else "white"
+
+
 def _style(i: int) -> dict:
     return {"color": PALETTE[i % len(PALETTE)], "ls": ("-", "--", "-.", ":")[(i // len(PALETTE)) % 4],
             "marker": "o^sDv<>p"[(i // len(PALETTE)) % 8]}
@@ -377,7 +394,7 @@ def plot_curves_by_task(res: dict, path: str, dpi: int = DPI) -> Optional[str]:
 
 def plot_heatmaps(res: dict, path: str, dpi: int = DPI) -> str:
     """Each method's R as a heatmap (rows: after task t; columns: task j), every
-    cell annotated in black or white, whichever contrasts with its colour."""
+    cell annotated in black or white, whichever contrasts more with its colour."""
     plt = _plt()
     from matplotlib.colors import Normalize  # noqa: PLC0415
 
@@ -394,9 +411,8 @@ def plot_heatmaps(res: dict, path: str, dpi: int = DPI) -> str:
         im = ax.imshow(R, cmap=cmap, norm=norm)
         for t in range(T):
             for j in range(T):
-                r, g, b, _ = cmap(norm(R[t][j]))
                 ax.text(j, t, f"{R[t][j]:.0f}", ha="center", va="center", fontsize=size,
-                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+                        color=text_colour(cmap(norm(R[t][j]))))
         ax.set_title(name, fontsize=9)
         ax.set_xticks(range(T), [str(j + 1) for j in range(T)], fontsize=8)
         ax.set_yticks(range(T), [str(t + 1) for t in range(T)], fontsize=8)
