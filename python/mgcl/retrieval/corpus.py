@@ -554,7 +554,7 @@ def _fetch_url(url: str) -> list[str]:
     try:
         import fsspec  # noqa: PLC0415
     except ImportError:
-        raise ImportError(f"corpus URL {url!r}: reading URLs needs fsspec (pip install fsspec)") from None
+        raise ImportError(f"corpus URL {url!r}: reading URLs needs fsspec (pip install mgcl[datasets])") from None
     from .._io import atomic_write  # noqa: PLC0415
 
     try:
