@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import platform
 import sys
 
@@ -255,11 +256,10 @@ def _disk_bytes(folder: str) -> int:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    if n < 1024:
+        return f"{n:,} B"
+    k = min(3, int(math.log(n, 1024)))
+    return f"{n / 1024 ** k:.1f} {('KiB', 'MiB', 'GiB')[k - 1]}"
 
 
 def _print_problems(out: str, limit: int = 10) -> None:
