@@ -28,7 +28,11 @@ A tar that holds one member name twice keeps the first sample and skips the
 later one. Image paths must resolve inside the corpus root (``image_root``,
 else the folder the file was found in) unless ``external_images=True``.
 Folders holding an mgcl bank (finished or under construction) are not corpus:
-``expand`` leaves them out and says so.
+``expand`` leaves them out and says so. ``expand`` also takes brace patterns
+(``shard-{000000..000999}.tar``, expanded as bash does), fsspec URLs (remote
+files copied once into mgcl's cache) and Hugging Face datasets (``HFDataset``,
+a ``datasets.Dataset`` or a ``save_to_disk`` folder, written once as parquet
+into mgcl's cache and read as parquet): the last section of this file.
 """
 from __future__ import annotations
 
