@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import platform
 import sys
 
@@ -126,7 +127,35 @@ def _db_fail(cmd: str, exc: Exception) -> int:
     return 2
 
 
+def _warned(cmd: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its Python warnings printed as one line each."""
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    for w in caught:
+        print(_printable(f"mgcl db {cmd}: warning: {w.message}"), file=sys.stderr)
+    return out
+
+
 DB_ERRORS = (ValueError, OSError, ImportError)  # user input: a bad path, file, name or option (BankError included)
+
+
+def _corpus_inputs(args) -> list:
+    """The corpus arguments, saved Hugging Face dataset folders given their columns."""
+    import os  # noqa: PLC0415
+
+    from .retrieval.corpus import HFDataset, is_saved_dataset  # noqa: PLC0415
+
+    if args.image_column is None and args.caption_column is None:
+        return args.corpus
+    out = [HFDataset(p, args.image_column, args.caption_column) if os.path.isdir(p) and is_saved_dataset(p) else p
+           for p in args.corpus]
+    if not any(isinstance(p, HFDataset) for p in out):
+        raise ValueError("--image-column / --caption-column name the columns of a saved Hugging Face dataset "
+                         "folder; none is among the corpus paths")
+    return out
 
 
 def cmd_db_build(args) -> int:
@@ -143,17 +172,18 @@ def cmd_db_build(args) -> int:
             from .retrieval.cleanse import TorchvisionDetector
 
             detector = TorchvisionDetector.from_checkpoint(args.panel_detector, device=args.device)
-        manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
+        manifest = build_bank(_corpus_inputs(args), args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
                               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                               image_root=args.image_root, missing_images=args.missing_images,
                               max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images,
                               split_compound=args.split_compound, panel_detector=detector)
         print(_printable(report(manifest)))
+        _print_problems(args.out)
         if args.index:
             from .retrieval import MemoryBank
             from .retrieval.faiss_index import build_index
 
-            entry = build_index(MemoryBank.open(args.out), args.index)
+            entry = _warned("build", build_index, MemoryBank.open(args.out), args.index)
             print(f"FAISS {entry['kind']} index: {entry['path']}")
     except DB_ERRORS as exc:
         return _db_fail("build", exc)
@@ -172,7 +202,8 @@ def cmd_db_index(args) -> int:
     from .retrieval.faiss_index import build_index
 
     try:
-        entry = build_index(MemoryBank.open(args.bank), args.index, nlist=args.nlist, m=args.m, nbits=args.nbits)
+        entry = _warned("index", build_index, MemoryBank.open(args.bank), args.index, nlist=args.nlist, m=args.m,
+                        nbits=args.nbits)
     except DB_ERRORS as exc:
         return _db_fail("index", exc)
     print(f"FAISS {entry['kind']} index written: {entry['path']}")
@@ -215,9 +246,44 @@ def cmd_db_info(args) -> int:
     except DB_ERRORS as exc:
         return _db_fail("info", exc)
     print(_printable(report(bank.manifest)))
+    idx = bank.manifest.get("index")
+    params = ", ".join(f"{k} {idx[k]}" for k in ("nlist", "m", "nbits") if idx and k in idx)
+    print(f"FAISS index: {idx['kind']} ({idx['path']}{', ' + params if params else ''})" if idx
+          else "FAISS index: none (mgcl db index BANK builds one)")
+    print(f"size on disk: {_size(_disk_bytes(bank.path))}")
     if args.verify:
         print("checksums: all files match the manifest; embeddings finite")
     return 0
+
+
+def _disk_bytes(folder: str) -> int:
+    """Bytes of every file under ``folder`` (what the bank takes on disk)."""
+    import os  # noqa: PLC0415
+
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n:,} B"
+    k = min(3, int(math.log(n, 1024)))
+    return f"{n / 1024 ** k:.1f} {('KiB', 'MiB', 'GiB')[k - 1]}"
+
+
+def _print_problems(out: str, limit: int = 10) -> None:
+    """The first ``limit`` lines of OUT/skipped.jsonl, each naming its file and position."""
+    import os  # noqa: PLC0415
+
+    try:
+        with open(os.path.join(out, "skipped.jsonl"), encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return
+    for r in rows[:limit]:
+        where = ", ".join(x for x in (r.get("file"), r.get("position")) if x)
+        print(_printable(f"  {r.get('action')}: {where}: {r.get('reason')}"))
+    if len(rows) > limit:
+        print(f"  ... and {len(rows) - limit} more in {os.path.join(out, 'skipped.jsonl')}")
 
 
 def _add_db(sub) -> None:
@@ -229,12 +295,18 @@ def _add_db(sub) -> None:
                                   "records were skipped, containers damaged or images unreadable (all listed in "
                                   "OUT/skipped.jsonl; --allow-skipped makes this 0), 2 on an error (nothing "
                                   "written).")
-    s.add_argument("corpus", nargs="+", help="jsonl / parquet / WebDataset .tar files or folders")
+    s.add_argument("corpus", nargs="+",
+                   help="jsonl / parquet / WebDataset .tar files or folders, brace patterns "
+                        "(shard-{000000..000999}.tar), fsspec URLs (file://, hf://, ...) or a saved Hugging Face "
+                        "dataset folder (save_to_disk)")
+    s.add_argument("--image-column", help="a Hugging Face dataset's image column (default: image, img_path, ...)")
+    s.add_argument("--caption-column", help="a Hugging Face dataset's caption column (default: caption, text, ...)")
     s.add_argument("--out", required=True, help="bank directory")
     s.add_argument("--embedder", default="minilm", help="minilm (default) | hashing[:DIM] | a sentence-transformers folder or hub name")
     s.add_argument("--vlm", help="store this VLM's image embeddings for reranking (mgcl.models name or folder)")
-    s.add_argument("--shard-size", type=int, default=100_000)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--shard-size", type=int, default=100_000,
+                   help="records per embeddings shard, the unit a resumed build restarts from (default 100,000)")
+    s.add_argument("--batch-size", type=int, default=64, help="captions (and images) embedded per batch (default 64)")
     s.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     s.add_argument("--image-root", help="folder that relative image paths in jsonl/parquet refer to")
     s.add_argument("--allow-external-images", action="store_true",
@@ -251,29 +323,31 @@ def _add_db(sub) -> None:
                         "checkpoint, see mgcl.retrieval.cleanse.save_detector) instead of the gutter splitter")
     s.add_argument("--allow-skipped", action="store_true",
                    help="exit 0 even when records were skipped or containers damaged (still listed in skipped.jsonl)")
-    s.add_argument("--index", choices=["flat", "ivfpq"], help="also build a FAISS index")
+    s.add_argument("--index", choices=["flat", "ivfpq"],
+                   help="also build a FAISS index: flat (exact) | ivfpq (compressed; needs a large bank)")
     s.set_defaults(func=cmd_db_build)
     s = db.add_parser("index", help="build a FAISS index for a bank")
-    s.add_argument("bank")
-    s.add_argument("--index", choices=["flat", "ivfpq"], default="flat")
-    s.add_argument("--nlist", type=int)
+    s.add_argument("bank", help="bank directory (mgcl db build --out)")
+    s.add_argument("--index", choices=["flat", "ivfpq"], default="flat",
+                   help="flat: exact inner product (default) | ivfpq: inverted lists + product quantizer")
+    s.add_argument("--nlist", type=int, help="ivfpq inverted lists (default 4*sqrt(bank size), at most 65,536)")
     s.add_argument("--m", type=int, help="ivfpq sub-quantizers (must divide the dimension)")
-    s.add_argument("--nbits", type=int, default=8)
+    s.add_argument("--nbits", type=int, default=8, help="ivfpq bits per sub-quantizer code, 1 to 16 (default 8)")
     s.set_defaults(func=cmd_db_index)
     s = db.add_parser("query", help="print the nearest captions of one or more texts")
-    s.add_argument("bank")
-    s.add_argument("text", nargs="+")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("bank", help="bank directory (mgcl db build --out)")
+    s.add_argument("text", nargs="+", help="query text(s), one result list each")
+    s.add_argument("-k", type=int, default=10, help="hits per query (default 10; more with ties at the k-th score)")
     s.add_argument("--no-ties", action="store_true", help="exactly k hits (ties broken by index)")
     s.add_argument("--index", nargs="?", const="any", choices=["flat", "ivfpq", "any"],
                    help="search the bank's FAISS index (flat | ivfpq: the kind it must be), re-scored exactly")
     s.add_argument("--embedder", help="override the embedder named in the manifest")
-    s.add_argument("--device", default=None)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    s.add_argument("--json", action="store_true", help="print the hits as JSON")
     s.set_defaults(func=cmd_db_query)
     s = db.add_parser("info", help="summary of a bank; --verify checks every sha256")
-    s.add_argument("bank")
-    s.add_argument("--verify", action="store_true")
+    s.add_argument("bank", help="bank directory (mgcl db build --out)")
+    s.add_argument("--verify", action="store_true", help="also check every file's sha256 and that embeddings are finite")
     s.set_defaults(func=cmd_db_info)
 
 
@@ -363,7 +437,7 @@ def cmd_run(args) -> int:
             d = cfg.data
             print(f"{args.config}: OK ({d['benchmark']}, {d['model']['adapter']}, {d['strategy']['name']})")
             return 0
-        res = run.run(cfg, resume=args.resume, progress=not args.no_progress)
+        res = run.run(cfg, resume=args.resume, progress=not args.no_progress, plot_format=args.format, dpi=args.dpi)
     except (run.ConfigError, CheckpointError, OSError) as exc:
         print(f"mgcl run: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -386,7 +460,7 @@ def cmd_report(args) -> int:
         labels = [os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
                   for p in args.runs]
         res = report.combine(loaded, labels)
-        files = report.render(res, args.out, plots=not args.no_plots)
+        files = report.render(res, args.out, plots=not args.no_plots, fmt=args.format, dpi=args.dpi)
         report.write_json(os.path.join(args.out, "combined.json"), res)
     except (ValueError, OSError) as exc:
         print(f"mgcl report: {_one_line(exc)}", file=sys.stderr)
@@ -394,6 +468,13 @@ def cmd_report(args) -> int:
     print(report.format_table(res))
     print("wrote " + ", ".join(files + [os.path.join(args.out, "combined.json")]))
     return 0
+
+
+def _add_plot_options(s) -> None:
+    from .mgtil.report import DPI, FORMATS
+
+    s.add_argument("--format", choices=FORMATS, default="png", help="file format of the plots (default png)")
+    s.add_argument("--dpi", type=int, default=DPI, help=f"resolution of png plots (default {DPI})")
 
 
 def _add_experiments(sub) -> None:
@@ -408,12 +489,14 @@ def _add_experiments(sub) -> None:
                                   "or a shipped config's name (mgcl run NAME; an unknown name lists them)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished task")
     s.add_argument("--check", action="store_true", help="only check the config: every key, value and path")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
+    _add_plot_options(s)
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("report", help="tables and plots of one or several runs / demo outputs, side by side")
     s.add_argument("runs", nargs="+", help="run or demo output directories (or their results.json)")
     s.add_argument("--out", default="mgcl-report", help="where the tables and plots go (default: ./mgcl-report)")
-    s.add_argument("--no-plots", action="store_true")
+    s.add_argument("--no-plots", action="store_true", help="only the tables (results.csv, .md, .tex)")
+    _add_plot_options(s)
     s.set_defaults(func=cmd_report)
 
 
@@ -430,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
     s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step | cleanse")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the bench runs (default cpu)")
     s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=5, help="timed repetitions per case; the median is reported")
     s.add_argument("--json", metavar="FILE", help="write the result (with machine and versions) as JSON")
     s.set_defaults(func=cmd_bench)
 
@@ -443,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Third-party progress bars (transformers' "Loading weights", hub downloads) stay
+    # out of mgcl's output; HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

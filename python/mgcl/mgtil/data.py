@@ -351,7 +351,7 @@ def check(root, benchmark: str | BenchmarkDef | None = None) -> CheckReport:
     root = Path(root).expanduser()
     name, synthetic, datasets = _resolve(benchmark)
     if not root.is_dir():
-        raise ValueError(f"mgtil check: data root {root} is not a directory")
+        raise ValueError(f"data root {root} is not a directory")
     return CheckReport(str(root), name, synthetic, [check_dataset(d, root) for d in datasets])
 
 

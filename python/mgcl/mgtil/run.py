@@ -244,11 +244,23 @@ def validate(raw, where: str = "config") -> RunConfig:
     cfg["train"] = train.to_dict()
     strategy = _check_strategy(cfg["strategy"])
     _check_retrieval(cfg["retrieval"], strategy)
-    for sec, key in PATHS:                              # "~/..." works in every path
+    for sec, key in PATHS:                              # "~/..." and "$MGCL_CACHE/..." work in every path
         d = cfg if sec is None else cfg[sec]
         if d[key] is not None:
-            d[key] = os.path.expanduser(d[key])
+            d[key] = expand_path(d[key])
     return RunConfig(cfg, train, strategy)
+
+
+def expand_path(p: str) -> str:
+    """A config path with ``~`` and environment variables expanded; ``$MGCL_CACHE``
+    (or ``${MGCL_CACHE}``) is mgcl's cache even when the variable is unset
+    (``mgcl._env.cache_dir``: else ``$XDG_CACHE_HOME/mgcl``, else ``~/.cache/mgcl``)."""
+    from .. import _env  # noqa: PLC0415
+
+    for var in ("${MGCL_CACHE}", "$MGCL_CACHE"):
+        if p == var or p.startswith(var + "/"):
+            p = str(_env.cache_dir()) + p[len(var):]
+    return os.path.expanduser(os.path.expandvars(p))
 
 
 def load_config(path: str) -> RunConfig:
@@ -365,8 +377,10 @@ def run_dir(cfg: dict) -> str:
     return os.path.join(cfg["output_dir"], "runs", cfg["strategy"]["name"])
 
 
-def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run a checked config (``validate`` / ``load_config``); returns the results dict."""
+def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, plot_format: str = "png",
+        dpi: int = report.DPI) -> dict:
+    """Run a checked config (``validate`` / ``load_config``); returns the results dict.
+    The plots are written as ``plot_format`` (png | pdf | svg) at ``dpi``."""
     import torch  # noqa: PLC0415
     import yaml  # noqa: PLC0415
 
@@ -410,8 +424,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
         torch.set_num_threads(threads)
     res.update(kind="run", config={"run": d, **res["config"]})
     report.write_json(os.path.join(out, "results.json"), res)
-    report.render(res, out)
+    report.render(res, out, fmt=plot_format, dpi=dpi)
     return res
 
 
-__all__ = ["ConfigError", "RunConfig", "validate", "load_config", "check_paths", "run", "load_model", "load_tasks"]
+__all__ = ["ConfigError", "RunConfig", "validate", "expand_path", "load_config", "check_paths", "run", "load_model",
+           "load_tasks"]

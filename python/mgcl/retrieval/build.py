@@ -45,7 +45,7 @@ import torch
 from .. import _io
 from . import bank as bank_mod
 from . import store
-from .corpus import Damaged, Record, Skipped, expand, read_files
+from .corpus import Damaged, Record, Skipped, count_records, expand, read_files
 from .images import MAX_PIXELS, check_image
 
 STATE_VERSION = 1
@@ -216,9 +216,10 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 if info.get("vlm"):
                     vshards.append(info["vlm"])
                 image_failures += info.get("image_failures", 0)
+                bar.update(len(recs))
                 return
         caps = [r.caption for r in recs]
-        vecs = np.concatenate([emb.encode(caps[s:s + batch_size], batch_size)
+        vecs = np.concatenate([_counted(emb.encode(caps[s:s + batch_size], batch_size))
                                for s in range(0, len(caps), batch_size)])
         if vecs.shape != (len(caps), emb.dim):
             raise RuntimeError(f"embedder {emb.name!r} returned {vecs.shape}, expected {(len(caps), emb.dim)}")
@@ -250,6 +251,10 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     counts: Counter = Counter()
     rows: list[dict] = []  # skipped.jsonl
 
+    def _counted(vecs):
+        bar.update(len(vecs))  # the bar counts records read: kept ones as they are embedded, skipped ones at once
+        return vecs
+
     def note(item, action: str, reason: str, **extra):
         rows.append({"file": item.file, "position": item.position, "reason": reason, "action": action, **extra})
 
@@ -258,7 +263,9 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     parents, panels = [], []  # with split_compound
     kept_whole: Counter = Counter()
     items = read_files(files, image_root, external_images=external_images)
-    with tqdm(total=None, desc=f"embedding ({emb.name})", unit="rec", disable=not progress) as bar:
+    # the total is the records the corpus holds, when cheap to count; split panels are not known ahead
+    with tqdm(total=None if split else count_records(files), desc=f"embedding ({emb.name})", unit="rec",
+              smoothing=0.05, disable=not progress) as bar:
         for item, image_problem, whole in _with_image_checks(items, max_image_pixels, split):
             pf = per_file[item.file]
             if isinstance(item, Damaged):
@@ -272,6 +279,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 item = Skipped(item.file, item.position, f"unreadable image: {image_problem}" if image_problem
                                else "no image: the bank serves the visual rerank (--missing-images keep keeps it)")
             if isinstance(item, Skipped):
+                bar.update(1)
                 pf["skipped"] += 1
                 skipped[item.reason.split(":")[0]] += 1
                 note(item, "skipped", item.reason)
@@ -301,11 +309,9 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 counts["figures_split"] += item.panel == 0
             if len(buf) == shard_size:
                 flush(len(shards), buf)
-                bar.update(len(buf))
                 buf = []
         if buf:
             flush(len(shards), buf)
-            bar.update(len(buf))
     damaged = sum(bool(p["damaged"]) for p in per_file.values())
     if not ids:
         reasons = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) or "no records"

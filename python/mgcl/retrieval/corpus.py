@@ -28,7 +28,11 @@ A tar that holds one member name twice keeps the first sample and skips the
 later one. Image paths must resolve inside the corpus root (``image_root``,
 else the folder the file was found in) unless ``external_images=True``.
 Folders holding an mgcl bank (finished or under construction) are not corpus:
-``expand`` leaves them out and says so.
+``expand`` leaves them out and says so. ``expand`` also takes brace patterns
+(``shard-{000000..000999}.tar``, expanded as bash does), fsspec URLs (remote
+files copied once into mgcl's cache) and Hugging Face datasets (``HFDataset``,
+a ``datasets.Dataset`` or a ``save_to_disk`` folder, written once as parquet
+into mgcl's cache and read as parquet): the last section of this file.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
+from .. import _env
 from .images import parquet_ref, tar_ref, walk_tar
 
 CAPTION_KEYS = ("caption", "text", "txt", "caption_text", "figure_caption")
@@ -103,32 +108,52 @@ def is_bank_dir(path: str) -> bool:
 
 def expand(paths, *, exclude=(), excluded: list | None = None) -> list[CorpusFile]:
     """Corpus files from ``paths`` (files kept in order; folders expanded, sorted).
-    Folders that hold an mgcl bank, and the folders in ``exclude`` (the bank
-    being built), are left out and appended to ``excluded``."""
-    if isinstance(paths, (str, os.PathLike)):
+    A path may be a brace pattern (``shard-{000000..000999}.tar``, expanded as
+    bash does), an fsspec URL (``file://``, ``memory://``, ``hf://``, ...), a
+    folder written by ``datasets``' ``save_to_disk``, a ``datasets.Dataset`` or
+    an ``HFDataset``. Folders that hold an mgcl bank, and the folders in
+    ``exclude`` (the bank being built), are left out and appended to ``excluded``."""
+    if isinstance(paths, (str, os.PathLike, HFDataset)) or _is_dataset(paths):
         paths = [paths]
     skip = {os.path.abspath(os.fspath(p)) for p in exclude}
     out = []
-    for p in paths:
-        p = os.path.abspath(os.fspath(p))
-        if os.path.isdir(p):
-            found = []
-            for root, dirs, files in os.walk(p):
-                if root in skip or is_bank_dir(root):
-                    if excluded is not None:
-                        excluded.append(root)
-                    dirs[:] = []
-                    continue
-                found.append((root, files))
-            for root, files in sorted(found):  # folders in sorted path order, then their sorted files
-                out += [CorpusFile(os.path.join(root, f), p) for f in sorted(files) if f.endswith(CORPUS_EXTS)]
-        elif os.path.isfile(p):
-            if not p.endswith(CORPUS_EXTS):
-                raise ValueError(f"corpus file {p!r}: unknown format; expected one of {CORPUS_EXTS}")
-            out.append(CorpusFile(p, os.path.dirname(p)))
-        else:
-            raise FileNotFoundError(f"corpus path {p!r} does not exist")
+    for given in paths:
+        if isinstance(given, HFDataset) or _is_dataset(given):
+            out.append(_dataset_file(given if isinstance(given, HFDataset) else HFDataset(given)))
+            continue
+        given = os.fspath(given)
+        names = expand_braces(given) if isinstance(given, str) else [given]
+        if len(names) > 1 and not any(is_url(n) for n in names):
+            missing = [n for n in names if not os.path.exists(n)]
+            if missing:
+                raise FileNotFoundError(f"corpus pattern {given!r}: {len(missing)} of its {len(names)} paths do not "
+                                        f"exist (the first: {missing[0]!r})")
+        for name in names:
+            for p in (_fetch_url(name) if is_url(name) else [name]):
+                out += _expand_one(os.path.abspath(p), skip, excluded)
     return out
+
+
+def _expand_one(p: str, skip: set, excluded: list | None) -> list[CorpusFile]:
+    if os.path.isdir(p) and is_saved_dataset(p) and not is_bank_dir(p):
+        return [_dataset_file(HFDataset(p))]
+    if os.path.isdir(p):
+        found = []
+        for root, dirs, files in os.walk(p):
+            if root in skip or is_bank_dir(root):
+                if excluded is not None:
+                    excluded.append(root)
+                dirs[:] = []
+                continue
+            found.append((root, files))
+        # folders in sorted path order, then their sorted files
+        return [CorpusFile(os.path.join(root, f), p) for root, files in sorted(found) for f in sorted(files)
+                if f.endswith(CORPUS_EXTS)]
+    if os.path.isfile(p):
+        if not p.endswith(CORPUS_EXTS):
+            raise ValueError(f"corpus file {p!r}: unknown format; expected one of {CORPUS_EXTS}")
+        return [CorpusFile(p, os.path.dirname(p))]
+    raise FileNotFoundError(f"corpus path {p!r} does not exist")
 
 
 def read_corpus(paths, image_root: str | None = None, *, external_images: bool = False) -> Iterator[Item]:
@@ -451,3 +476,213 @@ def _read_tar(path: str):
             yield _tar_sample(path, key, parts, dup)
     for off, why in damage[reported:]:
         yield Damaged(path, f"byte {off}", why, read)
+
+
+# ---- inputs: brace patterns, URLs, Hugging Face datasets ------------------------------------
+
+_SEQ = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$|^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
+
+
+def _matching(s: str, i: int) -> int:
+    """The index of the ``}`` closing the ``{`` at ``i`` (nesting counted), or -1."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[j], 0)
+        if depth == 0:
+            return j
+    return -1
+
+
+def _split_top(s: str) -> list[str]:
+    """``s`` split at the commas outside nested braces."""
+    parts, depth, start = [], 0, 0
+    for j, c in enumerate(s):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(s[start:j])
+            start = j + 1
+    return parts + [s[start:]]
+
+
+def _sequence(body: str) -> list[str] | None:
+    """Bash's ``{x..y[..step]}``: integers (zero-padded to the wider end when
+    either end has a leading zero) or single letters; None when not a sequence."""
+    m = _SEQ.match(body)
+    if m is None:
+        return None
+    if m.group(1) is not None:
+        a, b, step = m.group(1), m.group(2), m.group(3)
+        lo, hi = int(a), int(b)
+    else:
+        a, b, step = m.group(4), m.group(5), m.group(6)
+        lo, hi = ord(a), ord(b)
+    inc = abs(int(step)) if step else 1
+    inc = inc or 1
+    vals = range(lo, hi + 1, inc) if lo <= hi else range(lo, hi - 1, -inc)
+    if m.group(1) is None:
+        return [chr(v) for v in vals]
+    pad = any(len(e.lstrip("-")) > 1 and e.lstrip("-").startswith("0") for e in (a, b))
+    width = max(len(a), len(b)) if pad else 0
+    return [f"{v:0{width}d}" for v in vals]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Bash brace expansion, the WebDataset shard convention:
+    ``shard-{000000..000002}.tar`` -> shard-000000.tar .. shard-000002.tar;
+    ``{a,b}``, ``{1..10..3}`` (steps), ``{a..e}``, nested and several groups
+    (expanded left to right, as bash does). A brace group that is neither a
+    list nor a sequence is kept literally."""
+    i = pattern.find("{")
+    while i >= 0:
+        j = _matching(pattern, i)
+        if j < 0:
+            return [pattern]
+        body = pattern[i + 1:j]
+        parts = _split_top(body)
+        alts = [x for p in parts for x in expand_braces(p)] if len(parts) > 1 else _sequence(body)
+        if alts is not None:
+            head, tails = pattern[:i], expand_braces(pattern[j + 1:])
+            return [head + a + t for a in alts for t in tails]
+        i = pattern.find("{", i + 1)
+    return [pattern]
+
+
+def is_url(p) -> bool:
+    return isinstance(p, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", p) is not None
+
+
+def _fetch_url(url: str) -> list[str]:
+    """Local paths of the corpus files at an fsspec URL (a file or a folder).
+    ``file://`` is the local path itself; any other protocol is copied once into
+    mgcl's cache (``$MGCL_CACHE/corpus/<protocol>/...``, atomically, reused while
+    its size matches), so the bank's image references stay openable later and a
+    resumed build sees the same files."""
+    try:
+        import fsspec  # noqa: PLC0415
+    except ImportError:
+        raise ImportError(f"corpus URL {url!r}: reading URLs needs fsspec (pip install mgcl[datasets])") from None
+    from .._io import atomic_write  # noqa: PLC0415
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        if protocol in ("file", "local"):
+            return [os.path.abspath(path)]
+        if not fs.exists(path):
+            raise FileNotFoundError(f"corpus URL {url!r} does not exist")
+        names = sorted(f for f in fs.find(path) if f.endswith(CORPUS_EXTS)) if fs.isdir(path) else [path]
+        out = []
+        for name in names:
+            local = str(_env.cache_dir("corpus", protocol, *name.lstrip("/").split("/")))
+            size = fs.size(name)
+            if not (os.path.isfile(local) and os.path.getsize(local) == size):
+                atomic_write(local, lambda tmp, name=name: fs.get_file(name, tmp))
+            out.append(local)
+        return out
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- each filesystem raises its own kinds; one line names the URL
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise OSError(f"corpus URL {url!r} cannot be read ({why[:300]})") from None
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A Hugging Face ``datasets.Dataset`` (or the folder ``save_to_disk`` wrote)
+    as corpus: ``image_column`` (images or paths) and ``caption_column`` (text);
+    None tries the usual names (``IMAGE_KEYS``, ``CAPTION_KEYS``). Its rows are
+    written once, in order, as a parquet file in mgcl's cache
+    (``$MGCL_CACHE/corpus/datasets/<fingerprint>.parquet``) and read from there
+    like any parquet corpus (skips name that file and the row)."""
+    dataset: object
+    image_column: str | None = None
+    caption_column: str | None = None
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path,
+                                                                                           "dataset_dict.json"))
+
+
+def _is_dataset(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "datasets"
+
+
+def _dataset_file(spec: HFDataset) -> CorpusFile:
+    try:
+        import datasets  # noqa: PLC0415
+    except ImportError:
+        raise ImportError("a Hugging Face dataset as corpus needs datasets (pip install mgcl[datasets])") from None
+    ds, root = spec.dataset, os.getcwd()
+    if isinstance(ds, (str, os.PathLike)):
+        root = os.path.abspath(os.fspath(ds))
+        if os.path.isfile(os.path.join(root, "dataset_dict.json")):
+            with open(os.path.join(root, "dataset_dict.json")) as fh:
+                splits = json.load(fh).get("splits", [])
+            raise ValueError(f"corpus {root!r} is a saved DatasetDict (splits {', '.join(splits)}); pass one "
+                             f"split's folder ({os.path.join(root, splits[0] if splits else 'train')})")
+        try:
+            ds = datasets.load_from_disk(root)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"corpus {root!r}: not a readable saved dataset ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"corpus: a DatasetDict (splits {', '.join(ds)}); pass one split, e.g. ds[{next(iter(ds))!r}]")
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"corpus: expected a datasets.Dataset, got {type(ds).__name__}")
+    cols = ds.column_names
+    rename = {}
+    for want, given, keys in (("image", spec.image_column, IMAGE_KEYS + IMAGE_EXTS),
+                              ("caption", spec.caption_column, CAPTION_KEYS)):
+        if given is not None and given not in cols:
+            raise ValueError(f"corpus dataset: no {want} column {given!r}; its columns: {', '.join(cols)}")
+        name = given or next((k for k in keys if k in cols), None)
+        if name is None and want == "caption":
+            raise ValueError(f"corpus dataset: no caption column (tried {', '.join(keys)}); its columns: "
+                             f"{', '.join(cols)} (--caption-column NAME)")
+        if name is not None and name != want:
+            rename[name] = want
+    keep = [c for c in cols if c in rename or c in ("image", "caption") + ID_KEYS + DOMAIN_KEYS]
+    ds = ds.select_columns(keep)
+    for old in rename:  # a column already called image / caption that is not the chosen one is dropped
+        if rename[old] in ds.column_names:
+            ds = ds.remove_columns(rename[old])
+    ds = ds.rename_columns(rename)
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()                           # mgcl's bar is the build's
+    try:
+        feat = ds.features.get("image")
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column("image", datasets.Image(decode=False))   # {"bytes", "path"}, not PIL images
+        elif "image" in ds.column_names:                                 # paths: relative to the dataset's folder
+            ds = ds.map(lambda r: {"image": r["image"] if not isinstance(r["image"], str) or os.path.isabs(
+                r["image"]) else os.path.join(root, r["image"])})
+        local = str(_env.cache_dir("corpus", "datasets", f"{ds._fingerprint}.parquet"))
+        if not os.path.isfile(local):
+            from .._io import atomic_write  # noqa: PLC0415
+
+            atomic_write(local, lambda tmp: ds.to_parquet(tmp))
+    finally:
+        if bars:
+            datasets.utils.enable_progress_bars()
+    return CorpusFile(local, root)
+
+
+def count_records(files: list[CorpusFile]) -> int | None:
+    """Records the files hold, when cheap to know (parquet metadata, plain jsonl
+    lines); None when any file needs a full read to count (gzip, tar)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    n = 0
+    for cf in files:
+        try:
+            if cf.path.endswith(".parquet"):
+                n += pq.ParquetFile(cf.path).metadata.num_rows
+            elif cf.path.endswith((".jsonl", ".json")):
+                with open(cf.path, "rb") as fh:
+                    n += sum(1 for line in fh if line.strip())
+            else:
+                return None
+        except Exception:  # noqa: BLE001 -- a damaged file is reported by its reader; the total is then unknown
+            return None
+    return n

@@ -11,6 +11,7 @@ the exact search for the entries it finds.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import numpy as np
@@ -21,6 +22,12 @@ from .store import BankError
 from .ties import select
 
 KINDS = ("flat", "ivfpq")
+POINTS_PER_CENTROID = 39  # FAISS's own floor (ClusteringParameters.min_points_per_centroid)
+
+
+class SmallBankWarning(UserWarning):
+    """An ivfpq index trained on fewer vectors than FAISS's k-means wants: it
+    works, but its clusters and codes are poor (a flat index is exact)."""
 _loaded: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bank -> (sha256, nprobe, kind, index, gpu res)
 
 
@@ -76,6 +83,15 @@ def _build(faiss, bank, kind, d, n, nlist, m, nbits, train_size, seed) -> dict:
         index = faiss.IndexIVFPQ(quantizer, d, nlist, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+        want = POINTS_PER_CENTROID * need
+        if len(sample) < want:  # one warning here instead of FAISS's, printed by each of its m+1 k-means
+            warnings.warn(f"ivfpq: training on {len(sample)} vectors, fewer than the {want} that FAISS's k-means "
+                          f"wants for {need} centroids (nlist={nlist}, 2^nbits={2 ** nbits}); the index will be "
+                          "poor: lower --nlist / --nbits, or use --index flat (exact)", SmallBankWarning,
+                          stacklevel=3)
+        # The floor only decides FAISS's stderr warning, never the clustering; 1 silences it.
+        index.cp.min_points_per_centroid = 1
+        index.pq.cp.min_points_per_centroid = 1
         index.train(bank.embeddings(sample).float().numpy())
         params = {"nlist": nlist, "m": int(m), "nbits": int(nbits), "train_size": int(len(sample)), "seed": seed}
     else:
@@ -161,4 +177,4 @@ def rescore(bank, q: torch.Tensor, qid: np.ndarray, idx: np.ndarray) -> np.ndarr
     return pair_scores(qf, bank.embeddings(np.asarray(idx, dtype=np.int64))).numpy()
 
 
-__all__ = ["build_index", "load_index", "faiss_topk", "rescore", "KINDS"]
+__all__ = ["SmallBankWarning", "build_index", "load_index", "faiss_topk", "rescore", "KINDS"]
