@@ -24,6 +24,8 @@ REGISTRY = {
     "zscl": ("zscl", "ZSCL"),
     "icarl": ("replay", "ICaRL"),
     "primed": ("primed", "Primed"),
+    "snd": ("snd", "SnD"),
+    "gift": ("gift", "Gift"),
 }
 
 

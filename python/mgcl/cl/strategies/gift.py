@@ -5,8 +5,11 @@ Vision-Language Models"), as its public code (``Luo-Jiaming/GIFT_CL``:
 
 Reference set: before task t, ``images_per_task`` prompts (GIFT: 1,000) drawn
 uniformly with replacement from the class prompts of the finished tasks
-(template 0; the first task: the generator's ``base_prompts``, GIFT's ImageNet
-classes), one image each from a text-to-image generator
+(template 0; the first task: ``base_prompts``, GIFT's ImageNet classes, what
+the model was pretrained on: a list, "pool" for the texts of mgcl's built-in
+question pool (medical labels over every domain), or None for the
+generator's own, if it has any; with none the first task trains on
+cross-entropy alone), one image each from a text-to-image generator
 (``mgcl.cl.generators``: the procedural ``"mgtil-synth"``, ``"diffusers:<dir>"``
 or any object of the protocol), blank images dropped. The pairs go through
 the student's eval transform (GIFT: the test preprocess). Batches of
@@ -72,9 +75,9 @@ class Gift(Strategy):
             raise ValueError(f"gift: ref_batch_size must be an integer >= 2, got {ref_batch_size!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"gift: prefetch must be an integer >= 0, got {prefetch!r}")
-        if base_prompts is not None and (isinstance(base_prompts, str)
-                                         or not all(isinstance(p, str) for p in base_prompts)):
-            raise ValueError("gift: base_prompts must be a list of prompt strings")
+        if base_prompts is not None and base_prompts != "pool" and (
+                isinstance(base_prompts, str) or not all(isinstance(p, str) for p in base_prompts)):
+            raise ValueError(f"gift: base_prompts must be None, 'pool' or a list of prompt strings, got {base_prompts!r}")
         self.generator_spec = generator
         self.generator = None                     # resolved at setup (a diffusers pipeline loads there)
         self.images_per_task, self.base_prompts = images_per_task, base_prompts
@@ -94,12 +97,16 @@ class Gift(Strategy):
         self.guard.setup(trainer)
 
     def pool(self, trainer, t: int) -> list:
-        """The prompts replayed before task t: the finished tasks' class prompts (template 0),
-        the base prompts for the first task."""
-        if t == 0:
-            return list(self.base_prompts if self.base_prompts is not None
-                        else getattr(self.generator, "base_prompts", None) or [])
-        return [p for task in trainer.tasks[:t] for p in task.prompts(0)]
+        """The prompts replayed before task t: the finished tasks' class prompts (template 0);
+        for the first task the base prompts ("pool": the texts of the built-in question pool)."""
+        if t > 0:
+            return [p for task in trainer.tasks[:t] for p in task.prompts(0)]
+        if self.base_prompts == "pool":
+            from ...retrieval.pool import load_pool  # noqa: PLC0415
+
+            return [q.text for q in load_pool()]
+        return list(self.base_prompts if self.base_prompts is not None
+                    else getattr(self.generator, "base_prompts", None) or [])
 
     def before_task(self, trainer, t):
         from ..generators import synthetic_pairs  # noqa: PLC0415
