@@ -361,6 +361,28 @@ def test_gift_with_a_diffusers_pipeline_trains_two_tasks(pipeline_dir, tasks, tm
     assert len(i1) == len(i2) == 6
 
 
+def test_gift_checks_the_prompts_before_training(tasks, tmp_path):
+    with pytest.raises(ValueError, match="mgtil-synth generator: cannot draw .*circle"):
+        ContinualTrainer(toy_model(tasks), S.create("gift"), tasks, device="cpu", out_dir=str(tmp_path),
+                         batch_size=4, progress=False)
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_toy_generator_draws_what_the_prompt_names():
+    from mgcl.cl.toy import COLOURS, ToyGenerator
+
+    gen = ToyGenerator(image_size=32)
+    assert isinstance(gen, G.ImageGenerator)
+    red, blue = gen.generate(["a red circle on the left.", "a blue square."], 5)
+    count = lambda im, c: int((np.abs(np.asarray(im, np.int32) - np.array(c)).sum(-1) < 30).sum())  # noqa: E731
+    assert count(red, COLOURS["red"]) > 20 and count(red, COLOURS["blue"]) == 0
+    assert count(blue, COLOURS["blue"]) > 20 and count(blue, COLOURS["red"]) == 0
+    left = np.asarray(red, np.int32)
+    assert count(left[:, :16], COLOURS["red"]) > count(left[:, 16:], COLOURS["red"])
+    again = gen.generate(["a red circle on the left.", "a blue square."], 5)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(red))
+
+
 def test_synthetic_pairs_drop_blank_images():
     from PIL import Image
 

@@ -7,9 +7,12 @@ The protocol, :class:`ImageGenerator`: an object with
   prompt, deterministic for (``prompts``, ``seed``);
 - optionally ``base_prompts`` (a sequence of str): prompts for what the model
   was pretrained on, the replay pool of the first task (GIFT's first task
-  replays the pretraining classes, ImageNet's, since no earlier task exists).
+  replays the pretraining classes, ImageNet's, since no earlier task exists);
+- optionally ``check_prompts(prompts)``: ValueError naming the prompts it
+  cannot draw (a strategy calls it before any training).
 
-Built in, by spec string (:func:`resolve`):
+Built in, by spec string (:func:`resolve`) (and ``mgcl.cl.toy.ToyGenerator``
+for the toy tasks of the tests):
 
 - ``"mgtil-synth"``: :class:`mgcl.mgtil.generator.SynthGenerator`, the
   procedural renderer of the SYNTHETIC benchmark (its class prompts and the

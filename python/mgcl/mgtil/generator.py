@@ -50,13 +50,16 @@ class SynthGenerator:
     def __init__(self):
         self.table, self.base_prompts = _prompt_table()
 
-    def generate(self, prompts: Sequence[str], seed: int) -> list:
-        from PIL import Image  # noqa: PLC0415
-
+    def check_prompts(self, prompts: Sequence[str]) -> None:
         unknown = sorted({p for p in prompts if p not in self.table})
         if unknown:
             raise ValueError(f"mgtil-synth generator: cannot draw {unknown[:3]}: not a class prompt of mgtil-synth "
                              "nor one of its base prompts")
+
+    def generate(self, prompts: Sequence[str], seed: int) -> list:
+        from PIL import Image  # noqa: PLC0415
+
+        self.check_prompts(prompts)
         out: list = [None] * len(prompts)
         by_domain: dict = {}
         for i, p in enumerate(prompts):

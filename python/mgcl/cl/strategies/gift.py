@@ -92,6 +92,8 @@ class Gift(Strategy):
         from ..generators import resolve  # noqa: PLC0415
 
         self.generator = resolve(self.generator_spec)
+        if hasattr(self.generator, "check_prompts"):   # every prompt it will be asked for, before any training
+            self.generator.check_prompts(self.pool(trainer, 0) + self.pool(trainer, len(trainer.tasks) - 1))
 
     def setup(self, trainer):
         self.guard.setup(trainer)
