@@ -120,7 +120,8 @@ def test_snd_teachers_initial_and_previous(tasks, bank, tmp_path):
 
     model = toy_model(tasks)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    strategy = Spy(siphon=siphon_for(bank), uniform_size=12, uniform_keywords=["red", "circle", "left"], ref_batch_size=6)
+    strategy = Spy(siphon=siphon_for(bank), uniform_size=12, uniform_keywords=["red", "circle", "left"],
+                   ref_batch_size=6)
     run(model, strategy, tasks, tmp_path, lr=1e-2)
     assert checked == [0, 1]
     log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]

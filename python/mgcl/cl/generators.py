@@ -93,7 +93,8 @@ class DiffusersGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         try:
-            with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype (with a FutureWarning); older ones know only torch_dtype
+            # newer diffusers rename torch_dtype to dtype (with a FutureWarning); older ones know only torch_dtype
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(self.path, torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError, EnvironmentError) as exc:

@@ -77,16 +77,17 @@ class Gift(Strategy):
             raise ValueError(f"gift: prefetch must be an integer >= 0, got {prefetch!r}")
         if base_prompts is not None and base_prompts != "pool" and (
                 isinstance(base_prompts, str) or not all(isinstance(p, str) for p in base_prompts)):
-            raise ValueError(f"gift: base_prompts must be None, 'pool' or a list of prompt strings, got {base_prompts!r}")
+            raise ValueError(f"gift: base_prompts must be None, 'pool' or a list of prompt strings, "
+                             f"got {base_prompts!r}")
         self.generator_spec = generator
-        self.generator = None                     # resolved at setup (a diffusers pipeline loads there)
+        self.generator = None                     # resolved at check (a diffusers pipeline loads there)
         self.images_per_task, self.base_prompts = images_per_task, base_prompts
         self.distill, self.ita, self.temperature = float(distill), float(ita), float(temperature)
         self.ref_batch_size, self.prefetch = ref_batch_size, prefetch
         self.guard = GuardTerm(self.name, "dfg", lam=l2, normalize="mean")
         # KL at temperature T: the scales divided by T, the term times T^2; no CMC (ITA has soft targets)
         self.kd = ContrastiveDistillLoss(kd=self.distill * self.temperature ** 2, cmc=0.0, backend=backend)
-        self.pairs = self.teacher = self.batches = None
+        self.teacher = self.batches = None
 
     def check(self, trainer):
         from ..generators import resolve  # noqa: PLC0415
@@ -118,11 +119,11 @@ class Gift(Strategy):
             trainer.log(f"gift: task {t + 1}: no prompts to replay (no base prompts): cross-entropy only")
             return
         self.teacher = frozen_copy(trainer.model)
-        self.pairs = synthetic_pairs(self.generator, pool, self.images_per_task, trainer.task_seed(t),
-                                     trainer.model.transform(False), progress=trainer.progress,
-                                     desc=f"gift: task {t + 1} images")
-        trainer.log(f"gift: task {t + 1}: {self.pairs!r} from {self.generator.name}")
-        stream = reference_batches(self.pairs, trainer.model.tokenize,
+        pairs = synthetic_pairs(self.generator, pool, self.images_per_task, trainer.task_seed(t),
+                                trainer.model.transform(False), progress=trainer.progress,
+                                desc=f"gift: task {t + 1} images")
+        trainer.log(f"gift: task {t + 1}: {pairs!r} from {self.generator.name}")
+        stream = reference_batches(pairs, trainer.model.tokenize,
                                    self.ref_batch_size or trainer.train_config.batch_size, seed=trainer.task_seed(t))
         self.batches = Prefetch(stream, self.prefetch) if self.prefetch else stream
 
@@ -159,7 +160,7 @@ class Gift(Strategy):
     def after_task(self, trainer, t):
         if isinstance(self.batches, Prefetch):
             self.batches.close()
-        self.batches = self.teacher = self.pairs = None
+        self.batches = self.teacher = None
         self.guard.after_task(trainer, t)
 
     def options(self) -> dict:
