@@ -193,9 +193,10 @@ def test_gift_trains_two_tasks_on_generated_images(synth, tmp_path):
     res = run(word_model(words), strategy, tasks, tmp_path)
     check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "dfg"))
     assert res["methods"]["gift"]["strategy_options"]["generator"] == "recording:mgtil-synth"
-    # task 1 replays the base prompts, task 2 the first task's class prompts
+    # task 1 replays the base prompts, task 2 those and the first task's class prompts
     (p1, _), (p2, _) = gen.made
-    assert set(p1) <= set(gen.base_prompts) and set(p2) <= set(tasks[0].prompts(0)) and len(p2) == 12
+    assert set(p1) <= set(gen.base_prompts) and set(p2) <= set(gen.base_prompts + tasks[0].prompts(0))
+    assert len(p1) == len(p2) == 12
 
 
 def test_gift_generated_images_reach_the_loss(synth, tmp_path):
@@ -357,9 +358,9 @@ def test_gift_with_a_diffusers_pipeline_trains_two_tasks(pipeline_dir, tasks, tm
                         base_prompts=["a photo of a circle.", "a photo of a square."])
     res = run(word_model(words), strategy, tasks, tmp_path)
     check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "dfg"))
+    base = {"a photo of a circle.", "a photo of a square."}
     (p1, i1), (p2, i2) = gen.made
-    assert set(p1) <= {"a photo of a circle.", "a photo of a square."} and set(p2) <= set(tasks[0].prompts(0))
-    assert len(i1) == len(i2) == 6
+    assert set(p1) <= base and set(p2) <= base | set(tasks[0].prompts(0)) and len(i1) == len(i2) == 6
 
 
 def test_gift_checks_the_prompts_before_training(tasks, tmp_path):

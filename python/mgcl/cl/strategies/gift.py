@@ -4,12 +4,13 @@ Vision-Language Models"), as its public code (``Luo-Jiaming/GIFT_CL``:
 ``txt2img.py``) does it.
 
 Reference set: before task t, ``images_per_task`` prompts (GIFT: 1,000) drawn
-uniformly with replacement from the class prompts of the finished tasks
-(template 0; the first task: ``base_prompts``, GIFT's ImageNet classes, what
-the model was pretrained on: a list, "pool" for the texts of mgcl's built-in
-question pool (medical labels over every domain), or None for the
-generator's own, if it has any; with none the first task trains on
-cross-entropy alone), one image each from a text-to-image generator
+uniformly with replacement from a pool that grows task by task: the base
+prompts, for what the model was pretrained on (GIFT's ImageNet class
+prompts, in its pool for every task), then the class prompts (template 0) of
+each finished task. ``base_prompts``: a list, "pool" for the texts of mgcl's
+built-in question pool (medical labels over every domain), or None for the
+generator's own if it has any (with no base prompt the first task, which has
+nothing to replay, trains on cross-entropy alone). One image each from a text-to-image generator
 (``mgcl.cl.generators``: the procedural ``"mgtil-synth"``, ``"diffusers:<dir>"``
 or any object of the protocol), blank images dropped. The pairs go through
 the student's eval transform (GIFT: the test preprocess). Batches of
@@ -94,22 +95,22 @@ class Gift(Strategy):
 
         self.generator = resolve(self.generator_spec)
         if hasattr(self.generator, "check_prompts"):   # every prompt it will be asked for, before any training
-            self.generator.check_prompts(self.pool(trainer, 0) + self.pool(trainer, len(trainer.tasks) - 1))
+            self.generator.check_prompts(self.pool(trainer, len(trainer.tasks) - 1))
 
     def setup(self, trainer):
         self.guard.setup(trainer)
 
     def pool(self, trainer, t: int) -> list:
-        """The prompts replayed before task t: the finished tasks' class prompts (template 0);
-        for the first task the base prompts ("pool": the texts of the built-in question pool)."""
-        if t > 0:
-            return [p for task in trainer.tasks[:t] for p in task.prompts(0)]
+        """The prompts replayed before task t: the base prompts ("pool": the texts of the
+        built-in question pool) and the finished tasks' class prompts (template 0)."""
         if self.base_prompts == "pool":
             from ...retrieval.pool import load_pool  # noqa: PLC0415
 
-            return [q.text for q in load_pool()]
-        return list(self.base_prompts if self.base_prompts is not None
-                    else getattr(self.generator, "base_prompts", None) or [])
+            base = [q.text for q in load_pool()]
+        else:
+            base = list(self.base_prompts if self.base_prompts is not None
+                        else getattr(self.generator, "base_prompts", None) or [])
+        return base + [p for task in trainer.tasks[:t] for p in task.prompts(0)]
 
     def before_task(self, trainer, t):
         from ..generators import synthetic_pairs  # noqa: PLC0415
