@@ -38,29 +38,58 @@ class ToyImages:
         return len(self.labels)
 
     def __getitem__(self, i):
-        from PIL import Image, ImageDraw  # noqa: PLC0415
-
         label = self.labels[i]
         rng = random.Random(self.seed * 1_000_003 + i)
         f = {"shape": rng.choice(SHAPES), "colour": rng.choice(tuple(COLOURS)), "size": rng.choice(SIZES),
              "side": rng.choice(SIDES)}
         f[self.factor] = self.classes[label]
-        s = self.image_size
-        noise = bytes(rng.randrange(90, 140) for _ in range(s * s * 3))
-        img = Image.frombytes("RGB", (s, s), noise)
-        r = (0.16 if f["size"] == "small" else 0.3) * s * rng.uniform(0.9, 1.1)
-        cx = (0.28 if f["side"] == "left" else 0.72) * s + rng.uniform(-0.05, 0.05) * s
-        cy = rng.uniform(0.35, 0.65) * s
-        box = [cx - r, cy - r, cx + r, cy + r]
-        d = ImageDraw.Draw(img)
-        col = COLOURS[f["colour"]]
-        if f["shape"] == "circle":
-            d.ellipse(box, fill=col)
-        elif f["shape"] == "square":
-            d.rectangle(box, fill=col)
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
-        return img, label
+        return draw(f, self.image_size, rng), label
+
+
+def draw(f: dict, s: int, rng: random.Random):
+    """The ``s`` x ``s`` image of factors ``f`` (shape, colour, size, side) on a noisy background."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    noise = bytes(rng.randrange(90, 140) for _ in range(s * s * 3))
+    img = Image.frombytes("RGB", (s, s), noise)
+    r = (0.16 if f["size"] == "small" else 0.3) * s * rng.uniform(0.9, 1.1)
+    cx = (0.28 if f["side"] == "left" else 0.72) * s + rng.uniform(-0.05, 0.05) * s
+    cy = rng.uniform(0.35, 0.65) * s
+    box = [cx - r, cy - r, cx + r, cy + r]
+    d = ImageDraw.Draw(img)
+    col = COLOURS[f["colour"]]
+    if f["shape"] == "circle":
+        d.ellipse(box, fill=col)
+    elif f["shape"] == "square":
+        d.rectangle(box, fill=col)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
+    return img
+
+
+class ToyGenerator:
+    """A text-to-image generator (``mgcl.cl.generators.ImageGenerator``) for
+    toy prompts: each factor a prompt names by its word ("a red circle", "a
+    shape on the left.") is drawn so, the others at random; ``image_size``
+    pixels square. Deterministic for (prompts, seed)."""
+
+    name = "toy"
+
+    def __init__(self, image_size: int = 32):
+        self.image_size = image_size
+
+    def generate(self, prompts, seed: int) -> list:
+        out = []
+        for k, p in enumerate(prompts):
+            rng = random.Random(seed * 1_000_003 + k)
+            words = set(p.lower().replace(".", " ").replace(",", " ").split())
+            f = {}
+            for factor, values in (("shape", SHAPES), ("colour", tuple(COLOURS)), ("size", SIZES),
+                                   ("side", SIDES)):
+                named = [v for v in values if v in words]
+                f[factor] = named[0] if named else rng.choice(values)
+            out.append(draw(f, self.image_size, rng))
+        return out
 
 
 def toy_tasks(n_tasks: int = 4, *, n_train: int = 24, n_test: int = 12, image_size: int = 32, seed: int = 0,

@@ -26,6 +26,8 @@ REGISTRY = {
     "primed": ("primed", "Primed"),
     "moe-adapters": ("moe_adapters", "MoEAdapters"),
     "diki": ("diki", "DIKI"),
+    "snd": ("snd", "SnD"),
+    "gift": ("gift", "Gift"),
 }
 
 
