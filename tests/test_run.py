@@ -75,8 +75,13 @@ def test_example_configs_validate(capsys):
 def test_synthetic_example_config_matches_the_demo():
     from mgcl.mgtil import demo
 
-    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == sorted(
-        [p.name for p in CONFIGS] + ["mgtil-synth-tinyclip-primed.yaml"])
+    from mgcl.cl import strategies
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {p.stem for p in CONFIGS} | {"mgtil-synth-tinyclip-primed"} <= set(names)
+    for name in names:  # <sequence or mgtil-synth>-<model>-<method>, the method a registered strategy
+        assert name.startswith(("hmt-order", "medxtreme-order", "mgtil-synth-")), name
+        assert any(name.endswith("-" + m) for m in strategies.available()), name
     cfg = run.load_config(str(CONFIG_DIR / "mgtil-synth-tinyclip-primed.yaml")).data
     want = demo.settings(quick=False)
     assert cfg["benchmark"] == "mgtil-synth" and not cfg["model"]["checkpoint"].startswith("~")
@@ -148,9 +153,9 @@ def test_a_strategy_without_retrieval_needs_no_bank():
 
 def test_cli_reports_config_errors(tmp_path, capsys):
     p = tmp_path / "bad.yaml"
-    p.write_text(yaml.safe_dump(with_(strategy__name="gift")))
+    p.write_text(yaml.safe_dump(with_(strategy__name="no-such-method")))
     assert cli.main(["run", str(p)]) == 2
-    assert "unknown strategy 'gift'" in capsys.readouterr().err
+    assert "unknown strategy 'no-such-method'" in capsys.readouterr().err
     p.write_text("benchmark: [unclosed")
     assert cli.main(["run", str(p), "--check"]) == 2
     assert "not valid YAML" in capsys.readouterr().err
