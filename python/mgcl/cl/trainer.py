@@ -20,6 +20,7 @@ Files under ``out_dir``: ``results.json`` (``mgcl.cl.results``, one method),
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -37,9 +38,24 @@ from .._io import atomic_write_json
 from . import checkpoint
 from . import results as results_mod
 from .config import TrainConfig
+from .logging import Callback, Logger, make as make_logger
 from .evaluate import _Transformed, autocast, evaluate
 from .strategies import Strategy, create as create_strategy
 from .strategies.base import Loss, OptimizerSpec, ParamGroup, TaskBatch
+from .strategies.parts import GUARD_MODES
+
+PENALTY = "penalty"  # the log's name for the guard term a strategy records under its mode (dfg / ewc / l2)
+
+
+def _bind(logger, trainer) -> None:
+    """Point a logger at the run (its folder; W&B also gets the run's config)."""
+    bind = getattr(logger, "bind", None)
+    if bind is None:
+        return
+    if "config" in inspect.signature(bind).parameters:
+        bind(trainer.out_dir, config=trainer.config())
+    else:
+        bind(trainer.out_dir)
 from .tasks import Task
 
 
@@ -57,13 +73,18 @@ class ContinualTrainer:
             GPU that has it, off otherwise; ``num_workers`` None: 0 on the CPU,
             up to 8 with a GPU (batches and augmentation stay seeded).
         device, out_dir: where it runs and where its files go.
-        resume: continue after the last finished task found in ``out_dir``.
+        resume: continue after the last finished task (or the last mid-task
+            checkpoint, ``checkpoint_every``) found in ``out_dir``.
         progress: progress bars and log lines on stderr.
+        loggers: ``mgcl.cl.logging.Logger`` objects (None: those named by
+            ``train_config.loggers``, default a ``CSVLogger``).
+        callbacks: ``mgcl.cl.logging.Callback`` objects, called in order at
+            task start, step end, evaluation and task end.
     """
 
     def __init__(self, model, strategy, tasks: Sequence[Task], *, device, out_dir: str,
                  train_config: Optional[TrainConfig] = None, resume: bool = False, progress: bool = True,
-                 **settings):
+                 loggers: Optional[Sequence] = None, callbacks: Sequence[Callback] = (), **settings):
         tasks = list(tasks) if tasks is not None else []
         if not tasks:
             raise ValueError("ContinualTrainer: the task list is empty")
@@ -96,6 +117,18 @@ class ContinualTrainer:
             (min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.model, self.strategy, self.tasks = model, strategy, tasks
         self.out_dir, self.resume, self.progress = out_dir, resume, progress
+        self.loggers = [make_logger(n) for n in cfg.loggers] if loggers is None else list(loggers)
+        bad = [type(x).__name__ for x in self.loggers if not isinstance(x, Logger)]
+        if bad:
+            raise ValueError(f"ContinualTrainer: loggers must have log_step, log_task, resume and close; got {bad}")
+        self.callbacks = list(callbacks)
+        bad = [type(x).__name__ for x in self.callbacks if not isinstance(x, Callback)]
+        if bad:
+            raise ValueError(f"ContinualTrainer: callbacks must be mgcl.cl.logging.Callback objects; got {bad}")
+        if cfg.checkpoint_every and not strategy.mid_task_checkpoints:
+            raise ValueError(f"ContinualTrainer: strategy {strategy.name!r} keeps state during a task that its "
+                             "checkpoints do not hold; train.checkpoint_every must be null for it")
+        self.rows: dict = {}           # z, z_auc, R, auc so far (what a mid-task checkpoint saves)
         self._tokens: dict[int, torch.Tensor] = {}
         self._terms: dict[str, torch.Tensor] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -174,15 +207,17 @@ class ContinualTrainer:
         if value is not None:
             self._terms[name] = value
 
-    def loader(self, dataset, *, train: bool, seed: int, iters: int, batch_size: Optional[int] = None) -> Iterator:
+    def loader(self, dataset, *, train: bool, seed: int, iters: int, batch_size: Optional[int] = None,
+               start: int = 0) -> Iterator:
         """``iters`` batches of (images, labels) from ``dataset``, reshuffled every
-        pass and cycled as often as needed (a batch may span two passes)."""
+        pass and cycled as often as needed (a batch may span two passes);
+        ``start``: begin at that batch (the same batches from there on)."""
         bs = batch_size or self.train_config.batch_size
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         while len(order) < bs * iters:
             order.extend(torch.randperm(len(dataset), generator=g).tolist())
-        batches = [order[i * bs:(i + 1) * bs] for i in range(iters)]
+        batches = [order[i * bs:(i + 1) * bs] for i in range(start, iters)]
         ds = _Transformed(dataset, self.model.transform(train))
         return iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=self.num_workers,
                                                 pin_memory=self.device.type == "cuda"))
@@ -294,32 +329,54 @@ class ContinualTrainer:
         T = len(self.tasks)
         self.start()
         state = checkpoint.load(self) if self.resume else None
-        if self.resume and state is None:
-            self.log(f"resume: no checkpoint in {os.path.join(self.out_dir, 'checkpoint')}; starting from the start")
         finished = state["finished"] if state is not None else -1
-        checkpoint.trim_log(self.out_dir, finished)
+        mid = checkpoint.read_mid(self, finished) if self.resume else None
+        if self.resume and state is None and mid is None:
+            self.log(f"resume: no checkpoint in {os.path.join(self.out_dir, 'checkpoint')}; starting from the start")
+        resumed_step = mid[0]["step"] if mid is not None else None
+        checkpoint.trim_log(self.out_dir, finished + 1 if mid else finished, resumed_step)
+        for lg in self.loggers:
+            _bind(lg, self)
+            if self.resume:
+                lg.resume(finished + 1 if mid else finished, resumed_step)
         t0 = time.time()
-        if state is not None:
-            z, z_auc, R, A = state["z"], state["z_auc"], state["R"], state["auc"]
-            self.log(f"resuming after task {finished + 1}/{T} ({self.tasks[finished].name})"
-                     + ("; every task is finished: only the results are written" if finished == T - 1 else ""))
-        else:
-            z, z_auc = self._zero_shot_row()
-            R, A = [], []
-        for t in range(finished + 1, T):
-            self.begin_task(t)
-            if self.strategy.trains:
-                self._train_task(t)
-            self.strategy.after_task(self, t)
-            if self.strategy.trains:
-                acc, auc = self._evaluate()
+        try:
+            if state is not None:
+                z, z_auc, R, A = state["z"], state["z_auc"], state["R"], state["auc"]
+                self.log(f"resuming after task {finished + 1}/{T} ({self.tasks[finished].name})"
+                         + ("; every task is finished: only the results are written" if finished == T - 1 else ""))
             else:
-                acc, auc = list(z), list(z_auc)
-            R.append(acc)
-            A.append(auc)
-            self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
-                     + " ".join(f"{n}={a:.2f}" for n, a in zip((x.name for x in self.tasks), acc)))
-            checkpoint.save(self, t, z=z, z_auc=z_auc, R=R, auc=A)
+                z, z_auc = self._zero_shot_row()
+                R, A = [], []
+            self.rows = {"z": z, "z_auc": z_auc, "R": R, "auc": A}
+            for t in range(finished + 1, T):
+                for cb in self.callbacks:
+                    cb.on_task_start(self, t)
+                self.begin_task(t)
+                if self.strategy.trains:
+                    self._train_task(t, mid if mid is not None and mid[0]["task"] == t else None)
+                self.strategy.after_task(self, t)
+                if self.strategy.trains:
+                    acc, auc = self._evaluate()
+                else:
+                    acc, auc = list(z), list(z_auc)
+                R.append(acc)
+                A.append(auc)
+                names = [x.name for x in self.tasks]
+                self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
+                         + " ".join(f"{n}={a:.2f}" for n, a in zip(names, acc)))
+                for cb in self.callbacks:
+                    cb.on_evaluate(self, t, acc, auc)
+                checkpoint.save(self, t, z=z, z_auc=z_auc, R=R, auc=A)
+                row = {"task": t, "task_name": self.tasks[t].name, "acc_mean": sum(acc) / len(acc),
+                       **{f"acc/{n}": a for n, a in zip(names, acc)}}
+                for lg in self.loggers:
+                    lg.log_task(row)
+                for cb in self.callbacks:
+                    cb.on_task_end(self, t, acc, auc)
+        finally:
+            for lg in self.loggers:
+                lg.close()
         entry = results_mod.method_entry(R, z, A, z_auc, strategy_options=self.strategy.options(),
                                          seconds=time.time() - t0)
         benchmarks = {t.meta.get("benchmark") or "" for t in self.tasks}
@@ -339,6 +396,8 @@ class ContinualTrainer:
         z, z_auc = self._evaluate()
         checkpoint.save_zero_shot(self.out_dir, names, z, z_auc)
         self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
+        for cb in self.callbacks:
+            cb.on_evaluate(self, -1, z, z_auc)
         return z, z_auc
 
     def start(self) -> None:
@@ -388,33 +447,51 @@ class ContinualTrainer:
         self.strategy.after_step(self, step)
         return loss
 
-    def _train_task(self, t: int) -> None:
+    def _train_task(self, t: int, mid: Optional[tuple] = None) -> None:
+        """Task t's steps; from a mid-task checkpoint ``mid`` (``checkpoint.read_mid``):
+        the data streams skipped to its step, then its states restored."""
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        task, T, iters = self.tasks[t], len(self.tasks), self.train_config.iters_per_task
-        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=iters)
+        task, T, c = self.tasks[t], len(self.tasks), self.train_config
+        iters, first = c.iters_per_task, (mid[0]["step"] if mid is not None else 0)
+        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=iters, start=first)
+        if mid is not None:
+            self.strategy.fast_forward(self, first)
+            checkpoint.restore(self, mid)
+            self.log(f"resuming task {t + 1}/{T} ({task.name}) after step {first}")
         self.model.train()
-        bar = tqdm(total=iters, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
+        bar = tqdm(total=iters, initial=first, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         log_path = os.path.join(self.out_dir, checkpoint.LOG)
-        for step in range(iters):
+        clock, seen = time.perf_counter(), 0
+        for step in range(first, iters):
             images, labels = next(batches)
             loss = self.train_step(images.to(self.device, non_blocking=True),
                                    labels.to(self.device, non_blocking=True), t, step)
+            seen += len(images)
             bar.update(1)
-            if (step + 1) % self.train_config.log_every == 0 or step == iters - 1:
+            for cb in self.callbacks:
+                cb.on_step_end(self, t, step, loss)
+            if (step + 1) % c.log_every == 0 or step == iters - 1:
                 terms = {"loss": float(sum(p.detach().float() for p in loss.parts))}
-                terms.update({k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-                              for k, v in {**loss.terms, **self._terms}.items()})
+                terms.update({PENALTY if k in GUARD_MODES else k: float(v.detach()) if isinstance(v, torch.Tensor)
+                              else float(v) for k, v in {**loss.terms, **self._terms}.items()})
                 if not all(math.isfinite(v) for v in terms.values()):
                     raise FloatingPointError(f"task {task.name!r} step {step + 1}: non-finite loss {terms}")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
-                lr = self.lr_at(step)
-                line = {"task": t, "task_name": task.name, "step": step + 1, "lr": lr, **terms}
+                now = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                line = {"task": t, "task_name": task.name, "step": step + 1, "global_step": t * iters + step + 1,
+                        "lr": lr, "throughput": seen / max(now - clock, 1e-9), **terms}
+                clock, seen = now, 0
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
+                for lg in self.loggers:
+                    lg.log_step(line)
                 self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{iters} lr {lr:.3g} "
                          + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+            if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < iters:
+                checkpoint.save_mid(self, t, step + 1, **self.rows)
         bar.close()
 
     def log(self, msg: str) -> None:

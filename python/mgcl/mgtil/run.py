@@ -32,6 +32,8 @@ unknown keys are errors)::
       iters_per_task: 1000
       batch_size: 64
       lr: 1.0e-5
+      checkpoint_every: null         # N: a mid-task checkpoint every N steps (--resume continues there)
+      loggers: [csv]                 # csv | tensorboard | wandb (mgcl.cl.logging)
       ...
 
 ``validate`` checks every key and value and builds the strategy, once, without
