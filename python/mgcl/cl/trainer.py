@@ -52,11 +52,12 @@ from .._io import atomic_write_json
 from . import checkpoint
 from . import results as results_mod
 from .config import TrainConfig
-from .logging import Callback, Logger, make as make_logger
 from .evaluate import _Transformed, autocast, evaluate
+from .logging import Callback, Logger, make as make_logger
 from .strategies import Strategy, create as create_strategy
 from .strategies.base import Loss, OptimizerSpec, ParamGroup, TaskBatch
 from .strategies.parts import GUARD_MODES
+from .tasks import Task
 
 PENALTY = "penalty"  # the log's name for the guard term a strategy records under its mode (dfg / ewc / l2)
 
@@ -105,7 +106,6 @@ def _bind(logger, trainer) -> None:
         bind(trainer.out_dir, config=trainer.config())
     else:
         bind(trainer.out_dir)
-from .tasks import Task
 
 
 class ContinualTrainer:
@@ -179,10 +179,9 @@ class ContinualTrainer:
                              "checkpoints do not hold; train.checkpoint_every must be null for it")
         self.rows: dict = {}           # z, z_auc, R, auc so far (what a mid-task checkpoint saves)
         self.world, self.rank = _world()
-        for key in ("batch_size",):
-            if getattr(cfg, key) % self.world:
-                raise ValueError(f"ContinualTrainer: train.{key} {getattr(cfg, key)} does not divide by the "
-                                 f"{self.world} processes")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"ContinualTrainer: train.batch_size {cfg.batch_size} does not divide by the "
+                             f"{self.world} processes")
         if self.rank:
             self.progress, self.loggers = False, []
         self._tokens: dict[int, torch.Tensor] = {}
@@ -581,7 +580,7 @@ class ContinualTrainer:
             images, labels = next(batches)
             loss = self.train_step(images.to(self.device, non_blocking=True),
                                    labels.to(self.device, non_blocking=True), t, step)
-            seen += len(images)
+            seen += len(images) * self.world     # the global batch
             bar.update(1)
             for cb in self.callbacks:
                 cb.on_step_end(self, t, step, loss)
