@@ -8,9 +8,10 @@ strategy's terms (``ce``, ``ckt``, ``cmc``, ...; ``penalty``: the guard's
 penalty when the strategy has a guard term); ``log_task(row)`` after each
 task, with ``task``, ``task_name`` and the R row (``acc/<task name>`` for
 every task) and its mean ``acc_mean``; ``close()`` at the end of the run.
-``resume(task, step)`` tells a logger that a run resumes after ``step`` of
-``task`` (step None: after the whole task), so a file logger drops what it
-had logged past that point.
+``resume(task, step)``, before anything is logged, tells a logger where the
+run starts: after ``step`` of ``task`` (step None: after the whole task; task
+-1: a fresh run), so a file logger drops what an earlier run in the same
+folder had logged past that point.
 
 The adapters: ``CSVLogger`` (the default: ``steps.csv`` and ``tasks.csv`` in
 the run's folder), ``TensorBoardLogger`` (``tensorboard`` installed; event

@@ -402,8 +402,7 @@ class ContinualTrainer:
             checkpoint.trim_log(self.out_dir, finished + 1 if mid else finished, resumed_step)
         for lg in self.loggers:
             _bind(lg, self)
-            if self.resume:
-                lg.resume(finished + 1 if mid else finished, resumed_step)
+            lg.resume(finished + 1 if mid else finished, resumed_step)     # a fresh run: finished -1, nothing kept
         t0 = time.time()
         try:
             if state is not None:

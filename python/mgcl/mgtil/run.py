@@ -393,9 +393,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
                           "continue it, or choose another output_dir")
     if d["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {d['device']} but no GPU is visible")
-    device, rank, joined = _join_processes(d["device"])
+    device, rank, world, joined = _join_processes(d["device"])
     try:
-        return _run(cfg, d, out, rdir, device, rank, resume=resume, progress=progress)
+        return _run(cfg, d, out, rdir, device, rank, world, resume=resume, progress=progress)
     finally:
         if joined:
             import torch.distributed as dist  # noqa: PLC0415
@@ -403,15 +403,16 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
             dist.destroy_process_group()
 
 
-def _join_processes(device: str) -> tuple[str, int, bool]:
+def _join_processes(device: str) -> tuple[str, int, int, bool]:
     """Under torchrun (``WORLD_SIZE`` > 1): join the process group (unless the
-    caller did) and pick this rank's device. Returns (device, rank, joined here)."""
+    caller did) and pick this rank's device. Returns (device, rank, world size,
+    joined here)."""
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return device, 0, False
+        return device, 0, 1, False
     joined = not dist.is_initialized()
     if joined:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -419,10 +420,10 @@ def _join_processes(device: str) -> tuple[str, int, bool]:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     dist.barrier()          # every rank has checked the output directory before rank 0 writes to it
-    return device, dist.get_rank(), joined
+    return device, dist.get_rank(), world, joined
 
 
-def _run(cfg: RunConfig, d: dict, out: str, rdir: str, device: str, rank: int, *, resume: bool,
+def _run(cfg: RunConfig, d: dict, out: str, rdir: str, device: str, rank: int, world: int, *, resume: bool,
          progress: bool) -> dict:
     import torch  # noqa: PLC0415
     import yaml  # noqa: PLC0415
@@ -432,7 +433,6 @@ def _run(cfg: RunConfig, d: dict, out: str, rdir: str, device: str, rank: int, *
     from ..cl.trainer import RankZeroSiphon  # noqa: PLC0415
     from ..retrieval import BankError, Siphon  # noqa: PLC0415
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = torch.get_num_threads()
     if d["threads"]:
         torch.set_num_threads(d["threads"])
