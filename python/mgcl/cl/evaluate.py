@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .metrics import macro_auc
 from .tasks import Task
 
 
@@ -41,44 +42,6 @@ def zero_shot_head(model, task: Task, device, *, amp=None) -> torch.Tensor:
     tokens = model.tokenize(task.prompts(None))  # template-major: t * C + c
     feats = text_features(model, tokens, device, amp=amp).view(T, C, -1)
     return F.normalize(feats.mean(0), dim=-1)
-
-
-def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Macro one-vs-rest ROC-AUC (ties count half, as Mann-Whitney U).
-
-    Classes with no positive or no negative sample are left out of the mean
-    (AUC is undefined for them); NaN when no class is scorable.
-    """
-    probs = probs.double().cpu()
-    labels = labels.long().cpu()
-    n, C = probs.shape
-    aucs = []
-    for c in range(C):
-        pos = labels == c
-        n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = _midranks(probs[:, c])
-        u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
-        aucs.append(u / (n_pos * n_neg))
-    return float(sum(aucs) / len(aucs)) if aucs else float("nan")
-
-
-def _midranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks with ties given their average rank."""
-    order = torch.argsort(x, stable=True)
-    xs = x[order]
-    n = len(x)
-    ranks = torch.empty(n, dtype=torch.float64)
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
 
 
 class _Transformed(torch.utils.data.Dataset):
