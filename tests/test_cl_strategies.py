@@ -112,8 +112,8 @@ def test_every_strategy_runs_two_tasks(name, tasks, bank, tmp_path):
         log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
         assert len(log) == 2 * ITERS // 2 and all("ce" in x and "loss" in x for x in log)
         if name in ("primed", "zscl"):
-            assert all(k in log[-1] for k in (("ce", "ckt", "cmc", "distill", "dfg") if name == "primed"
-                                              else ("ce", "kd", "l2")))
+            assert all(k in log[-1] for k in (("ce", "ckt", "cmc", "distill", "penalty") if name == "primed"
+                                              else ("ce", "kd", "penalty")))
 
 
 def _grads(params):

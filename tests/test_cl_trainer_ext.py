@@ -9,25 +9,15 @@ import torch
 from mgcl.cl import ContinualTrainer
 from mgcl.cl.evaluate import evaluate_all, head_logits, zero_shot_head
 from mgcl.cl.strategies.base import OptimizerSpec, ParamGroup, Strategy
-from mgcl.cl.toy import toy_tasks, toy_vocabulary
-from mgcl.models import TinyCLIP, WordTokenizer
+from mgcl.cl.toy import toy_tasks
+from test_cl_trainer import KW, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KW = dict(iters_per_task=4, batch_size=6, lr=2e-3, warmup=1, device="cpu", log_every=2, progress=False,
-          eval_batch_size=64)
 
 
 @pytest.fixture(scope="module")
 def tasks3():
     return toy_tasks(3, n_train=5, n_test=4, image_size=32)
-
-
-def tiny_model(tasks, seed=0):
-    torch.manual_seed(seed)
-    tok = WordTokenizer.build(toy_vocabulary(tasks), context_length=12)
-    return TinyCLIP(tok, vision="cnn", image_size=32, vision_width=16, text_width=16, text_heads=2, text_layers=1,
-                    embed_dim=16)
 
 
 class Adapted(torch.nn.Module):

@@ -1,5 +1,6 @@
 """What a continual run resumes from: the checkpoint after each finished task,
-the zero-shot row, and the training log trimmed to match.
+the optional mid-task checkpoint (``TrainConfig.checkpoint_every``), the
+zero-shot row, and the training log trimmed to match.
 
 Files under ``<out_dir>/checkpoint/``::
 
@@ -7,19 +8,36 @@ Files under ``<out_dir>/checkpoint/``::
     task-XXX/          model / optimizer / strategy / rng .safetensors + state.json
                        (settings, R so far, optimizer and strategy scalars, RNG
                        states, and the sha256 of every .safetensors file)
+    mid.json           {"dir": "step-XXX-SSSSSS", "task": t, "step": s, "sha256": ...}
+    step-XXX-SSSSSS/   the same files, after step s of task t (t = the task
+                       after latest.json's; state.json also holds "task", "step")
     zero_shot.json     {"tasks", "z", "z_auc", "sha256": <of the other keys>}
 
-Every file is written atomically (``mgcl._io``); ``latest.json`` last, then
-older ``task-*`` folders are removed, so a kill at any point leaves the
-previous checkpoint or the new one. On resume every file is checked against
-its checksum before anything is loaded, ``latest.json`` may only name a
-``task-NNN`` folder inside ``checkpoint/``, and every problem (missing,
-truncated, edited, other settings) is one ``CheckpointError`` line naming
-the file. Tensors go through safetensors and the rest through JSON: nothing is
+Every file is written atomically (``mgcl._io``); the pointer (``latest.json``,
+``mid.json``) last, then older folders of its kind are removed (a task's end
+removes the mid-task checkpoint), so a kill at any point leaves the previous
+checkpoint or the new one. On resume every file is checked against its
+checksum before anything is loaded, a pointer may only name a folder of its
+pattern inside ``checkpoint/``, and every problem (missing, truncated,
+edited, other settings) is one ``CheckpointError`` line naming the file.
+Tensors go through safetensors and the rest through JSON: nothing is
 unpickled.
 
-``trim_log`` keeps ``train_log.jsonl`` to the rows of the finished tasks, so a
-resumed run never logs a (task, step) twice.
+A run resumed from a mid-task checkpoint of task t first restores the
+checkpoint of task t - 1 and begins task t as usual (the strategy's
+``before_task``: teacher, reference set, loaders; the task's data loader),
+then skips the data streams to the step (the task loader starts at the step;
+``strategy.fast_forward`` skips the strategy's own streams) and restores
+model, optimizer, strategy and RNG states as they were at the step: the rest
+of the task sees the same batches, augmentations and states as an
+uninterrupted run. In the first task there is no checkpoint of the task
+before: the model the trainer is given stands for it (give the same initial
+weights, as ``mgcl run --resume`` does). (Exact with ``num_workers`` 0, where augmentations draw
+from the restored RNG; DataLoader workers reseed themselves when a loader is
+made, so with workers the augmentations after a mid-task resume differ.)
+
+``trim_log`` keeps ``train_log.jsonl`` to the rows logged up to the point a
+run resumes from, so a resumed run never logs a (task, step) twice.
 """
 from __future__ import annotations
 
@@ -41,8 +59,9 @@ VERSION = 3
 FILES = ("model", "optimizer", "strategy", "rng")
 LOG = "train_log.jsonl"
 # Settings that may change between a run and its resumption.
-RESUME_FREE = ("log_every", "eval_batch_size", "num_workers", "progress")
+RESUME_FREE = ("log_every", "eval_batch_size", "num_workers", "progress", "checkpoint_every", "loggers")
 _TASK_DIR = re.compile(r"task-\d{3,6}")
+_STEP_DIR = re.compile(r"step-\d{3,6}-\d{6,10}")
 
 
 class CheckpointError(ValueError):
@@ -125,10 +144,9 @@ def _rng_state(device: torch.device) -> tuple[dict, dict]:
                      "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
 
 
-def save(trainer, t: int, *, z, z_auc, R, auc) -> None:
-    """The checkpoint after task ``t`` (module doc)."""
-    root = os.path.join(trainer.out_dir, "checkpoint")
-    name = f"task-{t:03d}"
+def _write(trainer, root: str, name: str, pointer: str, head: dict, body: dict) -> None:
+    """Folder ``name`` with every state file and state.json (``body`` added),
+    then ``pointer`` naming it (``head`` added), then the older folders of its kind removed."""
     d = os.path.join(root, name)
     if os.path.isdir(d):
         shutil.rmtree(d)
@@ -142,12 +160,35 @@ def save(trainer, t: int, *, z, z_auc, R, auc) -> None:
         atomic_write_tensors(path, tensors)
         files[f"{kind}.safetensors"] = _sha256(path)
     state = os.path.join(d, "state.json")
-    atomic_write_json(state, {"format": FORMAT, "version": VERSION, "finished": t, "config": trainer.config(),
-                              "z": z, "z_auc": z_auc, "R": R, "auc": auc, "optimizer": opt_json,
-                              "strategy": s_json, "rng": rng_json, "files": files})
-    atomic_write_json(os.path.join(root, "latest.json"), {"dir": name, "finished": t, "sha256": _sha256(state)})
+    atomic_write_json(state, {"format": FORMAT, "version": VERSION, "config": trainer.config(), **body,
+                              "optimizer": opt_json, "strategy": s_json, "rng": rng_json, "files": files})
+    atomic_write_json(os.path.join(root, pointer), {"dir": name, **head, "sha256": _sha256(state)})
+    kind = name.split("-")[0] + "-"
     for other in os.listdir(root):
-        if other.startswith("task-") and other != name:
+        if other.startswith(kind) and other != name:
+            shutil.rmtree(os.path.join(root, other), ignore_errors=True)
+
+
+def save(trainer, t: int, *, z, z_auc, R, auc) -> None:
+    """The checkpoint after task ``t`` (module doc); the mid-task one of task t is removed after it."""
+    root = os.path.join(trainer.out_dir, "checkpoint")
+    _write(trainer, root, f"task-{t:03d}", "latest.json", {"finished": t},
+           {"finished": t, "z": z, "z_auc": z_auc, "R": R, "auc": auc})
+    _drop_mid(root)
+
+
+def save_mid(trainer, t: int, step: int, *, z, z_auc, R, auc) -> None:
+    """The checkpoint after ``step`` steps of task ``t`` (module doc)."""
+    root = os.path.join(trainer.out_dir, "checkpoint")
+    _write(trainer, root, f"step-{t:03d}-{step:06d}", "mid.json", {"task": t, "step": step},
+           {"finished": t - 1, "task": t, "step": step, "z": z, "z_auc": z_auc, "R": R, "auc": auc})
+
+
+def _drop_mid(root: str) -> None:
+    if os.path.lexists(os.path.join(root, "mid.json")):
+        os.remove(os.path.join(root, "mid.json"))
+    for other in os.listdir(root):
+        if other.startswith("step-"):
             shutil.rmtree(os.path.join(root, other), ignore_errors=True)
 
 
@@ -156,18 +197,45 @@ def load(trainer) -> Optional[dict]:
     checkpoint; returns the saved state (``finished``, ``z``, ``z_auc``, ``R``,
     ``auc``), or None when ``out_dir`` holds no checkpoint. CheckpointError on
     anything that does not check out."""
+    got = _read(trainer, "latest.json", _TASK_DIR, "task-NNN", ("finished",))
+    if got is None:
+        return None
+    restore(trainer, got)
+    return got[0]
+
+
+def read_mid(trainer, finished: int) -> Optional[tuple]:
+    """The mid-task checkpoint of task ``finished + 1``, checked but not yet
+    restored (``restore`` does that once the task has begun), or None when
+    there is none (or only a stale one of a finished task)."""
+    got = _read(trainer, "mid.json", _STEP_DIR, "step-NNN-SSSSSS", ("task", "step"))
+    if got is None or got[0]["task"] != finished + 1:
+        return None
+    state = got[0]
+    if state["finished"] != finished or not isinstance(state["step"], int) \
+            or not 0 < state["step"] < trainer.train_config.iters_per_task:
+        raise CheckpointError(f"resume: the mid-task checkpoint in {got[2]} (task {state['task']}, step "
+                              f"{state['step']}) does not fit the last finished task {finished} or "
+                              f"{trainer.train_config.iters_per_task} steps per task")
+    return got
+
+
+def _read(trainer, pointer: str, pattern, shape: str, head_keys: tuple) -> Optional[tuple]:
+    """(state, tensors, folder) of the checkpoint ``pointer`` names, every file
+    checked (module doc); None when the pointer does not exist."""
     from safetensors import SafetensorError  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
     root = os.path.join(trainer.out_dir, "checkpoint")
-    latest = os.path.join(root, "latest.json")
+    latest = os.path.join(root, pointer)
     if not os.path.lexists(latest):
         return None
     head = _read_json(_inside(latest, root), "the pointer to the last checkpoint")
-    if not isinstance(head, dict) or not isinstance(head.get("dir"), str) or not _TASK_DIR.fullmatch(head["dir"]) \
+    if not isinstance(head, dict) or not isinstance(head.get("dir"), str) or not pattern.fullmatch(head["dir"]) \
             or not isinstance(head.get("sha256"), str):
-        raise CheckpointError(f"resume: {latest} is not a checkpoint pointer (expected {{\"dir\": \"task-NNN\", "
-                              f"\"finished\", \"sha256\"}}), got {str(head)[:120]}")
+        keys = ", ".join(f'\"{k}\"' for k in (*head_keys, "sha256"))
+        raise CheckpointError(f"resume: {latest} is not a checkpoint pointer (expected {{\"dir\": \"{shape}\", "
+                              f"{keys}}}), got {str(head)[:120]}")
     d = os.path.join(root, head["dir"])
     _inside(d, root)
     state_path = os.path.join(d, "state.json")
@@ -182,7 +250,8 @@ def load(trainer) -> Optional[dict]:
             or state.get("version") != VERSION:
         raise CheckpointError(f"resume: {state_path} is not an mgcl checkpoint of format {FORMAT} v{VERSION}")
     t = state["finished"]
-    if t != head.get("finished") or not isinstance(t, int) or not 0 <= t < T or len(state["R"]) != t + 1:
+    if any(state.get(k) != head.get(k) for k in head_keys) or not isinstance(t, int) or not -1 <= t < T \
+            or (t == -1 and pointer == "latest.json") or len(state["R"]) != t + 1:
         raise CheckpointError(f"resume: {state_path}: finished task {t!r} does not fit {latest} or {T} tasks")
     saved, now = state["config"], trainer.config()
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
@@ -200,6 +269,12 @@ def load(trainer) -> Optional[dict]:
             tensors[kind] = load_file(path, device="cpu" if kind == "rng" else str(trainer.device))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"resume: {path}: {exc}") from None
+    return state, tensors, d
+
+
+def restore(trainer, got: tuple) -> None:
+    """Model, optimizer, strategy and RNG states from ``(state, tensors, folder)`` (``_read``)."""
+    state, tensors, d = got
     try:
         trainer.model.load_state_dict(tensors["model"])
         if state["optimizer"] is not None:
@@ -241,9 +316,12 @@ def load_zero_shot(out_dir: str, tasks: list) -> Optional[tuple]:
     return (body["z"], body["z_auc"]) if body["tasks"] == tasks else None
 
 
-def trim_log(out_dir: str, last_task: int) -> None:
-    """Keep the complete rows of ``train_log.jsonl`` with task <= ``last_task``
-    (-1: none), so the tasks a resumed run trains again are logged once."""
+def trim_log(out_dir: str, last_task: int, step: Optional[int] = None) -> None:
+    """Keep the complete rows of ``train_log.jsonl`` logged up to the end of task
+    ``last_task`` (-1: none), or with ``step`` up to that step of task
+    ``last_task``, so what a resumed run trains again is logged once."""
+    from .logging import logged_before  # noqa: PLC0415
+
     path = os.path.join(out_dir, LOG)
     if not os.path.lexists(path):
         return
@@ -255,10 +333,10 @@ def trim_log(out_dir: str, last_task: int) -> None:
             row = json.loads(line)
         except ValueError:
             continue                    # a line cut by a kill, or empty
-        if isinstance(row, dict) and isinstance(row.get("task"), int) and row["task"] <= last_task:
+        if isinstance(row, dict) and isinstance(row.get("task"), int) and logged_before(row, last_task, step):
             keep.append(line)
     atomic_write_bytes(path, b"".join(x + b"\n" for x in keep))
 
 
-__all__ = ["save", "load", "save_zero_shot", "load_zero_shot", "trim_log", "CheckpointError", "FORMAT", "VERSION",
+__all__ = ["save", "save_mid", "load", "read_mid", "restore", "save_zero_shot", "load_zero_shot", "trim_log", "CheckpointError", "FORMAT", "VERSION",
            "RESUME_FREE"]

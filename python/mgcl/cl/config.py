@@ -19,7 +19,13 @@ Rules, checked at construction (``ConfigError`` naming ``train.<key>``):
   it), "off" (YAML's ``off`` / ``false`` read as False count too) or "bf16";
   fp16 is refused: loss scaling would scale the gradients the Fisher guard
   squares;
-- ``reset_optimizer`` true or false.
+- ``reset_optimizer`` true or false;
+- ``checkpoint_every``: None (checkpoints at task ends only) or an integer
+  >= 1: a mid-task checkpoint every that many steps, so a killed run resumes
+  at the last one (``mgcl.cl.checkpoint``);
+- ``loggers``: a list of names from ``mgcl.cl.logging.LOGGERS`` ("csv",
+  "tensorboard", "wandb"; default ["csv"]; [] for none); the trainer's
+  ``loggers=`` argument takes logger objects instead.
 
 ``check_fits`` bounds ``batch_size`` by what a run can hold (the largest
 task's training set, and the memory one input batch takes); the trainer
@@ -32,11 +38,12 @@ import dataclasses
 import difflib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 SCHEDULES = ("cosine", "constant")
 AMP = (None, "off", "bf16")
+LOGGERS = ("csv", "tensorboard", "wandb")   # mgcl.cl.logging's adapters
 MAX_SIZE = 2**31 - 1
 MAX_SEED = 2**32 - 1
 
@@ -105,12 +112,20 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 256
     num_workers: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    loggers: list = field(default_factory=lambda: ["csv"])
 
     def __post_init__(self):
         for key in ("iters_per_task", "batch_size", "log_every", "eval_batch_size"):
             _int(key, getattr(self, key), 1, MAX_SIZE)
         _int("warmup", self.warmup, 0, MAX_SIZE)
         _int("num_workers", self.num_workers, 0, MAX_SIZE, optional=True)
+        _int("checkpoint_every", self.checkpoint_every, 1, MAX_SIZE, optional=True)
+        if not isinstance(self.loggers, (list, tuple)) or any(x not in LOGGERS for x in self.loggers) \
+                or len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers: expected a list of distinct names from {list(LOGGERS)}, "
+                              f"got {self.loggers!r}")
+        self.loggers = list(self.loggers)
         _int("seed", self.seed, 0, MAX_SEED)
         self.lr = _num("lr", self.lr, 0.0, open_lo=True)
         self.weight_decay = _num("weight_decay", self.weight_decay, 0.0, open_lo=False)
@@ -163,4 +178,4 @@ class TrainConfig:
                                       f"{need / 2**30:,.1f} GiB, more than the device's {memory / 2**30:,.1f} GiB")
 
 
-__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES"]
+__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES", "LOGGERS"]

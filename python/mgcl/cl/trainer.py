@@ -16,10 +16,25 @@ before training (z). After each task a checkpoint is written
 task.
 
 Files under ``out_dir``: ``results.json`` (``mgcl.cl.results``, one method),
-``train_log.jsonl`` (one line per log step), ``checkpoint/``.
+``train_log.jsonl`` (one line per log step), the loggers' files, ``checkpoint/``.
+
+**Several processes** (``torch.distributed`` initialised by the caller, e.g.
+``mgcl run`` under ``torchrun``): the replicas start from rank 0's weights;
+each rank trains on its contiguous share of every global batch (``batch_size``
+and the reference batch size must divide by the world size) and the
+strategy's losses see the global batch where they gather (PRIMED's
+``contrastive_distill(gather=True)``). After each part of the loss is
+backwarded the gradients are averaged over the ranks (one all-reduce per
+part), so every ``after_backward`` hook (the guard) reads the gradient of the
+global batch, as in one process, and the replicas stay identical. Retrieval
+runs on rank 0 only (``RankZeroSiphon``), its reference set broadcast;
+evaluation runs on rank 0 and its rows are broadcast; only rank 0 writes
+files and logs.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -38,9 +53,59 @@ from . import checkpoint
 from . import results as results_mod
 from .config import TrainConfig
 from .evaluate import _Transformed, autocast, evaluate
+from .logging import Callback, Logger, make as make_logger
 from .strategies import Strategy, create as create_strategy
 from .strategies.base import Loss, OptimizerSpec, ParamGroup, TaskBatch
+from .strategies.parts import GUARD_MODES
 from .tasks import Task
+
+PENALTY = "penalty"  # the log's name for the guard term a strategy records under its mode (dfg / ewc / l2)
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _from_rank_zero(fn, rank: int):
+    """``fn()`` run on rank 0 and its (picklable) result broadcast to every rank."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    box = [fn() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RankZeroSiphon:
+    """A Siphon seen from every rank of a multi-process run: the retrieval runs
+    on rank 0 (``siphon``: the real one there, None elsewhere) and its result is
+    broadcast, so every rank trains on the same reference set."""
+
+    def __init__(self, siphon, rank: int):
+        if rank == 0 and siphon is None:
+            raise ValueError("RankZeroSiphon: rank 0 needs the Siphon")
+        self.siphon, self.rank = siphon, rank
+
+    def reference_set(self, finished):
+        return _from_rank_zero(lambda: self.siphon.reference_set(finished), self.rank)
+
+    def uniform_set(self, size, keywords=None):
+        return _from_rank_zero(lambda: self.siphon.uniform_set(size, keywords), self.rank)
+
+
+def _bind(logger, trainer) -> None:
+    """Point a logger at the run (its folder; W&B also gets the run's config)."""
+    bind = getattr(logger, "bind", None)
+    if bind is None:
+        return
+    if "config" in inspect.signature(bind).parameters:
+        bind(trainer.out_dir, config=trainer.config())
+    else:
+        bind(trainer.out_dir)
 
 
 class ContinualTrainer:
@@ -57,13 +122,18 @@ class ContinualTrainer:
             GPU that has it, off otherwise; ``num_workers`` None: 0 on the CPU,
             up to 8 with a GPU (batches and augmentation stay seeded).
         device, out_dir: where it runs and where its files go.
-        resume: continue after the last finished task found in ``out_dir``.
+        resume: continue after the last finished task (or the last mid-task
+            checkpoint, ``checkpoint_every``) found in ``out_dir``.
         progress: progress bars and log lines on stderr.
+        loggers: ``mgcl.cl.logging.Logger`` objects (None: those named by
+            ``train_config.loggers``, default a ``CSVLogger``).
+        callbacks: ``mgcl.cl.logging.Callback`` objects, called in order at
+            task start, step end, evaluation and task end.
     """
 
     def __init__(self, model, strategy, tasks: Sequence[Task], *, device, out_dir: str,
                  train_config: Optional[TrainConfig] = None, resume: bool = False, progress: bool = True,
-                 **settings):
+                 loggers: Optional[Sequence] = None, callbacks: Sequence[Callback] = (), **settings):
         tasks = list(tasks) if tasks is not None else []
         if not tasks:
             raise ValueError("ContinualTrainer: the task list is empty")
@@ -96,6 +166,24 @@ class ContinualTrainer:
             (min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.model, self.strategy, self.tasks = model, strategy, tasks
         self.out_dir, self.resume, self.progress = out_dir, resume, progress
+        self.loggers = [make_logger(n) for n in cfg.loggers] if loggers is None else list(loggers)
+        bad = [type(x).__name__ for x in self.loggers if not isinstance(x, Logger)]
+        if bad:
+            raise ValueError(f"ContinualTrainer: loggers must have log_step, log_task, resume and close; got {bad}")
+        self.callbacks = list(callbacks)
+        bad = [type(x).__name__ for x in self.callbacks if not isinstance(x, Callback)]
+        if bad:
+            raise ValueError(f"ContinualTrainer: callbacks must be mgcl.cl.logging.Callback objects; got {bad}")
+        if cfg.checkpoint_every and not strategy.mid_task_checkpoints:
+            raise ValueError(f"ContinualTrainer: strategy {strategy.name!r} keeps state during a task that its "
+                             "checkpoints do not hold; train.checkpoint_every must be null for it")
+        self.rows: dict = {}           # z, z_auc, R, auc so far (what a mid-task checkpoint saves)
+        self.world, self.rank = _world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"ContinualTrainer: train.batch_size {cfg.batch_size} does not divide by the "
+                             f"{self.world} processes")
+        if self.rank:
+            self.progress, self.loggers = False, []
         self._tokens: dict[int, torch.Tensor] = {}
         self._terms: dict[str, torch.Tensor] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -174,15 +262,21 @@ class ContinualTrainer:
         if value is not None:
             self._terms[name] = value
 
-    def loader(self, dataset, *, train: bool, seed: int, iters: int, batch_size: Optional[int] = None) -> Iterator:
+    def loader(self, dataset, *, train: bool, seed: int, iters: int, batch_size: Optional[int] = None,
+               start: int = 0, share: bool = False) -> Iterator:
         """``iters`` batches of (images, labels) from ``dataset``, reshuffled every
-        pass and cycled as often as needed (a batch may span two passes)."""
+        pass and cycled as often as needed (a batch may span two passes);
+        ``start``: begin at that batch (the same batches from there on);
+        ``share``: this rank's share of each batch (several processes)."""
         bs = batch_size or self.train_config.batch_size
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         while len(order) < bs * iters:
             order.extend(torch.randperm(len(dataset), generator=g).tolist())
-        batches = [order[i * bs:(i + 1) * bs] for i in range(iters)]
+        batches = [order[i * bs:(i + 1) * bs] for i in range(start, iters)]
+        if share and self.world > 1:
+            k = bs // self.world
+            batches = [b[self.rank * k:(self.rank + 1) * k] for b in batches]
         ds = _Transformed(dataset, self.model.transform(train))
         return iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=self.num_workers,
                                                 pin_memory=self.device.type == "cuda"))
@@ -270,10 +364,15 @@ class ContinualTrainer:
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
 
-    @torch.no_grad()
     def _evaluate(self):
         """Accuracy and AUC of every task, scored through the strategy's
-        ``eval_head`` / ``eval_logits`` (the model in eval mode)."""
+        ``eval_head`` / ``eval_logits`` (the model in eval mode); on rank 0, broadcast."""
+        if self.world > 1:
+            return _from_rank_zero(self._evaluate_here, self.rank)
+        return self._evaluate_here()
+
+    @torch.no_grad()
+    def _evaluate_here(self):
         was = self.model.training
         self.model.eval()
         rows = []
@@ -294,32 +393,55 @@ class ContinualTrainer:
         T = len(self.tasks)
         self.start()
         state = checkpoint.load(self) if self.resume else None
-        if self.resume and state is None:
-            self.log(f"resume: no checkpoint in {os.path.join(self.out_dir, 'checkpoint')}; starting from the start")
         finished = state["finished"] if state is not None else -1
-        checkpoint.trim_log(self.out_dir, finished)
+        mid = checkpoint.read_mid(self, finished) if self.resume else None
+        if self.resume and state is None and mid is None:
+            self.log(f"resume: no checkpoint in {os.path.join(self.out_dir, 'checkpoint')}; starting from the start")
+        resumed_step = mid[0]["step"] if mid is not None else None
+        if self.rank == 0:
+            checkpoint.trim_log(self.out_dir, finished + 1 if mid else finished, resumed_step)
+        for lg in self.loggers:
+            _bind(lg, self)
+            lg.resume(finished + 1 if mid else finished, resumed_step)     # a fresh run: finished -1, nothing kept
         t0 = time.time()
-        if state is not None:
-            z, z_auc, R, A = state["z"], state["z_auc"], state["R"], state["auc"]
-            self.log(f"resuming after task {finished + 1}/{T} ({self.tasks[finished].name})"
-                     + ("; every task is finished: only the results are written" if finished == T - 1 else ""))
-        else:
-            z, z_auc = self._zero_shot_row()
-            R, A = [], []
-        for t in range(finished + 1, T):
-            self.begin_task(t)
-            if self.strategy.trains:
-                self._train_task(t)
-            self.strategy.after_task(self, t)
-            if self.strategy.trains:
-                acc, auc = self._evaluate()
+        try:
+            if state is not None:
+                z, z_auc, R, A = state["z"], state["z_auc"], state["R"], state["auc"]
+                self.log(f"resuming after task {finished + 1}/{T} ({self.tasks[finished].name})"
+                         + ("; every task is finished: only the results are written" if finished == T - 1 else ""))
             else:
-                acc, auc = list(z), list(z_auc)
-            R.append(acc)
-            A.append(auc)
-            self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
-                     + " ".join(f"{n}={a:.2f}" for n, a in zip((x.name for x in self.tasks), acc)))
-            checkpoint.save(self, t, z=z, z_auc=z_auc, R=R, auc=A)
+                z, z_auc = self._zero_shot_row()
+                R, A = [], []
+            self.rows = {"z": z, "z_auc": z_auc, "R": R, "auc": A}
+            for t in range(finished + 1, T):
+                for cb in self.callbacks:
+                    cb.on_task_start(self, t)
+                self.begin_task(t)
+                if self.strategy.trains:
+                    self._train_task(t, mid if mid is not None and mid[0]["task"] == t else None)
+                self.strategy.after_task(self, t)
+                if self.strategy.trains:
+                    acc, auc = self._evaluate()
+                else:
+                    acc, auc = list(z), list(z_auc)
+                R.append(acc)
+                A.append(auc)
+                names = [x.name for x in self.tasks]
+                self.log(f"after task {t + 1}/{T} ({self.tasks[t].name}): "
+                         + " ".join(f"{n}={a:.2f}" for n, a in zip(names, acc)))
+                for cb in self.callbacks:
+                    cb.on_evaluate(self, t, acc, auc)
+                if self.rank == 0:
+                    checkpoint.save(self, t, z=z, z_auc=z_auc, R=R, auc=A)
+                row = {"task": t, "task_name": self.tasks[t].name, "acc_mean": sum(acc) / len(acc),
+                       **{f"acc/{n}": a for n, a in zip(names, acc)}}
+                for lg in self.loggers:
+                    lg.log_task(row)
+                for cb in self.callbacks:
+                    cb.on_task_end(self, t, acc, auc)
+        finally:
+            for lg in self.loggers:
+                lg.close()
         entry = results_mod.method_entry(R, z, A, z_auc, strategy_options=self.strategy.options(),
                                          seconds=time.time() - t0)
         benchmarks = {t.meta.get("benchmark") or "" for t in self.tasks}
@@ -328,7 +450,8 @@ class ContinualTrainer:
             domains=[t.domain for t in self.tasks], benchmark=benchmarks.pop() if len(benchmarks) == 1 else "",
             synthetic=all(t.meta.get("synthetic") for t in self.tasks), config={"trainer": self.config()},
             versions=_env.versions())
-        atomic_write_json(os.path.join(self.out_dir, "results.json"), res)
+        if self.rank == 0:
+            atomic_write_json(os.path.join(self.out_dir, "results.json"), res)
         return res
 
     def _zero_shot_row(self):
@@ -337,8 +460,11 @@ class ContinualTrainer:
         if saved is not None:
             return saved
         z, z_auc = self._evaluate()
-        checkpoint.save_zero_shot(self.out_dir, names, z, z_auc)
+        if self.rank == 0:
+            checkpoint.save_zero_shot(self.out_dir, names, z, z_auc)
         self.log("zero-shot: " + " ".join(f"{t.name}={a:.2f}" for t, a in zip(self.tasks, z)))
+        for cb in self.callbacks:
+            cb.on_evaluate(self, -1, z, z_auc)
         return z, z_auc
 
     def start(self) -> None:
@@ -352,6 +478,15 @@ class ContinualTrainer:
                              f"got {type(wrapped).__name__}")
         self.model = wrapped.to(self.device)
         self.select_params(0)
+        if self.world > 1:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            with torch.no_grad():
+                for x in [*self.model.parameters(), *self.model.buffers()]:
+                    dist.broadcast(x.data, src=0)    # every replica starts from rank 0's weights
+            ref = self.strategy.reference
+            if ref is not None and not isinstance(ref.siphon, RankZeroSiphon):
+                ref.siphon = RankZeroSiphon(ref.siphon, self.rank)
         self.strategy.setup(self)
 
     def begin_task(self, t: int) -> None:
@@ -383,38 +518,92 @@ class ContinualTrainer:
         for k, part in enumerate(loss.parts):
             if part.requires_grad:
                 part.backward(retain_graph=k < last)
+            if self.world > 1:
+                self._average_grads()
             self.strategy.after_backward(self, k)
         self.optimizer.step()
         self.strategy.after_step(self, step)
         return loss
 
-    def _train_task(self, t: int) -> None:
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        """Every trainable parameter's gradient averaged over the ranks (one
+        flat all-reduce per dtype; a gradient a rank left unset counts as zeros)."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        by: dict = {}
+        for p in self.params:
+            by.setdefault(p.dtype, []).append(p)
+        for ps in by.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            dist.all_reduce(flat)
+            flat.div_(self.world)
+            for p, v in zip(ps, flat.split([p.numel() for p in ps])):
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(v.view(p.shape))
+
+    def shard(self, x):
+        """This rank's contiguous share of a global batch (dim 0 of a tensor, or of
+        every tensor field of a dataclass / tuple); ``x`` itself in one process."""
+        if self.world == 1:
+            return x
+        if isinstance(x, torch.Tensor):
+            n = x.shape[0]
+            if n % self.world:
+                raise ValueError(f"a global batch of {n} does not divide by the {self.world} processes")
+            k = n // self.world
+            return x[self.rank * k:(self.rank + 1) * k]
+        if dataclasses.is_dataclass(x):
+            return dataclasses.replace(x, **{f.name: self.shard(getattr(x, f.name)) for f in dataclasses.fields(x)})
+        return type(x)(self.shard(v) for v in x)
+
+    def _train_task(self, t: int, mid: Optional[tuple] = None) -> None:
+        """Task t's steps; from a mid-task checkpoint ``mid`` (``checkpoint.read_mid``):
+        the data streams skipped to its step, then its states restored."""
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        task, T, iters = self.tasks[t], len(self.tasks), self.train_config.iters_per_task
-        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=iters)
+        task, T, c = self.tasks[t], len(self.tasks), self.train_config
+        iters, first = c.iters_per_task, (mid[0]["step"] if mid is not None else 0)
+        batches = self.loader(task.train, train=True, seed=self.task_seed(t), iters=iters, start=first, share=True)
+        if mid is not None:
+            self.strategy.fast_forward(self, first)
+            checkpoint.restore(self, mid)
+            self.log(f"resuming task {t + 1}/{T} ({task.name}) after step {first}")
         self.model.train()
-        bar = tqdm(total=iters, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
+        bar = tqdm(total=iters, initial=first, desc=f"task {t + 1}/{T} {task.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         log_path = os.path.join(self.out_dir, checkpoint.LOG)
-        for step in range(iters):
+        clock, seen = time.perf_counter(), 0
+        for step in range(first, iters):
             images, labels = next(batches)
             loss = self.train_step(images.to(self.device, non_blocking=True),
                                    labels.to(self.device, non_blocking=True), t, step)
+            seen += len(images) * self.world     # the global batch
             bar.update(1)
-            if (step + 1) % self.train_config.log_every == 0 or step == iters - 1:
+            for cb in self.callbacks:
+                cb.on_step_end(self, t, step, loss)
+            if (step + 1) % c.log_every == 0 or step == iters - 1:
                 terms = {"loss": float(sum(p.detach().float() for p in loss.parts))}
-                terms.update({k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-                              for k, v in {**loss.terms, **self._terms}.items()})
+                terms.update({PENALTY if k in GUARD_MODES else k: float(v.detach()) if isinstance(v, torch.Tensor)
+                              else float(v) for k, v in {**loss.terms, **self._terms}.items()})
                 if not all(math.isfinite(v) for v in terms.values()):
                     raise FloatingPointError(f"task {task.name!r} step {step + 1}: non-finite loss {terms}")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
-                lr = self.lr_at(step)
-                line = {"task": t, "task_name": task.name, "step": step + 1, "lr": lr, **terms}
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(line) + "\n")
+                now = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                line = {"task": t, "task_name": task.name, "step": step + 1, "global_step": t * iters + step + 1,
+                        "lr": lr, "throughput": seen / max(now - clock, 1e-9), **terms}
+                clock, seen = now, 0
+                if self.rank == 0:
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps(line) + "\n")
+                for lg in self.loggers:
+                    lg.log_step(line)
                 self.log(f"task {t + 1}/{T} {task.name} step {step + 1}/{iters} lr {lr:.3g} "
                          + " ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+            if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < iters and self.rank == 0:
+                checkpoint.save_mid(self, t, step + 1, **self.rows)
         bar.close()
 
     def log(self, msg: str) -> None:

@@ -32,6 +32,8 @@ unknown keys are errors)::
       iters_per_task: 1000
       batch_size: 64
       lr: 1.0e-5
+      checkpoint_every: null         # N: a mid-task checkpoint every N steps (--resume continues there)
+      loggers: [csv]                 # csv | tensorboard | wandb (mgcl.cl.logging)
       ...
 
 ``validate`` checks every key and value and builds the strategy, once, without
@@ -44,6 +46,16 @@ method), results.csv / results.md, curves.png, curves_by_task.png,
 heatmaps.png, config.yaml (the checked config) and ``runs/<strategy>/`` (the
 trainer's files: its own results.json, train_log.jsonl, checkpoint/). With
 ``--resume`` the trainer continues after its last finished task.
+
+**Several processes**: under ``torchrun`` (``WORLD_SIZE`` > 1 in the
+environment) ``run`` joins the process group (gloo on the CPU, NCCL on
+GPUs, each rank on ``cuda:LOCAL_RANK``), opens the Siphon on rank 0 only
+(retrieval there, the reference sets broadcast) and hands the trainer the
+group (``mgcl.cl.ContinualTrainer``'s module doc: each rank trains on its
+share of ``train.batch_size``, PRIMED's reference batch gathered); only rank 0
+writes the output files::
+
+    torchrun --standalone --nproc_per_node 4 -m mgcl run CONFIG.yaml
 """
 from __future__ import annotations
 
@@ -382,11 +394,6 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, plot_for
     """Run a checked config (``validate`` / ``load_config``); returns the results dict.
     The plots are written as ``plot_format`` (png | pdf | svg) at ``dpi``."""
     import torch  # noqa: PLC0415
-    import yaml  # noqa: PLC0415
-
-    from ..cl import ContinualTrainer  # noqa: PLC0415
-    from ..cl.strategies.base import frozen_copy  # noqa: PLC0415
-    from ..retrieval import BankError, Siphon  # noqa: PLC0415
 
     if cfg.ran:
         raise ConfigError("this RunConfig has run already (its strategy holds that run's state); validate the "
@@ -400,31 +407,76 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, plot_for
                           "continue it, or choose another output_dir")
     if d["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {d['device']} but no GPU is visible")
+    device, rank, world, joined = _join_processes(d["device"])
+    try:
+        return _run(cfg, d, out, rdir, device, rank, world, resume=resume, progress=progress,
+                    plot_format=plot_format, dpi=dpi)
+    finally:
+        if joined:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            dist.destroy_process_group()
+
+
+def _join_processes(device: str) -> tuple[str, int, int, bool]:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (unless the
+    caller did) and pick this rank's device. Returns (device, rank, world size,
+    joined here)."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0, 1, False
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.barrier()          # every rank has checked the output directory before rank 0 writes to it
+    return device, dist.get_rank(), world, joined
+
+
+def _run(cfg: RunConfig, d: dict, out: str, rdir: str, device: str, rank: int, world: int, *, resume: bool,
+         progress: bool, plot_format: str = "png", dpi: int = report.DPI) -> dict:
+    import torch  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+
+    from ..cl import ContinualTrainer  # noqa: PLC0415
+    from ..cl.strategies.base import frozen_copy  # noqa: PLC0415
+    from ..cl.trainer import RankZeroSiphon  # noqa: PLC0415
+    from ..retrieval import BankError, Siphon  # noqa: PLC0415
+
     threads = torch.get_num_threads()
     if d["threads"]:
         torch.set_num_threads(d["threads"])
     try:
         tasks = load_tasks(d)
-        model = load_model(d["model"], d["device"])
+        model = load_model(d["model"], device)
         strategy = cfg.strategy
         if strategy.needs_reference_set:
             r = d["retrieval"]
-            vlm = frozen_copy(model) if r["vlm"] == "model" else None
-            try:
-                strategy.reference.siphon = Siphon.from_bank(r["bank"], pool=r["pool"],
-                                                             pool_per_domain=r["pool_per_domain"],
-                                                             embedder=r["embedder"], vlm=vlm, **r["siphon"])
-            except (BankError, ValueError, OSError, ImportError) as exc:
-                raise ConfigError(f"retrieval: {exc}") from None
-        atomic_write_bytes(os.path.join(out, "config.yaml"), yaml.safe_dump(d, sort_keys=False).encode())
-        trainer = ContinualTrainer(model, strategy, tasks, device=d["device"], out_dir=rdir, resume=resume,
-                                   progress=progress, train_config=cfg.train)
+            siphon = None
+            if rank == 0:
+                vlm = frozen_copy(model) if r["vlm"] == "model" else None
+                try:
+                    siphon = Siphon.from_bank(r["bank"], pool=r["pool"], pool_per_domain=r["pool_per_domain"],
+                                              embedder=r["embedder"], vlm=vlm, **r["siphon"])
+                except (BankError, ValueError, OSError, ImportError) as exc:
+                    raise ConfigError(f"retrieval: {exc}") from None
+            strategy.reference.siphon = RankZeroSiphon(siphon, rank) if world > 1 else siphon
+        if rank == 0:
+            atomic_write_bytes(os.path.join(out, "config.yaml"), yaml.safe_dump(d, sort_keys=False).encode())
+        trainer = ContinualTrainer(model, strategy, tasks, device=device, out_dir=rdir, resume=resume,
+                                   progress=progress and rank == 0, train_config=cfg.train)
         res = trainer.run()
     finally:
         torch.set_num_threads(threads)
     res.update(kind="run", config={"run": d, **res["config"]})
-    report.write_json(os.path.join(out, "results.json"), res)
-    report.render(res, out, fmt=plot_format, dpi=dpi)
+    if rank == 0:
+        report.write_json(os.path.join(out, "results.json"), res)
+        report.render(res, out, fmt=plot_format, dpi=dpi)
     return res
 
 

@@ -12,7 +12,11 @@ One training step, as the trainer runs it::
 and around each task ``before_task(trainer, t)`` / ``after_task(trainer, t)``;
 ``setup(trainer)`` runs once before the zero-shot row, ``check(trainer)`` before
 anything (bad settings fail there, before any training). A strategy's state for
-checkpoints is ``state_dict()``: tensors and JSON-able values.
+checkpoints is ``state_dict()``: tensors and JSON-able values. Mid-task
+checkpoints (``TrainConfig.checkpoint_every``) save it during a task too; a
+run resumed from one calls ``fast_forward(trainer, steps)`` after
+``before_task`` to skip per-step streams. A strategy whose state during a
+task is not all in ``state_dict`` sets ``mid_task_checkpoints = False``.
 
 What a strategy may change besides the loss (each hook has a default that is
 plain full fine-tuning, so a strategy overrides only what it changes):
@@ -130,6 +134,8 @@ class Strategy:
     name = "finetune"
     trains = True
     reference = None  # a parts.ReferenceDistillation when the strategy distils on a reference set
+    # whether state_dict() holds all the strategy's state during a task (mid-task checkpoints are exact)
+    mid_task_checkpoints = True
 
     @property
     def needs_reference_set(self) -> bool:
@@ -199,6 +205,14 @@ class Strategy:
 
     def after_task(self, trainer, t: int) -> None:
         pass
+
+    def fast_forward(self, trainer, steps: int) -> None:
+        """A run resumes ``steps`` steps into the current task (after ``before_task``;
+        the RNG states are restored afterwards): skip the strategy's own per-step
+        streams by that many steps. Default: the reference batches, if any."""
+        if self.reference is not None:
+            for _ in range(steps):
+                next(self.reference.batches)
 
     def state_dict(self) -> dict:
         return {}

@@ -114,7 +114,7 @@ class ReferenceDistillation:
 
         i2t, t2i = DIRECTIONS[self.direction]
         self.loss = PrimedLoss(alpha=self.alpha, beta=self.beta, label_smoothing=trainer.train_config.label_smoothing,
-                               i2t=i2t, t2i=t2i, backend=self.backend)
+                               i2t=i2t, t2i=t2i, backend=self.backend, gather=trainer.world > 1)
         if self.siphon is None:
             from ...retrieval import Siphon  # noqa: PLC0415
 
@@ -148,7 +148,7 @@ class ReferenceDistillation:
     def __call__(self, trainer, logits: torch.Tensor, labels: torch.Tensor):
         """The loss of one step (``mgcl.nn.PrimedLossOutput``): the task ``logits`` and
         the next reference batch through the student and the (no-grad) teacher."""
-        ref = next(self.batches)
+        ref = trainer.shard(next(self.batches))    # several processes: this rank's pairs of the global batch
         dev = trainer.device
         images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
         m, teacher = trainer.model, self.teacher_model
@@ -158,8 +158,14 @@ class ReferenceDistillation:
         else:
             img_t, txt_t = teacher_features(teacher, images, tokens)
         with trainer.fp32():
-            return self.loss(logits.float(), labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
-                             teacher.logit_scale.exp().float(), ref.weights.to(dev))
+            out = self.loss(logits.float(), labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
+                            teacher.logit_scale.exp().float(), ref.weights.to(dev))
+        if trainer.world > 1:
+            # gather=True: each rank's gradient is its share of the global loss's, the shares sum to it;
+            # the trainer averages gradients over the ranks, so the distillation part is scaled by the world
+            distill = out.distill * trainer.world
+            out = out._replace(distill=distill, total=out.ce + distill)
+        return out
 
     def after_task(self, trainer, t: int) -> None:
         if isinstance(self.batches, Prefetch):

@@ -84,6 +84,7 @@ class ICaRL(_Distilling):
     random subset; None = all)."""
 
     name = "icarl"
+    mid_task_checkpoints = False  # the exemplar loader's position is not in state_dict
 
     def __init__(self, memory: int = 10000, lam: float = 1.0, temperature: float = 2.0,
                  replay_batch_size: int | None = None, herding_pool: int | None = None):

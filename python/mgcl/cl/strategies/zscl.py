@@ -20,6 +20,7 @@ from .parts import GuardTerm, ReferenceDistillation, WeightEnsemble, prefixed
 
 class ZSCL(Strategy):
     name = "zscl"
+    mid_task_checkpoints = False  # the weight ensemble's running mean is not in state_dict
 
     def __init__(self, siphon=None, bank: str | None = None, siphon_options: dict | None = None,
                  uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None,
