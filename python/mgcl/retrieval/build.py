@@ -84,7 +84,7 @@ def _check_chunk(pool, items, max_pixels):
 def _remove_temps(out: str) -> None:
     """Temporary files of the bank's writes killed before their rename: in the
     folders the builder owns, and beside the bank's top-level files."""
-    for sub, names in ((".build", None), ("embeddings", None), ("vlm", None), ("bm25", None),
+    for sub, names in ((".build", None), ("embeddings", None), ("vlm", None), ("quantized", None), ("bm25", None),
                        ("", ("manifest.json", "meta.parquet", "skipped.jsonl"))):
         folder = os.path.join(out, sub)
         for f in os.listdir(folder) if os.path.isdir(folder) else []:

@@ -13,7 +13,7 @@ import torch
 from .. import _io
 from .._io import atomic_write_bytes, atomic_write_tensors  # noqa: F401 - the bank's writers, re-exported
 
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I32": np.int32, "I64": np.int64}
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I8": np.int8, "I32": np.int32, "I64": np.int64}
 
 
 def atomic_write_json(path: str, obj) -> None:
