@@ -136,10 +136,16 @@ def cmd_db_build(args) -> int:
     try:
         resolve_device(args.device)
         vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
-        manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
-                              shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                              image_root=args.image_root, missing_images=args.missing_images,
-                              max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images)
+        options = dict(vlm=vlm, vlm_name=args.vlm, shard_size=args.shard_size, batch_size=args.batch_size,
+                       image_root=args.image_root, missing_images=args.missing_images,
+                       max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images)
+        if args.ray is not None:  # the same bank, read and embedded on a Ray cluster
+            from .retrieval.distributed import build_bank_ray
+
+            manifest = build_bank_ray(args.corpus, args.out, embedder=args.embedder, address=args.ray or None,
+                                      workers=args.workers, device=args.device, **options)
+        else:
+            manifest = build_bank(args.corpus, args.out, embedder=args.embedder, device=args.device, **options)
         print(_printable(report(manifest)))
         if args.index:
             from .retrieval import MemoryBank
@@ -238,6 +244,10 @@ def _add_db(sub) -> None:
     s.add_argument("--allow-skipped", action="store_true",
                    help="exit 0 even when records were skipped or containers damaged (still listed in skipped.jsonl)")
     s.add_argument("--index", choices=["flat", "ivfpq"], help="also build a FAISS index")
+    s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="read and embed on a Ray cluster (ADDRESS of a running one, 'auto'; none: RAY_ADDRESS or a "
+                        "new local instance); the same bank as without")
+    s.add_argument("--workers", type=int, help="with --ray: embedding actors (default: one per GPU, else CPUs - 1)")
     s.set_defaults(func=cmd_db_build)
     s = db.add_parser("index", help="build a FAISS index for a bank")
     s.add_argument("bank")
@@ -415,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
-    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step")
+    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step | scale")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
     s.add_argument("--repeats", type=int, default=5)

@@ -216,33 +216,44 @@ class MemoryBank:
         mgcl._C. Stored ones are memory-mapped and checked against their sha256;
         a bank without them makes them now, once, and stores them (files, then
         the manifest) where the bank is writable, else keeps them in memory."""
-        if self._quantized is not None:
-            return self._quantized
+        if self._quantized is None:
+            self._quantized = self._codes(0, len(self._shards))
+            if self._quantized is not None and not self.manifest.get("quantized") and os.access(
+                    self.path, os.W_OK) and os.access(os.path.join(self.path, "manifest.json"), os.W_OK):
+                entry = write_quantized(self.path, self._quantized)
+                with self._lock:
+                    self.manifest["quantized"] = entry
+                    store.atomic_write_json(os.path.join(self.path, "manifest.json"), self.manifest)
+        return self._quantized
+
+    def part(self, lo: int, hi: int):
+        """Text shards ``lo..hi-1`` (checked) and their screening codes (the
+        stored ones, else made in memory; None without mgcl._C): what one
+        server of a sharded search holds (``retrieval.distributed``)."""
+        entries = self.manifest["shards"][lo:hi]
+        self.check(e["path"] for e in entries)
+        return list(self._shards[lo:hi]), self._codes(lo, hi)
+
+    def _codes(self, lo: int, hi: int):
         from .. import _native  # noqa: PLC0415
         from ..ops.similarity_topk import QuantizedKeys, quantize_keys  # noqa: PLC0415
 
         entry = self.manifest.get("quantized")
-        if entry:
-            self.check(e["path"] for e in entry["shards"])
-            out = []
-            for e in entry["shards"]:
-                p = os.path.join(self.path, e["path"])
-                try:
-                    out.append(QuantizedKeys(*(store.mmap_tensor(p, f) for f in QuantizedKeys._fields)))
-                except ValueError as exc:
-                    raise BankError(f"bank {self.path!r}: bad quantized copy {e['path']!r}: {exc}") from None
-            self._quantized = out
-            return out
-        if not _native.HAS_C:
-            return None
-        codes = quantize_keys(self.shards)
-        if os.access(self.path, os.W_OK) and os.access(os.path.join(self.path, "manifest.json"), os.W_OK):
-            entry = write_quantized(self.path, codes)
-            with self._lock:
-                self.manifest["quantized"] = entry
-                store.atomic_write_json(os.path.join(self.path, "manifest.json"), self.manifest)
-        self._quantized = codes
-        return codes
+        if not entry:
+            if not _native.HAS_C:
+                return None
+            self.check(e["path"] for e in self.manifest["shards"][lo:hi])
+            return quantize_keys(self._shards[lo:hi])
+        entries = entry["shards"][lo:hi]
+        self.check(e["path"] for e in entries)
+        out = []
+        for e in entries:
+            p = os.path.join(self.path, e["path"])
+            try:
+                out.append(QuantizedKeys(*(store.mmap_tensor(p, f) for f in QuantizedKeys._fields)))
+            except ValueError as exc:
+                raise BankError(f"bank {self.path!r}: bad quantized copy {e['path']!r}: {exc}") from None
+        return out
 
     @property
     def has_vlm(self) -> bool:
