@@ -166,7 +166,8 @@ def bench_serve(bank_path: str, device: str, k: int, k_v: int, repeats: int, vlm
 
     backend = _backend.select("similarity_topk", BACKENDS, torch.device(device))
     return {"dense_s": stages["dense"], "screen_path": native.screen_path() if backend == "cpp" else backend,
-            "stored_codes": codes is not None and bool(bank.manifest.get("quantized")),"queries": len(queries), "k": k, "k_v": k_v, "repeats": len(runs), "stages": stages,
+            "stored_codes": codes is not None and bool(bank.manifest.get("quantized")),
+            "queries": len(queries), "k": k, "k_v": k_v, "repeats": len(runs), "stages": stages,
             "per_query_ms": stages["total"] / len(queries) * 1e3,
             "candidates_per_query": {kk: v / len(queries) for kk, v in stats.items() if kk != "gated_queries"},
             "gated_queries": stats.get("gated_queries", 0),

@@ -513,7 +513,8 @@ def write_quantized(bank: str, codes) -> dict:
     for j, qk in enumerate(codes):
         rel = shard_name(j, QUANT_SUB)
         store.atomic_write_tensors(os.path.join(bank, rel), qk._asdict())
-        entries.append({"path": rel, "rows": int(qk.codes.shape[0]), "sha256": store.sha256_file(os.path.join(bank, rel))})
+        entries.append({"path": rel, "rows": int(qk.codes.shape[0]),
+                        "sha256": store.sha256_file(os.path.join(bank, rel))})
     return {"shards": entries}
 
 
