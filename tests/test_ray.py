@@ -30,7 +30,16 @@ OPTS = dict(embedder=EMB, shard_size=24, batch_size=7, progress=False)  # 8 shar
 
 @pytest.fixture(scope="module")
 def cluster():
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # Ray gives its raylet 30 s to register; on an overloaded machine that can
+    # fail (the raylet exits), so start it up to three times
+    for attempt in range(3):
+        try:
+            ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            break
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for a start-up timeout
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ctx
     ray.shutdown()
 
