@@ -24,8 +24,9 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 
-from mgcl.retrieval import FinishedTask, MemoryBank, Question, Siphon, build_bank, retrieve
+from mgcl.retrieval import BankError, FinishedTask, MemoryBank, Question, Siphon, build_bank, retrieve
 
 from retrieval_fixtures import DOMAINS, FINDINGS, make_records
 
@@ -92,6 +93,23 @@ def test_bank_results_match_the_golden_hashes(tmp_path):
     shutil.rmtree(os.path.join(path, "quantized"))
     assert hashes(path) == GOLDEN
     assert MemoryBank.open(path).manifest["quantized"]  # written back
+
+
+def test_stored_codes_are_checked_like_every_file(tmp_path):
+    path = build(str(tmp_path))
+    rel = MemoryBank.open(path).manifest["quantized"]["shards"][3]["path"]
+    with open(os.path.join(path, rel), "r+b") as fh:
+        fh.seek(-5, 2)
+        b = fh.read(1)
+        fh.seek(-5, 2)
+        fh.write(bytes([b[0] ^ 1]))
+    with pytest.raises(BankError, match="quantized/shard-00003"):
+        MemoryBank.open(path).search(QUERIES[:1], 3)
+    with pytest.raises(BankError, match="quantized/shard-00003"):
+        MemoryBank.open(path, verify=True)
+    os.remove(os.path.join(path, rel))
+    with pytest.raises(BankError, match="missing file 'quantized/shard-00003"):
+        MemoryBank.open(path)
 
 
 def test_bank_golden_hashes_hold_in_other_environments(tmp_path):
