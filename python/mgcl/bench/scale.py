@@ -115,9 +115,10 @@ def bench_size(n: int, work: str, queries: list[str], vlm_text: torch.Tensor, k:
     bank.quantized_keys()
     retrieve(bank, queries[:8], k, vlm=object(), k_v=k_v, vlm_text=vlm_text[:8])  # warm-up: one-time self-checks
     timings: dict[str, float] = {}
+    stats: dict[str, int] = {}
     with _PeakRSS() as mem:
         t0 = time.perf_counter()
-        retrieve(bank, queries, k, vlm=object(), k_v=k_v, timings=timings, vlm_text=vlm_text)
+        retrieve(bank, queries, k, vlm=object(), k_v=k_v, timings=timings, vlm_text=vlm_text, stats=stats)
         serve_s = time.perf_counter() - t0
     row = {"entries": m["count"], "build_s": build_s, "build_entries_per_s": m["count"] / build_s,
            "bytes_on_disk": _size(out), "bytes_text_bank": text_bytes, "open_s": open_s,
@@ -125,7 +126,8 @@ def bench_size(n: int, work: str, queries: list[str], vlm_text: torch.Tensor, k:
            "rss_before_open": rss_before, "rss_peak_serving": mem.peak, "serve_s": serve_s,
            "dense_s": timings.get("dense", 0.0),
            "rerank_s": sum(timings.get(s, 0.0) for s in ("vlm_image", "visual", "group")),
-           "bm25_s": timings.get("bm25", 0.0), "stages": timings}
+           "bm25_s": timings.get("bm25", 0.0), "stages": timings,
+           "candidates_per_query": {key: v / len(queries) for key, v in stats.items() if key != "gated_queries"}}
     return row, bank
 
 
