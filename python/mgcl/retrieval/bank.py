@@ -151,7 +151,6 @@ class MemoryBank:
             _file(path, rel)
         if m.get("quantized"):
             for e, s in zip(m["quantized"]["shards"], shards):
-                _file(path, e["path"])
                 if e["rows"] != s.shape[0]:
                     raise BankError(f"bank {path!r}: quantized copy {e['path']!r} has {e['rows']} rows, its shard "
                                     f"{s.shape[0]}")
