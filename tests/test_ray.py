@@ -72,6 +72,17 @@ def test_ray_build_equals_serial(cluster, corpus, tmp_path):
     assert (out / "quantized/shard-00007.safetensors").exists()
 
 
+def test_cli_db_build_ray_equals_serial(cluster, corpus, tmp_path):
+    from mgcl.cli import main
+
+    files, serial = corpus
+    out = tmp_path / "cli"
+    rc = main(["db", "build", *files, "--out", str(out), "--embedder", EMB, "--shard-size", "24", "--batch-size", "7",
+               "--ray", "--workers", "2"])
+    assert rc == 0
+    assert file_hashes(str(out)) == file_hashes(str(serial))
+
+
 def test_ray_build_keeps_every_readable_record_and_records_skips(cluster, tmp_path):
     root = tmp_path / "c"
     root.mkdir()
