@@ -44,6 +44,14 @@ def _ray():
     return ray
 
 
+def _check_fits(ray, what: str, workers: int, cpus_per_worker: float) -> None:
+    """ValueError when the cluster cannot place ``workers`` actors (they would wait forever)."""
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if workers * cpus_per_worker > cpus:
+        raise ValueError(f"{what}: {workers} workers x {cpus_per_worker} CPU do not fit the cluster's {cpus:g} CPUs "
+                         "(fewer workers, or a smaller cpus_per_worker)")
+
+
 def connect(address: str | None = None):
     """Ray, initialised: ``address`` of a running cluster (``ray start --head``
     prints it; "auto" finds one on this node), or None: the cluster of
@@ -96,6 +104,7 @@ class RayEngine:
             workers = gpus if device == "cuda" and gpus else max(1, int(res.get("CPU", 1)) - 1)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"build_bank_ray: workers must be an integer >= 1, got {workers!r}")
+        _check_fits(ray, "build_bank_ray", workers, cpus_per_worker)
         opts = {"num_cpus": cpus_per_worker, "num_gpus": 1 if device == "cuda" else 0,
                 "scheduling_strategy": "SPREAD"}
         actor = ray.remote(_Embedder).options(**opts)
@@ -191,6 +200,7 @@ class ShardedSearch:
         ray = connect(address)
         self._ray = ray
         self.ranges = split([e["rows"] for e in bank.manifest["shards"]], workers)
+        _check_fits(ray, "serve", len(self.ranges), cpus_per_worker)
         actor = ray.remote(ShardServer).options(num_cpus=cpus_per_worker, scheduling_strategy="SPREAD")
         self.actors = [actor.remote(bank.path, lo, hi) for lo, hi in self.ranges]
         ray.get([a.__ray_ready__.remote() for a in self.actors])  # opened and checked, or the error now
