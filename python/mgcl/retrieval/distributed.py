@@ -64,12 +64,12 @@ def connect(address: str | None = None):
 
 # ---- build ------------------------------------------------------------------------------
 
-def _read_file(cf, image_root, external_images: bool, max_pixels: int) -> list:
+def _read_file(cf, image_root, external_images: bool, max_pixels: int, split) -> list:
     """One corpus file's items with their image problems (a Ray task)."""
     from .build import _with_image_checks  # noqa: PLC0415
     from .corpus import read_files  # noqa: PLC0415
 
-    return list(_with_image_checks(read_files([cf], image_root, external_images=external_images), max_pixels))
+    return list(_with_image_checks(read_files([cf], image_root, external_images=external_images), max_pixels, split))
 
 
 class _Embedder:
@@ -117,12 +117,13 @@ class RayEngine:
         self._next = 0
         self._ray = ray
 
-    def items(self, files, image_root, external_images: bool, max_pixels: int):
-        """Every file read by a task (``read_ahead`` at once), yielded in corpus order."""
+    def items(self, files, image_root, external_images: bool, max_pixels: int, split=None):
+        """Every file read (and its compound figures split) by a task
+        (``read_ahead`` at once), yielded in corpus order."""
         todo, running = deque(files), deque()
         while todo or running:
             while todo and len(running) < self.read_ahead:
-                running.append(self._reader.remote(todo.popleft(), image_root, external_images, max_pixels))
+                running.append(self._reader.remote(todo.popleft(), image_root, external_images, max_pixels, split))
             yield from self._ray.get(running.popleft())
 
     def submit(self, captions: list[str], batch_size: int):
