@@ -132,7 +132,7 @@ class RayEngine:
         return actor.encode.remote(captions, batch_size)
 
     def collect(self, handle) -> np.ndarray:
-        return self._ray.get(handle)
+        return np.array(self._ray.get(handle))  # a writable copy (Ray's zero-copy arrays are read-only)
 
     def close(self) -> None:
         for a in self.actors:
