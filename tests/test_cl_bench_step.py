@@ -9,7 +9,7 @@ def test_step_bench_runs_the_real_steps_and_prints_a_table(one_thread):
 
     res = step.run(device="cpu", scale=0.1, repeats=1)
     impls = [r["impl"] for r in res["rows"]]
-    assert impls == ["finetune", "primed", "primed, ref batch 2", "primed-reference"]
+    assert impls == ["finetune", "primed", "primed, ref batch 2", "primed-reference", "primed, teacher recomputed"]
     assert res["config"]["model"] == "tinyclip" and res["config"]["batch"] == 6
     assert all(r["median"] > 0 and r["n"] >= 1 for r in res["rows"])
     assert res["rows"][0]["vs_finetune"] == 1.0

@@ -92,6 +92,33 @@ def test_macro_auc_skips_absent_classes():
     assert np.isnan(macro_auc(probs, torch.zeros(4, dtype=torch.long)))
 
 
+def test_macro_auc_at_scale_with_ties_and_a_class_without_positives():
+    """n = 20,000, C = 15 (issue 19's size): equal to scikit-learn, many ties, class 4 never a label."""
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(19)
+    n, C = 20_000, 15
+    labels = torch.randint(0, C - 1, (n,), generator=g)
+    labels[labels == 4] = C - 1
+    logits = torch.randn(n, C, generator=g) + F.one_hot(labels, C)
+    probs = ((logits * 2).round() / 2).softmax(-1)  # few distinct values: long runs of ties
+    present = [c for c in range(C) if bool((labels == c).any())]
+    assert 4 not in present
+    ref = np.mean([roc_auc_score((labels == c).numpy(), probs[:, c].numpy()) for c in present])
+    assert macro_auc(probs, labels) == pytest.approx(ref, abs=1e-12)
+    # float32 probabilities, as evaluate() passes them, and numpy inputs give the same
+    assert macro_auc(probs.float().numpy(), labels.numpy()) == pytest.approx(
+        np.mean([roc_auc_score((labels == c).numpy(), probs.float()[:, c].numpy()) for c in present]), abs=1e-12)
+
+
+def test_macro_auc_bad_input():
+    with pytest.raises(ValueError, match="probs must be"):
+        macro_auc(torch.rand(5, 3), torch.zeros(4, dtype=torch.long))
+    probs = torch.rand(6, 2)
+    probs[2, 1] = float("nan")
+    assert np.isnan(macro_auc(probs, torch.tensor([0, 1, 0, 1, 0, 1])))
+
+
 def test_arrays_and_tensors():
     m = summarize(np.array(EXAMPLE), auc=np.array([[1, 2, 3], [4, 5, 6], [70, 80, 90]]))
     assert m["transfer"] == pytest.approx(39.25) and m["auc"] == pytest.approx(80.0)

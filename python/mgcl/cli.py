@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
     s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step | cleanse | "
-                              "scale")
+                              "paths | scale")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
     s.add_argument("--repeats", type=int, default=5)

@@ -1,8 +1,8 @@
 """The continual-learning engine: tasks, trainer, strategies, metrics."""
 from . import strategies
 from .config import TrainConfig
-from .evaluate import evaluate, macro_auc, zero_shot_head
-from .metrics import summarize
+from .evaluate import evaluate, zero_shot_head
+from .metrics import macro_auc, summarize
 from .tasks import Task
 from .trainer import ContinualTrainer
 

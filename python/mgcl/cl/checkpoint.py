@@ -23,6 +23,7 @@ resumed run never logs a (task, step) twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import torch
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_tensors
 
 FORMAT = "mgcl.cl.checkpoint"
-VERSION = 2
+VERSION = 3
 FILES = ("model", "optimizer", "strategy", "rng")
 LOG = "train_log.jsonl"
 # Settings that may change between a run and its resumption.
@@ -84,14 +85,33 @@ def _split_state(sd: dict) -> tuple[dict, dict]:
     return tensors, rest
 
 
-def _optimizer_state(optimizer) -> tuple[dict, Optional[dict]]:
-    if optimizer is None:
+def _optimizer_state(trainer) -> tuple[dict, Optional[dict]]:
+    if trainer.optimizer is None:
         return {}, None
-    osd = optimizer.state_dict()
+    osd = trainer.optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v for i, st in osd["state"].items() for k, v in st.items()
                if isinstance(v, torch.Tensor)}
     scalars = {f"{i}.{k}": v for i, st in osd["state"].items() for k, v in st.items() if not isinstance(v, torch.Tensor)}
-    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+    spec, groups = trainer.optimizer_made
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars, "spec": dataclasses.asdict(spec),
+                     "groups": [dataclasses.asdict(g) for g in groups]}
+
+
+def _restore_optimizer(trainer, saved: dict, tensors: dict):
+    """The optimizer as saved: made of the saved spec and groups, then its state."""
+    from .strategies.base import OptimizerSpec, ParamGroup  # noqa: PLC0415
+
+    spec = OptimizerSpec(**{**saved["spec"], "betas": tuple(saved["spec"]["betas"])})
+    opt = trainer.new_optimizer(spec, [ParamGroup(**g) for g in saved["groups"]])
+    st: dict = {}
+    for key, v in tensors.items():
+        _, i, k = key.split(".", 2)
+        st.setdefault(int(i), {})[k] = v
+    for key, v in saved["scalars"].items():
+        i, k = key.split(".", 1)
+        st.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": st, "param_groups": saved["param_groups"]})
+    return opt
 
 
 def _rng_state(device: torch.device) -> tuple[dict, dict]:
@@ -113,7 +133,7 @@ def save(trainer, t: int, *, z, z_auc, R, auc) -> None:
     if os.path.isdir(d):
         shutil.rmtree(d)
     os.makedirs(d)
-    opt_tensors, opt_json = _optimizer_state(trainer.optimizer)
+    opt_tensors, opt_json = _optimizer_state(trainer)
     s_tensors, s_json = _split_state(trainer.strategy.state_dict())
     rng_tensors, rng_json = _rng_state(trainer.device)
     files = {}
@@ -183,15 +203,7 @@ def load(trainer) -> Optional[dict]:
     try:
         trainer.model.load_state_dict(tensors["model"])
         if state["optimizer"] is not None:
-            trainer.optimizer = trainer.new_optimizer()
-            st: dict = {}
-            for key, v in tensors["optimizer"].items():
-                _, i, k = key.split(".", 2)
-                st.setdefault(int(i), {})[k] = v
-            for key, v in state["optimizer"]["scalars"].items():
-                i, k = key.split(".", 1)
-                st.setdefault(int(i), {})[k] = v
-            trainer.optimizer.load_state_dict({"state": st, "param_groups": state["optimizer"]["param_groups"]})
+            trainer.optimizer = _restore_optimizer(trainer, state["optimizer"], tensors["optimizer"])
         trainer.strategy.load_state_dict({**state["strategy"], **tensors["strategy"]})
         _set_rng(tensors["rng"], state["rng"], trainer.device)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:

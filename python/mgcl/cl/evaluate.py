@@ -9,11 +9,12 @@ one-vs-rest ROC-AUC on the softmax over the task's classes.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .metrics import macro_auc
 from .tasks import Task
 
 
@@ -43,44 +44,6 @@ def zero_shot_head(model, task: Task, device, *, amp=None) -> torch.Tensor:
     return F.normalize(feats.mean(0), dim=-1)
 
 
-def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Macro one-vs-rest ROC-AUC (ties count half, as Mann-Whitney U).
-
-    Classes with no positive or no negative sample are left out of the mean
-    (AUC is undefined for them); NaN when no class is scorable.
-    """
-    probs = probs.double().cpu()
-    labels = labels.long().cpu()
-    n, C = probs.shape
-    aucs = []
-    for c in range(C):
-        pos = labels == c
-        n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = _midranks(probs[:, c])
-        u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
-        aucs.append(u / (n_pos * n_neg))
-    return float(sum(aucs) / len(aucs)) if aucs else float("nan")
-
-
-def _midranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks with ties given their average rank."""
-    order = torch.argsort(x, stable=True)
-    xs = x[order]
-    n = len(x)
-    ranks = torch.empty(n, dtype=torch.float64)
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
 class _Transformed(torch.utils.data.Dataset):
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -93,23 +56,40 @@ class _Transformed(torch.utils.data.Dataset):
         return self.transform(image), int(label)
 
 
+def head_logits(features: torch.Tensor, head: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) * normalise(features) @ head.T`` in float32: image
+    features scored against a ``[C, d]`` head."""
+    return logit_scale.exp().float() * F.normalize(features.float(), dim=-1) @ head.T
+
+
+def image_logits(model, images: torch.Tensor, head: torch.Tensor, device, amp=None) -> torch.Tensor:
+    """The default scoring of a test batch: ``model.encode_image`` (under ``amp``) against ``head``."""
+    with autocast(device, amp):
+        f = model.encode_image(images)
+    return head_logits(f, head, model.logit_scale)
+
+
 @torch.no_grad()
 def evaluate(model, task: Task, device, *, batch_size: int = 256, num_workers: int = 0, amp=None,
-             head: Optional[torch.Tensor] = None) -> dict:
-    """Top-1 accuracy (percent) and macro AUC (percent) on ``task.test``."""
+             head: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> dict:
+    """Top-1 accuracy (percent) and macro AUC (percent) on ``task.test``.
+    ``head``: the class embeddings (default: the zero-shot head); ``logits``:
+    ``images (on device) -> [B, C]`` instead of scoring ``model.encode_image``
+    against the head (a strategy's ``eval_logits``)."""
     was_training = model.training
     model.eval()
     try:
-        head = zero_shot_head(model, task, device, amp=amp) if head is None else head
-        scale = model.logit_scale.exp().float()
+        if logits is None:
+            head = zero_shot_head(model, task, device, amp=amp) if head is None else head
+
+            def logits(images):
+                return image_logits(model, images, head, device, amp)
+
         loader = torch.utils.data.DataLoader(_Transformed(task.test, model.transform(False)), batch_size=batch_size,
                                              shuffle=False, num_workers=num_workers)
         all_p, all_y = [], []
         for images, labels in loader:
-            with autocast(device, amp):
-                f = model.encode_image(images.to(device))
-            logits = scale * F.normalize(f.float(), dim=-1) @ head.T
-            all_p.append(logits.softmax(-1).cpu())
+            all_p.append(logits(images.to(device)).softmax(-1).cpu())
             all_y.append(labels)
     finally:
         model.train(was_training)

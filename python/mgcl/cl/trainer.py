@@ -5,7 +5,11 @@ Per task: AdamW (lr, weight decay; the logit scale frozen), linear warmup then
 a cosine (or constant) schedule over ``iters_per_task`` steps of
 ``batch_size`` images, the training set cycled as often as needed;
 cross-entropy with label smoothing over the task's class prompts (template
-0), plus whatever the strategy adds. The settings are one ``TrainConfig``
+0), plus whatever the strategy adds. The strategy may wrap the model, choose
+the trainable parameters in groups with their own learning rates, the
+optimizer (AdamW or SGD) and how test images are scored
+(``mgcl.cl.strategies.base``: ``wrap_model``, ``param_groups``,
+``optimizer``, ``eval_head``, ``eval_logits``). The settings are one ``TrainConfig``
 (``mgcl.cl.config``). Every task is evaluated after every task (R) and once
 before training (z). After each task a checkpoint is written
 (``mgcl.cl.checkpoint``); ``resume=True`` continues after the last finished
@@ -33,9 +37,9 @@ from .._io import atomic_write_json
 from . import checkpoint
 from . import results as results_mod
 from .config import TrainConfig
-from .evaluate import _Transformed, autocast, evaluate_all
+from .evaluate import _Transformed, autocast, evaluate
 from .strategies import Strategy, create as create_strategy
-from .strategies.base import Loss, TaskBatch
+from .strategies.base import Loss, OptimizerSpec, ParamGroup, TaskBatch
 from .tasks import Task
 
 
@@ -95,12 +99,14 @@ class ContinualTrainer:
         self._tokens: dict[int, torch.Tensor] = {}
         self._terms: dict[str, torch.Tensor] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer_made = None     # (OptimizerSpec, [ParamGroup]) the optimizer was made of
         self.t, self.step = 0, 0
         model.logit_scale.requires_grad_(False)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        if not self.params:
+        # the trainable parameters (in the order of the strategy's groups); chosen at start() and per task
+        self.param_names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.groups: list[ParamGroup] = []
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("ContinualTrainer: the model has no trainable parameters")
         cfg.check_fits(largest_train_set=max(len(t.train) for t in tasks), image_bytes=self._image_bytes(),
                        memory=_env.memory_bytes(self.device))
@@ -199,27 +205,87 @@ class ContinualTrainer:
 
     # ---- the run -----------------------------------------------------------------------------
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, base: Optional[float] = None) -> float:
+        """The learning rate at ``step`` of a group of learning rate ``base`` (default: the config's)."""
         c = self.train_config
+        lr = c.lr if base is None else base
         if step < c.warmup:
-            return c.lr * (step + 1) / c.warmup
+            return lr * (step + 1) / c.warmup
         if c.schedule == "constant":
-            return c.lr
+            return lr
         span = max(1, c.iters_per_task - c.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - c.warmup) / span)) * c.lr
+        return 0.5 * (1.0 + math.cos(math.pi * (step - c.warmup) / span)) * lr
 
-    def new_optimizer(self):
-        return torch.optim.AdamW(self.params, lr=self.train_config.lr, weight_decay=self.train_config.weight_decay,
-                                 fused=self.device.type == "cuda")
+    def select_params(self, t: int) -> None:
+        """The strategy's ``param_groups(self, t)``: ``params`` / ``param_names`` in
+        group order, everything else frozen. ValueError on an unknown or repeated
+        name, or on no trainable parameter at all."""
+        groups = list(self.strategy.param_groups(self, t))
+        named = dict(self.model.named_parameters())
+        names: list[str] = []
+        for g in groups:
+            if not isinstance(g, ParamGroup):
+                raise ValueError(f"strategy {self.strategy.name!r}: param_groups must return ParamGroup objects, "
+                                 f"got {type(g).__name__}")
+            names.extend(g.names)
+        unknown = [n for n in names if n not in named]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if unknown or repeated:
+            raise ValueError(f"strategy {self.strategy.name!r}: param_groups names "
+                             + (f"unknown parameter(s) {unknown[:5]}" if unknown else f"{repeated[:5]} twice"))
+        if not names and self.strategy.trains:
+            raise ValueError(f"strategy {self.strategy.name!r}: no trainable parameters (param_groups is empty)")
+        chosen = set(names)
+        for n, p in named.items():
+            p.requires_grad_(n in chosen)
+        self.groups, self.param_names, self.params = groups, names, [named[n] for n in names]
+
+    def optimizer_spec(self, t: int) -> OptimizerSpec:
+        spec = self.strategy.optimizer(self, t)
+        if not isinstance(spec, OptimizerSpec):
+            raise ValueError(f"strategy {self.strategy.name!r}: optimizer must return an OptimizerSpec, "
+                             f"got {type(spec).__name__}")
+        return spec
+
+    def new_optimizer(self, spec: Optional[OptimizerSpec] = None, groups: Optional[list] = None):
+        """An optimizer (default: the strategy's for the current task) over
+        ``groups`` (default: the current ones), lr and weight decay per group.
+        ``optimizer_made`` records what it was made of (checkpoints save it)."""
+        c = self.train_config
+        spec = self.optimizer_spec(self.t) if spec is None else spec
+        groups = self.groups if groups is None else groups
+        named = dict(self.model.named_parameters())
+        torch_groups = []
+        for g in groups:
+            if g.names:
+                lr = c.lr if g.lr is None else float(g.lr)
+                torch_groups.append({"params": [named[n] for n in g.names], "lr": lr, "base_lr": lr,
+                                     "weight_decay": c.weight_decay if g.weight_decay is None
+                                     else float(g.weight_decay)})
+        self.optimizer_made = (spec, [ParamGroup(list(g.names), g.lr, g.weight_decay) for g in groups])
+        return spec.build(torch_groups, fused=self.device.type == "cuda")
 
     def _seed_all(self, s: int) -> None:
         random.seed(s)
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
 
+    @torch.no_grad()
     def _evaluate(self):
-        return evaluate_all(self.model, self.tasks, self.device, batch_size=self.train_config.eval_batch_size,
-                            num_workers=self.num_workers, amp=self.amp)
+        """Accuracy and AUC of every task, scored through the strategy's
+        ``eval_head`` / ``eval_logits`` (the model in eval mode)."""
+        was = self.model.training
+        self.model.eval()
+        rows = []
+        try:
+            for j, task in enumerate(self.tasks):
+                head = self.strategy.eval_head(self, j)
+                rows.append(evaluate(self.model, task, self.device, batch_size=self.train_config.eval_batch_size,
+                                     num_workers=self.num_workers, amp=self.amp,
+                                     logits=lambda x, j=j, head=head: self.strategy.eval_logits(self, x, j, head)))
+        finally:
+            self.model.train(was)
+        return [r["acc"] for r in rows], [r["auc"] for r in rows]
 
     def run(self) -> dict:
         """Train on every task in order; returns (and writes results.json) the
@@ -276,26 +342,36 @@ class ContinualTrainer:
         return z, z_auc
 
     def start(self) -> None:
-        """Move the model, seed, ``strategy.setup`` (``run`` calls it; a bench may call it directly)."""
+        """Move the model, seed, ``strategy.wrap_model``, the trainable parameters
+        of task 0, ``strategy.setup`` (``run`` calls it; a bench may call it directly)."""
         self.model.to(self.device)
         self._seed_all(self.train_config.seed)
+        wrapped = self.strategy.wrap_model(self, self.model)
+        if not isinstance(wrapped, torch.nn.Module):
+            raise ValueError(f"strategy {self.strategy.name!r}: wrap_model must return an nn.Module, "
+                             f"got {type(wrapped).__name__}")
+        self.model = wrapped.to(self.device)
+        self.select_params(0)
         self.strategy.setup(self)
 
     def begin_task(self, t: int) -> None:
-        """Seed task t, ``strategy.before_task``, the optimizer for the task."""
+        """Seed task t, ``strategy.before_task``, the task's trainable parameters,
+        and a new optimizer when the config resets it per task or the groups or
+        the optimizer changed."""
         self.t = t
         self._seed_all(self.task_seed(t))
         self.strategy.before_task(self, t)
-        if self.strategy.trains and (self.optimizer is None or self.train_config.reset_optimizer):
+        self.select_params(t)
+        if self.strategy.trains and (self.optimizer is None or self.train_config.reset_optimizer
+                                     or self.optimizer_made != (self.optimizer_spec(t), self.groups)):
             self.optimizer = self.new_optimizer()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, t: int, step: int = 0) -> Loss:
         """One optimisation step on a task batch (already on the device): the
         strategy's loss, its parts backwarded in order with ``after_backward``
         after each, the optimizer step, ``after_step``. Returns the Loss."""
-        lr = self.lr_at(step)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = self.lr_at(step, g["base_lr"])
         self.step = step
         self.optimizer.zero_grad(set_to_none=True)
         self._terms = {}

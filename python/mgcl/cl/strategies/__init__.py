@@ -24,6 +24,8 @@ REGISTRY = {
     "zscl": ("zscl", "ZSCL"),
     "icarl": ("replay", "ICaRL"),
     "primed": ("primed", "Primed"),
+    "moe-adapters": ("moe_adapters", "MoEAdapters"),
+    "diki": ("diki", "DIKI"),
 }
 
 

@@ -6,8 +6,10 @@ takes part in, and the strategy calls them from its own hooks.
   bank directory; "dynamic": rebuilt before each task from the finished tasks,
   or "uniform": one fixed set over domain keywords), the teacher ("last",
   "initial" or "avg" of the two), the loss (``mgcl.nn.PrimedLoss``: task CE +
-  alpha CKT + beta CMC on the reference batch, pairs weighted by level) and
-  the reference loader's lifecycle (opened before a task, closed after it);
+  alpha CKT + beta CMC on the reference batch, pairs weighted by level), the
+  reference loader's lifecycle (opened before a task, closed after it) and the
+  teacher's features of the reference pairs, cached for the task when the
+  pairs are deterministic (``TeacherCache``);
 - ``GuardTerm``: the guard term of the step, dfg | ewc | l2 | none
   (``mgcl.FisherGuard``; SPEC.md section 6), its anchors moved to the weights
   after each task ("previous") or kept at the initial weights ("initial"), and
@@ -52,7 +54,12 @@ class ReferenceDistillation:
     ``alpha`` (CKT) and ``beta`` (CMC), ``direction`` of CKT ("both", "image":
     rows, "text": columns); ``level_weights`` {level: weight}; ``batch_size`` of
     the reference batch (None: the task batch size); ``prefetch`` batches
-    prepared ahead in a thread (0: none); ``backend`` of the loss op.
+    prepared ahead in a thread (0: none); ``backend`` of the loss op;
+    ``cache_teacher``: keep the frozen teacher's features of each reference
+    pair for the task (computed the first time the pair is drawn) when the pairs
+    are deterministic (``refdata.is_deterministic`` of the student's eval
+    transform, or a dataset's own ``deterministic`` attribute; otherwise the
+    teacher runs every step).
 
     A reference set is a ``ReferenceSet`` (rows, decoded here) or a map-style
     dataset of ready ``(image tensor, caption, weight)`` pairs, used as it is.
@@ -62,7 +69,7 @@ class ReferenceDistillation:
                  source: str = "dynamic", uniform_size: int = 10000, uniform_keywords: Optional[list] = None,
                  teacher: str = "last", alpha: float = 1.0, beta: float = 0.25, direction: str = "both",
                  level_weights: Optional[dict] = None, batch_size: Optional[int] = None, prefetch: int = 2,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, cache_teacher: bool = True):
         from ...retrieval.siphon import LEVELS  # noqa: PLC0415
 
         self.who = who
@@ -89,6 +96,8 @@ class ReferenceDistillation:
         self.uniform_size, self.uniform_keywords = uniform_size, uniform_keywords
         self.alpha, self.beta, self.level_weights = float(alpha), float(beta), lw
         self.batch_size, self.prefetch, self.backend = batch_size, prefetch, backend
+        self.cache_teacher = bool(cache_teacher)
+        self.cache: Optional[TeacherCache] = None
         self.loss = None
         self.initial = None        # the initial weights, for teacher "initial" / "avg"
         self.refset = None
@@ -125,9 +134,13 @@ class ReferenceDistillation:
                 named[name].copy_(p0 if self.teacher == "initial" else 0.5 * (p0 + p))
         if self.source == "dynamic":
             self.refset = self.siphon.reference_set([task.finished() for task in trainer.tasks[:t]])
-        trainer.log(f"{self.who}: task {t + 1}: {self.refset!r}")
         pairs = self.refset if isinstance(self.refset, torch.utils.data.Dataset) else \
             ReferencePairs(self.refset, trainer.model.transform(False), self.level_weights)
+        cached = self.cache_teacher and getattr(pairs, "deterministic", False) is True
+        self.cache = TeacherCache(len(pairs)) if cached else None
+        teacher_note = "cached for the task" if cached else "recomputed every step" + (
+            " (the reference pairs are not deterministic)" if self.cache_teacher else "")
+        trainer.log(f"{self.who}: task {t + 1}: {self.refset!r}; teacher features {teacher_note}")
         stream = reference_batches(pairs, trainer.model.tokenize, self.batch_size or trainer.train_config.batch_size,
                                    seed=trainer.task_seed(t))
         self.batches = Prefetch(stream, self.prefetch) if self.prefetch else stream
@@ -140,8 +153,10 @@ class ReferenceDistillation:
         images, tokens = ref.images.to(dev, non_blocking=True), ref.tokens.to(dev, non_blocking=True)
         m, teacher = trainer.model, self.teacher_model
         img_s, txt_s = m.encode_image(images).float(), m.encode_text(tokens).float()
-        with torch.no_grad():
-            img_t, txt_t = teacher.encode_image(images).float(), teacher.encode_text(tokens).float()
+        if self.cache is not None:
+            img_t, txt_t = self.cache.features(teacher, ref.index, images, tokens)
+        else:
+            img_t, txt_t = teacher_features(teacher, images, tokens)
         with trainer.fp32():
             return self.loss(logits.float(), labels, img_s, txt_s, img_t, txt_t, m.logit_scale.exp().float(),
                              teacher.logit_scale.exp().float(), ref.weights.to(dev))
@@ -149,7 +164,7 @@ class ReferenceDistillation:
     def after_task(self, trainer, t: int) -> None:
         if isinstance(self.batches, Prefetch):
             self.batches.close()
-        self.batches = self.teacher_model = None
+        self.batches = self.teacher_model = self.cache = None
 
     def state_dict(self) -> dict:
         return {f"initial.{i}": p for i, p in enumerate(self.initial)} if self.initial is not None else {}
@@ -157,6 +172,43 @@ class ReferenceDistillation:
     def load_state_dict(self, sd: dict) -> None:
         if self.initial is not None:
             self.initial = [sd[f"initial.{i}"].to(p.device, p.dtype).clone() for i, p in enumerate(self.initial)]
+
+
+@torch.no_grad()
+def teacher_features(teacher, images: torch.Tensor, tokens: torch.Tensor):
+    """The frozen teacher's float32 (image, text) features of a reference batch."""
+    return teacher.encode_image(images).float(), teacher.encode_text(tokens).float()
+
+
+class TeacherCache:
+    """The frozen teacher's features of a task's ``n`` reference pairs, computed the
+    first time a pair is drawn (in the batch that draws it, so a pass over the
+    set costs one teacher forward per pair, then none) and kept for the task.
+    Valid while the teacher and the pairs are fixed: a task, deterministic pairs."""
+
+    def __init__(self, n: int):
+        self.have = torch.zeros(n, dtype=torch.bool)
+        self.img: Optional[torch.Tensor] = None
+        self.txt: Optional[torch.Tensor] = None
+
+    def features(self, teacher, index: torch.Tensor, images: torch.Tensor, tokens: torch.Tensor):
+        """(image, text) features of the pairs at ``index`` (int64 [B], in the batch's order)."""
+        missing = ~self.have[index]
+        if bool(missing.any()):
+            rows = missing.nonzero().squeeze(1)
+            if bool(missing.all()):
+                img, txt = teacher_features(teacher, images, tokens)
+            else:
+                img, txt = teacher_features(teacher, images[rows.to(images.device)], tokens[rows.to(tokens.device)])
+            if self.img is None:
+                n = len(self.have)
+                self.img = img.new_empty((n,) + img.shape[1:])
+                self.txt = txt.new_empty((n,) + txt.shape[1:])
+            at = index[rows].to(self.img.device)
+            self.img[at], self.txt[at] = img, txt
+            self.have[index[rows]] = True
+        at = index.to(self.img.device)
+        return self.img[at], self.txt[at]
 
 
 class GuardTerm:
@@ -243,5 +295,5 @@ class WeightEnsemble:
         self.mean, self.total = None, 0.0
 
 
-__all__ = ["ReferenceDistillation", "GuardTerm", "WeightEnsemble", "TEACHERS", "SOURCES", "DIRECTIONS",
-           "GUARD_MODES", "ANCHORS", "prefixed"]
+__all__ = ["ReferenceDistillation", "TeacherCache", "teacher_features", "GuardTerm", "WeightEnsemble", "TEACHERS",
+           "SOURCES", "DIRECTIONS", "GUARD_MODES", "ANCHORS", "prefixed"]

@@ -1,13 +1,17 @@
 """Reference batches, the training side of a reference set: its pairs as a
 map-style dataset (image decoded through the student's eval transform,
 caption, weight of the pair's level), an endless stream of reshuffled batches
-(captions tokenized by the student), and a background thread that prepares
-the next batches (image decoding) while the model works."""
+(captions tokenized by the student, images decoded by a thread pool), a
+background thread that prepares the next batches while the model works, and
+the test of whether a transform is deterministic (the frozen teacher's
+features of a pair are then cached for the task, ``parts.TeacherCache``)."""
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -19,6 +23,7 @@ class RefBatch:
     images: torch.Tensor   # float [B, 3, H, W], the student's eval transform
     tokens: torch.Tensor   # the student's tokenize(captions)
     weights: torch.Tensor  # float32 [B]: the weight of each pair's level (1.0 by default)
+    index: torch.Tensor    # int64 [B]: each pair's position in the reference set
 
 
 class ReferencePairs(torch.utils.data.Dataset):
@@ -28,6 +33,7 @@ class ReferencePairs(torch.utils.data.Dataset):
 
     def __init__(self, refset, transform: Callable, level_weights: Optional[dict] = None):
         self.refset, self.transform, self.level_weights = refset, transform, dict(level_weights or {})
+        self.deterministic = is_deterministic(transform)
 
     def __len__(self) -> int:
         return len(self.refset)
@@ -44,20 +50,72 @@ class ReferencePairs(torch.utils.data.Dataset):
         return image, r["caption"], float(self.level_weights.get(r["level"], 1.0))
 
 
-def reference_batches(pairs, tokenize: Callable, batch_size: int, *, seed: int) -> Iterator[RefBatch]:
+def reference_batches(pairs, tokenize: Callable, batch_size: int, *, seed: int,
+                      workers: Optional[int] = None) -> Iterator[RefBatch]:
     """Reshuffled passes over ``pairs`` (pass k ordered by ``randperm`` seeded
     ``seed + k``), forever. Batches are full-size when the set holds at least one
-    batch (the last partial batch of a pass is dropped then)."""
+    batch (the last partial batch of a pass is dropped then).
+
+    A batch's items are read by ``workers`` threads (None: up to 8, the CPU
+    count; 0 or 1: in this thread); PIL decodes and resizes without the GIL.
+    The order of the items, hence every batch, depends on ``seed`` only, and
+    an item is the same whichever thread reads it (the eval transform draws
+    no random numbers)."""
     n = len(pairs)
     if n == 0:
         raise RuntimeError("the reference set is empty (nothing retrieved)")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1, batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"reference_batches: workers must be an integer >= 0, got {workers!r}")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mgcl-refdata") if workers > 1 else None
+    read = pool.map if pool is not None else map
     stop = n - n % batch_size if n >= batch_size else n
-    for k in itertools.count():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + k)).tolist()
-        for s in range(0, stop, batch_size):
-            items = [pairs[i] for i in order[s:s + batch_size]]
-            yield RefBatch(images=torch.stack([x[0] for x in items]), tokens=tokenize([x[1] for x in items]),
-                           weights=torch.tensor([x[2] for x in items], dtype=torch.float32))
+    try:
+        for k in itertools.count():
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + k)).tolist()
+            for s in range(0, stop, batch_size):
+                index = order[s:s + batch_size]
+                items = list(read(pairs.__getitem__, index))
+                yield RefBatch(images=torch.stack([x[0] for x in items]), tokens=tokenize([x[1] for x in items]),
+                               weights=torch.tensor([x[2] for x in items], dtype=torch.float32),
+                               index=torch.tensor(index, dtype=torch.int64))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def is_deterministic(transform) -> bool:
+    """Whether ``transform`` maps an image to the same tensor every time: an object
+    that says so (a ``deterministic`` attribute), a torchvision ``Compose`` of
+    deterministic steps, or a step known to draw no random numbers (resize,
+    crop, conversion, normalisation; open_clip's eval steps; mgcl's own
+    converters). Anything else (a random augmentation, an unknown callable)
+    counts as random: the teacher's features are then recomputed every step."""
+    said = getattr(transform, "deterministic", None)
+    if isinstance(said, bool):
+        return said
+    inner = getattr(transform, "transforms", None)
+    if type(transform).__name__ == "Compose" and isinstance(inner, (list, tuple)):
+        return all(is_deterministic(t) for t in inner)
+    cls = type(transform)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name.startswith("torchvision.transforms.") and cls.__name__ in _TORCHVISION_FIXED:
+        return True
+    if name.startswith("open_clip.transform.") and cls.__name__ in ("MaybeConvertMode", "MaybeToTensor",
+                                                                     "CenterCropOrPad"):
+        return True
+    if name == "open_clip.transform.ResizeKeepRatio":
+        return not getattr(transform, "random_scale_prob", 0) and not getattr(transform, "random_aspect_prob", 0)
+    fn = f"{getattr(transform, '__module__', '')}.{getattr(transform, '__qualname__', '')}"
+    return fn in ("mgcl.models.images.as_image", "mgcl.models.images.to_tensor", "open_clip.transform._convert_to_rgb")
+
+
+# torchvision steps (v1 and v2) that draw no random numbers
+_TORCHVISION_FIXED = frozenset({
+    "Resize", "CenterCrop", "Pad", "ToTensor", "PILToTensor", "ToPILImage", "ConvertImageDtype", "Normalize",
+    "Grayscale", "ToImage", "ToDtype", "ToPureTensor", "Identity",
+})
 
 
 class Prefetch:
@@ -80,6 +138,9 @@ class Prefetch:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(exc)
             return
+        finally:
+            if callable(getattr(source, "close", None)):
+                source.close()  # a generator's own clean-up (reference_batches' thread pool)
         self._put(self._END)
 
     def _put(self, item) -> bool:
