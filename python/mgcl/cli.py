@@ -172,11 +172,17 @@ def cmd_db_build(args) -> int:
             from .retrieval.cleanse import TorchvisionDetector
 
             detector = TorchvisionDetector.from_checkpoint(args.panel_detector, device=args.device)
-        manifest = build_bank(_corpus_inputs(args), args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
-                              shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                              image_root=args.image_root, missing_images=args.missing_images,
-                              max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images,
-                              split_compound=args.split_compound, panel_detector=detector)
+        options = dict(vlm=vlm, vlm_name=args.vlm, shard_size=args.shard_size, batch_size=args.batch_size,
+                       image_root=args.image_root, missing_images=args.missing_images,
+                       max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images,
+                       split_compound=args.split_compound, panel_detector=detector)
+        if args.ray is not None:  # the same bank, read and embedded on a Ray cluster
+            from .retrieval.distributed import build_bank_ray
+
+            manifest = build_bank_ray(_corpus_inputs(args), args.out, embedder=args.embedder, address=args.ray or None,
+                                      workers=args.workers, device=args.device, **options)
+        else:
+            manifest = build_bank(_corpus_inputs(args), args.out, embedder=args.embedder, device=args.device, **options)
         print(_printable(report(manifest)))
         _print_problems(args.out)
         if args.index:
@@ -325,6 +331,10 @@ def _add_db(sub) -> None:
                    help="exit 0 even when records were skipped or containers damaged (still listed in skipped.jsonl)")
     s.add_argument("--index", choices=["flat", "ivfpq"],
                    help="also build a FAISS index: flat (exact) | ivfpq (compressed; needs a large bank)")
+    s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="read and embed on a Ray cluster (ADDRESS of a running one, 'auto'; none: RAY_ADDRESS or a "
+                        "new local instance); the same bank as without")
+    s.add_argument("--workers", type=int, help="with --ray: embedding actors (default: one per GPU, else CPUs - 1)")
     s.set_defaults(func=cmd_db_build)
     s = db.add_parser("index", help="build a FAISS index for a bank")
     s.add_argument("bank", help="bank directory (mgcl db build --out)")
@@ -512,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
-    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step | cleanse")
+    s.add_argument("op", help=" | ".join(BENCHES))
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the bench runs (default cpu)")
     s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
     s.add_argument("--repeats", type=int, default=5, help="timed repetitions per case; the median is reported")

@@ -143,6 +143,7 @@ def bench_serve(bank_path: str, device: str, k: int, k_v: int, repeats: int, vlm
     emb.encode(["warm up"], 1)
     bank = MemoryBank.open(bank_path, embedder=emb, device=device)
     bank.check()  # the one-time first-read checks of every file, here rather than in the timings (bench_open)
+    codes = bank.quantized_keys()  # stored at build: memory-mapped here, not made
     g = torch.Generator().manual_seed(1)
     vlm_text = torch.nn.functional.normalize(torch.randn(len(queries), vlm_dim, generator=g), dim=1)
 
@@ -160,14 +161,17 @@ def bench_serve(bank_path: str, device: str, k: int, k_v: int, repeats: int, vlm
         timings["total"] = time.perf_counter() - t0
         runs.append(timings)
     stages = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in runs[0]}
-    from ..ops.similarity_topk import BACKENDS  # noqa: PLC0415
+    from ..ops.similarity_topk import BACKENDS, native  # noqa: PLC0415
     from .. import _backend  # noqa: PLC0415
 
-    return {"queries": len(queries), "k": k, "k_v": k_v, "repeats": len(runs), "stages": stages,
+    backend = _backend.select("similarity_topk", BACKENDS, torch.device(device))
+    return {"dense_s": stages["dense"], "screen_path": native.screen_path() if backend == "cpp" else backend,
+            "stored_codes": codes is not None and bool(bank.manifest.get("quantized")),
+            "queries": len(queries), "k": k, "k_v": k_v, "repeats": len(runs), "stages": stages,
             "per_query_ms": stages["total"] / len(queries) * 1e3,
             "candidates_per_query": {kk: v / len(queries) for kk, v in stats.items() if kk != "gated_queries"},
             "gated_queries": stats.get("gated_queries", 0),
-            "topk_backend": _backend.select("similarity_topk", BACKENDS, torch.device(device))}
+            "topk_backend": backend}
 
 
 def run(device: str = "cpu", scale: float = 1.0, repeats: int = 5, k: int = 30, k_v: int = 2) -> dict:
@@ -209,6 +213,9 @@ def table(result: dict) -> str:
     rows = [{"stage": k, "seconds": v, "pct": 100 * v / total if total else 0.0} for k, v in s["stages"].items()]
     lines.append(harness.format_table(rows, [("stage", "stage"), ("seconds", "seconds"), ("pct", "% of total")]))
     lines.append(f"per query: {s['per_query_ms']:.2f} ms end to end")
+    lines.append(f"dense stage (exact similarity_topk, {s['topk_backend']} backend, screen {s['screen_path']}, "
+                 f"{'stored' if s['stored_codes'] else 'no stored'} int8 key codes): {s['dense_s']:.2f} s, "
+                 f"{s['dense_s'] / s['queries'] * 1e3:.2f} ms per query")
     o = result.get("open")
     if o:
         lines.append(f"open + first query ({o['bank_bytes'] / 2**30:.2f} GiB bank, page-cached): open "

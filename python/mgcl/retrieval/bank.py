@@ -10,6 +10,8 @@ Layout (DESIGN.md, "Data on disk"):
                                        (int64: index in reading order, -1 = a whole figure)
     vlm/shard-00000.safetensors        optional "image_embeddings": float16 [n_i, d_v]
                                        (unit rows; zero rows for unreadable images)
+    quantized/shard-00000.safetensors  int8 screening codes of the text shard (``quantize_keys``:
+                                       codes, scale, err, norm, sum), made at build or on first use
     bm25/{vocab.json,tokens.safetensors}  caption term counts + document frequencies
     index/faiss-<kind>.index           optional FAISS index
     skipped.jsonl                      corpus records the builder skipped or repaired, damaged
@@ -40,6 +42,7 @@ FORMAT = "mgcl-bank"
 FORMAT_VERSION = 1
 EMB_KEY = "embeddings"
 VLM_KEY = "image_embeddings"
+QUANT_SUB = "quantized"
 
 
 @dataclass
@@ -90,6 +93,8 @@ class MemoryBank:
         self._bm25 = {}
         self._pending = set(_named_files(manifest))  # relative paths not yet checked against their sha256
         self._lock = threading.Lock()
+        self._quantized = None  # list[QuantizedKeys] once made or opened (quantized_keys)
+        self.server = None  # a sharded dense server (retrieval.distributed.ShardedSearch) or None: local search
         self.offsets = np.concatenate([[0], np.cumsum([s.shape[0] for s in shards])]).astype(np.int64)
 
     # ---- opening and verifying ---------------------------------------------------
@@ -141,6 +146,11 @@ class MemoryBank:
             raise BankError(f"{meta}: {nrows} rows but the manifest count is {m['count']}")
         for rel in _named_files(m):
             _file(path, rel)
+        if m.get("quantized"):
+            for e, s in zip(m["quantized"]["shards"], shards):
+                if e["rows"] != s.shape[0]:
+                    raise BankError(f"bank {path!r}: quantized copy {e['path']!r} has {e['rows']} rows, its shard "
+                                    f"{s.shape[0]}")
         bank = cls(path, m, shards, vlm, embedder=embedder, device=dev)
         if verify:
             bank.verify()
@@ -195,6 +205,51 @@ class MemoryBank:
         """The VLM image-embedding shards (empty without ``--vlm``), checked."""
         self.check(e["path"] for e in (self.manifest.get("vlm") or {}).get("shards", []))
         return list(self._vlm_shards)
+
+    def quantized_keys(self):
+        """The int8 screening codes of the text shards (``QuantizedKeys`` per
+        shard, for ``similarity_topk(..., quantized=...)``), or None without
+        mgcl._C. Stored ones are memory-mapped and checked against their sha256;
+        a bank without them makes them now, once, and stores them (files, then
+        the manifest) where the bank is writable, else keeps them in memory."""
+        if self._quantized is None:
+            self._quantized = self._codes(0, len(self._shards))
+            if self._quantized is not None and not self.manifest.get("quantized") and os.access(
+                    self.path, os.W_OK) and os.access(os.path.join(self.path, "manifest.json"), os.W_OK):
+                entry = write_quantized(self.path, self._quantized)
+                with self._lock:
+                    self.manifest["quantized"] = entry
+                    store.atomic_write_json(os.path.join(self.path, "manifest.json"), self.manifest)
+        return self._quantized
+
+    def part(self, lo: int, hi: int):
+        """Text shards ``lo..hi-1`` (checked) and their screening codes (the
+        stored ones, else made in memory; None without mgcl._C): what one
+        server of a sharded search holds (``retrieval.distributed``)."""
+        entries = self.manifest["shards"][lo:hi]
+        self.check(e["path"] for e in entries)
+        return list(self._shards[lo:hi]), self._codes(lo, hi)
+
+    def _codes(self, lo: int, hi: int):
+        from .. import _native  # noqa: PLC0415
+        from ..ops.similarity_topk import QuantizedKeys, quantize_keys  # noqa: PLC0415
+
+        entry = self.manifest.get("quantized")
+        if not entry:
+            if not _native.HAS_C:
+                return None
+            self.check(e["path"] for e in self.manifest["shards"][lo:hi])
+            return quantize_keys(self._shards[lo:hi])
+        entries = entry["shards"][lo:hi]
+        self.check(e["path"] for e in entries)
+        out = []
+        for e in entries:
+            p = os.path.join(self.path, e["path"])
+            try:
+                out.append(QuantizedKeys(*(store.mmap_tensor(p, f) for f in QuantizedKeys._fields)))
+            except ValueError as exc:
+                raise BankError(f"bank {self.path!r}: bad quantized copy {e['path']!r}: {exc}") from None
+        return out
 
     @property
     def has_vlm(self) -> bool:
@@ -377,11 +432,18 @@ def _check_manifest(m, mpath: str) -> None:
         _check_entry(m["index"], "'index'", mpath)
         if m["index"].get("kind") not in ("flat", "ivfpq"):
             raise BankError(f"{mpath}: index kind {m['index'].get('kind')!r}; expected 'flat' or 'ivfpq'")
+    qz = m.get("quantized")
+    if qz is not None:
+        if not (isinstance(qz, dict) and isinstance(qz.get("shards"), list) and len(qz["shards"]) == len(m["shards"])):
+            raise BankError(f"{mpath}: 'quantized' must be null or an object with one shard entry per text shard")
+        for i, e in enumerate(qz["shards"]):
+            _check_entry(e, f"quantized.shards[{i}]", mpath, rows=True)
 
 
 def _named_files(m: dict) -> dict[str, str]:
     """Every file the manifest names (relative path -> sha256)."""
     entries = list(m["shards"]) + [m["meta"]] + list((m.get("vlm") or {}).get("shards", []))
+    entries += list((m.get("quantized") or {}).get("shards", []))
     if m.get("bm25"):
         entries += [m["bm25"]["vocab"], m["bm25"]["tokens"]]
     if m.get("index"):
@@ -438,6 +500,30 @@ def write_shard(bank: str, j: int, emb, sub: str = "embeddings", key: str = EMB_
     return {"path": rel, "rows": int(t.shape[0]), "sha256": store.sha256_file(os.path.join(bank, rel))}
 
 
+def write_quantized(bank: str, codes) -> dict:
+    """Write the screening codes of every text shard (``quantize_keys``
+    output, one per shard, in order; an iterable, atomically each); return the
+    manifest's ``quantized`` entry."""
+    entries = []
+    for j, qk in enumerate(codes):
+        rel = shard_name(j, QUANT_SUB)
+        store.atomic_write_tensors(os.path.join(bank, rel), qk._asdict())
+        entries.append({"path": rel, "rows": int(qk.codes.shape[0]),
+                        "sha256": store.sha256_file(os.path.join(bank, rel))})
+    return {"shards": entries}
+
+
+def _quantize_shards(bank: str, shards: list):
+    """The ``quantized`` entry for shards already on disk (None without mgcl._C)."""
+    from .. import _native  # noqa: PLC0415
+    from ..ops.similarity_topk import quantize_keys  # noqa: PLC0415
+
+    if not _native.HAS_C:
+        return None
+    return write_quantized(bank, (quantize_keys(store.mmap_tensor(os.path.join(bank, e["path"]), EMB_KEY))
+                                  for e in shards))
+
+
 def group_ids(captions: Sequence[str]) -> np.ndarray:
     """Index of the first entry with the same caption (identical captions share it)."""
     first: dict[str, int] = {}
@@ -474,6 +560,7 @@ def finalize(bank: str, *, ids, captions, images, domains, shards: list, dim: in
         "embedder": embedder, "normalised": True, "shards": shards,
         "meta": {"path": "meta.parquet", "sha256": store.sha256_file(mpath)},
         "vlm": vlm, "bm25": bm25, "index": None, "build": build or {},
+        "quantized": _quantize_shards(bank, shards),
     }
     store.atomic_write_json(os.path.join(bank, "manifest.json"), manifest)
     return manifest

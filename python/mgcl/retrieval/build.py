@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
@@ -93,10 +93,41 @@ def _check_chunk(pool, items, max_pixels, split):
     return (row for rows in pool.map(one, items) for row in rows)
 
 
+class LocalEngine:
+    """Where a build reads the corpus and embeds its shards: here, in this
+    process (``retrieval.distributed.RayEngine`` does both on a Ray cluster).
+    ``items`` yields ``(item, image problem, kept-whole reason)`` in corpus
+    order (``split``: the compound-figure step, module doc); ``submit``
+    starts embedding one shard's captions (batches of ``batch_size``, never
+    crossing the shard) and ``collect`` returns its float32 [n, dim] rows;
+    up to ``window`` shards are in flight before the oldest is written."""
+
+    window = 0
+
+    def __init__(self, emb):
+        self.emb = emb
+        self.name, self.dim = emb.name, int(emb.dim)
+
+    def items(self, files, image_root, external_images: bool, max_pixels: int, split=None):
+        return _with_image_checks(read_files(files, image_root, external_images=external_images), max_pixels, split)
+
+    def submit(self, captions: list[str], batch_size: int):
+        return encode_shard(self.emb, captions, batch_size)
+
+    def collect(self, handle) -> np.ndarray:
+        return handle
+
+
+def encode_shard(emb, captions: list[str], batch_size: int) -> np.ndarray:
+    """One shard's rows: the captions embedded in batches of ``batch_size``."""
+    return np.concatenate([emb.encode(captions[s:s + batch_size], batch_size)
+                           for s in range(0, len(captions), batch_size)])
+
+
 def _remove_temps(out: str) -> None:
     """Temporary files of the bank's writes killed before their rename: in the
     folders the builder owns, and beside the bank's top-level files."""
-    for sub, names in ((".build", None), ("embeddings", None), ("vlm", None), ("bm25", None),
+    for sub, names in ((".build", None), ("embeddings", None), ("vlm", None), ("quantized", None), ("bm25", None),
                        ("", ("manifest.json", "meta.parquet", "skipped.jsonl"))):
         folder = os.path.join(out, sub)
         for f in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -108,7 +139,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                shard_size: int = 100_000, batch_size: int = 64, device: str | None = None,
                image_root: str | None = None, missing_images: str | None = None,
                max_image_pixels: int = MAX_PIXELS, external_images: bool = False, split_compound: bool = False,
-               panel_detector=None, progress: bool = True,
+               panel_detector=None, progress: bool = True, engine=None,
                _hook: Optional[Callable[[str, int], None]] = None) -> dict:
     """Build (or resume building) the bank at ``out`` from ``corpus`` files/folders.
 
@@ -127,8 +158,11 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     (by reason), repaired and damaged, per file and in total (each one listed
     in ``skipped.jsonl``). Rerunning a finished build
     with the same settings returns its manifest and changes nothing.
-    ``_hook(stage, shard)`` is called at every commit point (tests inject
-    failures there).
+    ``engine``: where records are read and shards embedded (default: this
+    process, ``LocalEngine``; ``retrieval.distributed.build_bank_ray`` passes
+    a Ray one and ``embedder`` is then unused here); the files written are the
+    same. ``_hook(stage, shard)`` is called at every commit point (tests
+    inject failures there).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -157,12 +191,14 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         what = f" (left out bank folder(s): {', '.join(excluded)})" if excluded else ""
         raise ValueError(f"build_bank: no corpus files (expected .jsonl, .parquet or WebDataset .tar){what}")
     mpath = os.path.join(out, "manifest.json")
-    emb = get_embedder(embedder, device=device) if isinstance(embedder, str) or embedder is None else embedder
+    if engine is None:
+        engine = LocalEngine(get_embedder(embedder, device=device) if isinstance(embedder, str) or embedder is None
+                             else embedder)
     if vlm is not None and vlm_name is None:
         vlm_name = getattr(vlm, "name", type(vlm).__name__)
     work = os.path.join(out, ".build")
-    config = {"version": STATE_VERSION, "corpus": _corpus_fingerprint([f.path for f in files]), "embedder": emb.name,
-              "dim": int(emb.dim), "vlm": vlm_name, "shard_size": shard_size, "batch_size": batch_size,
+    config = {"version": STATE_VERSION, "corpus": _corpus_fingerprint([f.path for f in files]), "embedder": engine.name,
+              "dim": int(engine.dim), "vlm": vlm_name, "shard_size": shard_size, "batch_size": batch_size,
               "image_root": os.path.abspath(image_root) if image_root else None,
               "missing_images": missing_images, "max_image_pixels": max_image_pixels,
               "external_images": bool(external_images)}
@@ -201,8 +237,9 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     shards, vshards = [], []
     image_failures = 0
 
+    pending: deque = deque()  # shards cut and not yet written: (j, records, digest, embedding handle or reused info)
+
     def flush(j: int, recs: list[Record]):
-        nonlocal image_failures
         part = os.path.join(work, f"meta-{j:05d}.json")
         digest = _records_digest(recs)
         if j < done:  # committed by an earlier run: reuse it if its records and files are the same
@@ -212,20 +249,28 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                            and store.sha256_file(os.path.join(out, e["path"])) == e["sha256"]
                            for e in (info["shard"], info.get("vlm")) if e)
             if files_ok and info["rows"] == len(recs) and info.get("records") == digest:
-                shards.append(info["shard"])
-                if info.get("vlm"):
-                    vshards.append(info["vlm"])
-                image_failures += info.get("image_failures", 0)
-                bar.update(len(recs))
+                pending.append((j, recs, digest, None, info))
                 return
+        pending.append((j, recs, digest, engine.submit([r.caption for r in recs], batch_size), None))
+        while len(pending) > engine.window:
+            commit(*pending.popleft())
+
+    def commit(j: int, recs: list[Record], digest: str, handle, reused: dict | None):
+        nonlocal image_failures
+        if reused is not None:
+            shards.append(reused["shard"])
+            if reused.get("vlm"):
+                vshards.append(reused["vlm"])
+            image_failures += reused.get("image_failures", 0)
+            return
+        part = os.path.join(work, f"meta-{j:05d}.json")
         caps = [r.caption for r in recs]
-        vecs = np.concatenate([_counted(emb.encode(caps[s:s + batch_size], batch_size))
-                               for s in range(0, len(caps), batch_size)])
-        if vecs.shape != (len(caps), emb.dim):
-            raise RuntimeError(f"embedder {emb.name!r} returned {vecs.shape}, expected {(len(caps), emb.dim)}")
+        vecs = engine.collect(handle)
+        if vecs.shape != (len(caps), engine.dim):
+            raise RuntimeError(f"embedder {engine.name!r} returned {vecs.shape}, expected {(len(caps), engine.dim)}")
         bad = np.nonzero(~np.isfinite(vecs).all(1))[0]
         if len(bad):
-            raise RuntimeError(f"embedder {emb.name!r} returned NaN or inf for {len(bad)} record(s), the first "
+            raise RuntimeError(f"embedder {engine.name!r} returned NaN or inf for {len(bad)} record(s), the first "
                                f"{recs[bad[0]].file}, {recs[bad[0]].position} (caption {recs[bad[0]].caption[:60]!r})")
         hook("embedded", j)
         entry = bank_mod.write_shard(out, j, torch.from_numpy(vecs))
@@ -251,10 +296,6 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     counts: Counter = Counter()
     rows: list[dict] = []  # skipped.jsonl
 
-    def _counted(vecs):
-        bar.update(len(vecs))  # the bar counts records read: kept ones as they are embedded, skipped ones at once
-        return vecs
-
     def note(item, action: str, reason: str, **extra):
         rows.append({"file": item.file, "position": item.position, "reason": reason, "action": action, **extra})
 
@@ -262,11 +303,11 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     ids, caps, imgs, doms = [], [], [], []
     parents, panels = [], []  # with split_compound
     kept_whole: Counter = Counter()
-    items = read_files(files, image_root, external_images=external_images)
+    cut = 0  # shards cut so far; the bar counts records read: kept ones as their shard is cut, skipped ones at once
     # the total is the records the corpus holds, when cheap to count; split panels are not known ahead
-    with tqdm(total=None if split else count_records(files), desc=f"embedding ({emb.name})", unit="rec",
+    with tqdm(total=None if split else count_records(files), desc=f"embedding ({engine.name})", unit="rec",
               smoothing=0.05, disable=not progress) as bar:
-        for item, image_problem, whole in _with_image_checks(items, max_image_pixels, split):
+        for item, image_problem, whole in engine.items(files, image_root, external_images, max_image_pixels, split):
             pf = per_file[item.file]
             if isinstance(item, Damaged):
                 pf["damaged"].append({"position": item.position, "reason": item.reason,
@@ -308,10 +349,15 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 panels.append(item.panel)
                 counts["figures_split"] += item.panel == 0
             if len(buf) == shard_size:
-                flush(len(shards), buf)
+                flush(cut, buf)
+                cut += 1
+                bar.update(len(buf))
                 buf = []
         if buf:
-            flush(len(shards), buf)
+            flush(cut, buf)
+            bar.update(len(buf))
+        while pending:
+            commit(*pending.popleft())
     damaged = sum(bool(p["damaged"]) for p in per_file.values())
     if not ids:
         reasons = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) or "no records"
@@ -339,7 +385,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                              "kept_whole_reasons": dict(sorted(kept_whole.items()))}
         extra = {"parent": parents, "panel": panels}
     manifest = bank_mod.finalize(out, ids=ids, captions=caps, images=imgs, domains=doms, shards=shards,
-                                 dim=emb.dim, embedder=emb.name, vlm=vinfo, build=build, extra=extra,
+                                 dim=engine.dim, embedder=engine.name, vlm=vinfo, build=build, extra=extra,
                                  progress=progress)
     hook("finalized", len(shards))
     shutil.rmtree(work, ignore_errors=True)

@@ -21,11 +21,12 @@ import torch
 from .ties import check_k, select  # noqa: F401  (select: the rule over candidate rows, used here and by FAISS)
 
 def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool = True, *, device=None,
-               backend: str | None = None):
+               backend: str | None = None, quantized=None):
     """Exact candidates of every query over ``shards`` (float16 [n_i, d] each,
     memory-mapped) with ``similarity_topk``: float32 queries, exact scores (the
     op's definition, the same on CPU and GPU); on a GPU the shards stream from
-    host memory through the device in blocks."""
+    host memory through the device in blocks. ``quantized``: the shards'
+    screening codes (``MemoryBank.quantized_keys``), used on the CPU."""
     from ..ops.similarity_topk import similarity_topk  # noqa: PLC0415
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -33,7 +34,8 @@ def exact_topk(q: torch.Tensor, shards: list[torch.Tensor], k: int, ties: bool =
     if not shards or not sum(s.shape[0] for s in shards) or n_q == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n_q + 1, np.int64)
     qd = q.to(device=dev, dtype=torch.float32).contiguous()
-    r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend)
+    codes = quantized if dev.type == "cpu" else None
+    r = similarity_topk(qd, list(shards), int(k), ties=bool(ties), backend=backend, quantized=codes)
     return r.values.cpu().numpy(), r.indices.cpu().numpy(), r.offsets.cpu().numpy()
 
 
@@ -62,7 +64,10 @@ def query_embeddings(bank, queries) -> torch.Tensor:
 
 
 def _exact(bank, q: torch.Tensor, k: int, ties: bool, **_):
-    return exact_topk(q, bank.shards, k, ties, device=bank.device)
+    if bank.server is not None:  # the shards are served by Ray actors (retrieval.distributed)
+        return bank.server.topk(q, k, ties)
+    codes = bank.quantized_keys() if bank.device.type == "cpu" else None
+    return exact_topk(q, bank.shards, k, ties, device=bank.device, quantized=codes)
 
 
 def _faiss(bank, q: torch.Tensor, k: int, ties: bool, *, overfetch: int = 4):

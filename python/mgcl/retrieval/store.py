@@ -22,7 +22,7 @@ class BankFileMissing(BankError, FileNotFoundError):
     """A bank directory or one of its files does not exist (also a FileNotFoundError)."""
 
 
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I32": np.int32, "I64": np.int64}
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I8": np.int8, "I32": np.int32, "I64": np.int64}
 
 
 def atomic_write_json(path: str, obj) -> None:
