@@ -19,7 +19,11 @@ Rules, checked at construction (``ConfigError`` naming ``train.<key>``):
   it), "off" (YAML's ``off`` / ``false`` read as False count too) or "bf16";
   fp16 is refused: loss scaling would scale the gradients the Fisher guard
   squares;
-- ``reset_optimizer`` true or false.
+- ``reset_optimizer`` true or false;
+- ``prompts``: the evaluation heads, "ensemble" (default: every template of
+  a class embedded and averaged, as ZSCL's evaluation and today's mgcl do) or
+  "first" (one prompt per class, the first template, SPEC.md section 1's
+  wording).
 
 ``check_fits`` bounds ``batch_size`` by what a run can hold (the largest
 task's training set, and the memory one input batch takes); the trainer
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 SCHEDULES = ("cosine", "constant")
+PROMPTS = ("ensemble", "first")
 AMP = (None, "off", "bf16")
 MAX_SIZE = 2**31 - 1
 MAX_SEED = 2**32 - 1
@@ -105,6 +110,7 @@ class TrainConfig:
     log_every: int = 50
     eval_batch_size: int = 256
     num_workers: Optional[int] = None
+    prompts: str = "ensemble"
 
     def __post_init__(self):
         for key in ("iters_per_task", "batch_size", "log_every", "eval_batch_size"):
@@ -126,6 +132,8 @@ class TrainConfig:
         if self.amp not in AMP:
             raise ConfigError(f"train.amp: expected null, 'off' or 'bf16', got {self.amp!r} (fp16 loss scaling "
                               "would distort the squared gradients of the Fisher guard)")
+        if self.prompts not in PROMPTS:
+            raise ConfigError(f"train.prompts: expected one of {list(PROMPTS)}, got {self.prompts!r}")
         if not isinstance(self.reset_optimizer, bool):
             raise ConfigError(f"train.reset_optimizer: expected true or false, got {self.reset_optimizer!r}")
 
@@ -163,4 +171,4 @@ class TrainConfig:
                                       f"{need / 2**30:,.1f} GiB, more than the device's {memory / 2**30:,.1f} GiB")
 
 
-__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES"]
+__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES", "PROMPTS"]

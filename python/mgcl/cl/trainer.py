@@ -219,7 +219,7 @@ class ContinualTrainer:
 
     def _evaluate(self):
         return evaluate_all(self.model, self.tasks, self.device, batch_size=self.train_config.eval_batch_size,
-                            num_workers=self.num_workers, amp=self.amp)
+                            num_workers=self.num_workers, amp=self.amp, prompts=self.train_config.prompts)
 
     def run(self) -> dict:
         """Train on every task in order; returns (and writes results.json) the
