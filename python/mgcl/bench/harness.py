@@ -7,6 +7,7 @@ and results written as JSON with the machine and versions.
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 import time
 from typing import Callable, Optional
