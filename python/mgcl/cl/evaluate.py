@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import PROMPTS
 from .tasks import Task
 
 
@@ -40,8 +41,8 @@ def text_features(model, tokens: torch.Tensor, device, *, batch_size: int = 256,
 def zero_shot_head(model, task: Task, device, *, amp=None, prompts: str = "ensemble") -> torch.Tensor:
     """``[C, d]`` unit-norm class embeddings from all templates x class names
     (``prompts="ensemble"``) or from the first template (``"first"``)."""
-    if prompts not in ("ensemble", "first"):
-        raise ValueError(f"zero_shot_head: prompts must be 'ensemble' or 'first', got {prompts!r}")
+    if prompts not in PROMPTS:
+        raise ValueError(f"zero_shot_head: prompts must be one of {list(PROMPTS)}, got {prompts!r}")
     T, C = len(task.templates) if prompts == "ensemble" else 1, len(task.classnames)
     tokens = model.tokenize(task.prompts(None if prompts == "ensemble" else 0))  # template-major: t * C + c
     feats = text_features(model, tokens, device, amp=amp).view(T, C, -1)

@@ -10,10 +10,17 @@ SYNTHETIC benchmark mgtil-synth (no data, no GPU, no download).
    text embedder and the pretrained TinyCLIP's image embeddings stored for the
    visual rerank; cached;
 4. zero-shot, continual fine-tuning, l2, ZSCL (uniform reference set) and
-   PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), each from the
-   same pretrained weights, through ``mgcl.cl.ContinualTrainer``;
-5. the paper-style table, ``DIR/results.json`` (the one results schema, ``mgcl.cl.results``),
-   results.csv, results.md and the plots.
+   PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), or every
+   strategy of the registry (``methods="all"``), each from the same
+   pretrained weights, through ``mgcl.cl.ContinualTrainer``, at ``SEEDS``
+   training seeds (42, 43, 44: the batch order, augmentation and reference
+   batches change; data, model and bank do not). The runs share what does
+   not depend on the seed: the decoded images and every reference set
+   (``SharedRetrieval``); ``workers`` processes run them side by side, one
+   thread each, which changes no result;
+5. the paper-style table (mean ± std, ``mgcl.mgtil.seeds``), ``DIR/results.json``
+   (the one results schema, ``mgcl.cl.results``), results.csv, results.md
+   (with the differences that exceed the seed spread) and the plots.
 
 Cache: ``<mgcl cache>/demo/v<version>-seed<seed>[-quick]`` (``mgcl._env.cache_dir``:
 ``$MGCL_CACHE``, else ``$XDG_CACHE_HOME/mgcl``, else ``~/.cache/mgcl``) holds the
@@ -306,11 +313,11 @@ class _Decoded:
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
-        self.labels = [int(dataset[i][1]) for i in range(len(dataset))] if not hasattr(dataset, "labels") \
-            else list(dataset.labels)
-        images = [dataset[i][0] for i in range(len(dataset))]
-        self.images = [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous() for im in images] \
-            if as_tensor else [im.convert("RGB") for im in images]
+        items = [dataset[i] for i in range(len(dataset))]
+        self.labels = [int(y) for _, y in items]
+        rgb = [im.convert("RGB") for im, _ in items]
+        self.images = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in rgb] if as_tensor \
+            else rgb
 
     def __len__(self):
         return len(self.images)
