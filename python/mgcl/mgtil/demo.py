@@ -105,6 +105,10 @@ CHOICES = {
                   "the first settings tried",
     "pool": "the built-in question pool sampled to 40 questions per domain (seeded) to keep the number of "
             "MiniLM queries small",
+    "seeds": "3 training seeds (SPEC's 42, then 43, 44) per method, reported as mean ± std: one seed's numbers moved "
+             "by about a point between machines and between variants, more than some differences between methods; "
+             "the data, the pretrained model and the bank keep one seed so that every method starts from the same "
+             "model; zero-shot does not train and runs once",
     "quick": "--quick: the 4,096-pair corpus, 400 pretraining steps, 30 iterations per task, a/b/c 20/20/50, "
              "n_general 50, 20 questions per domain, ZSCL uniform set 1,500 (PRIMED's: 1,400-1,800): a smoke "
              "test, its numbers are noisy",
