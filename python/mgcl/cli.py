@@ -335,11 +335,12 @@ def cmd_demo(args) -> int:
         if args.ablations:
             from .mgtil import ablate
 
-            return ablate.main(args.out, quick=args.quick, seed=args.seed, seeds=args.seeds or ablate.SEEDS,
+            return ablate.main(args.out, quick=args.quick, seed=args.seed,
+                               seeds=ablate.SEEDS if args.seeds is None else args.seeds,
                                progress=not args.no_progress, workers=args.jobs)
         return demo.main(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
                          methods=args.methods.split(",") if args.methods else demo.METHODS,
-                         seeds=args.seeds or demo.SEEDS, workers=args.jobs)
+                         seeds=demo.SEEDS if args.seeds is None else args.seeds, workers=args.jobs)
     except (ConfigError, BankError, OSError) as exc:  # bad options, a damaged cache, the disk
         print(f"mgcl demo: {_one_line(exc)}", file=sys.stderr)
         return 2
