@@ -459,13 +459,13 @@ def test_tampered_bank_is_refused_on_first_read(clean_bank, tmp_path, case):
 
 
 def test_tampered_bank_refused_through_a_run_siphon(clean_bank, tmp_path):
-    """mgcl run opens the bank through mgtil.run.make_siphon: the same refusal."""
-    from mgcl.mgtil.run import make_siphon
+    """mgcl run opens the bank through Siphon.from_bank (the one road from a bank folder): the same refusal."""
+    from mgcl.retrieval import Siphon
 
     b = tmp_path / "b"
     shutil.copytree(clean_bank, b)
     _flip(b / "embeddings/shard-00000.safetensors")
-    siphon = make_siphon(str(b), siphon_options={"a": 2, "b": 2, "c": 2, "n_general": 3})
+    siphon = Siphon.from_bank(str(b), a=2, b=2, c=2, n_general=3)
     with pytest.raises(BankError, match="shard-00000.safetensors' does not match"):
         siphon.reference_set([])
 

@@ -136,10 +136,18 @@ def cmd_db_build(args) -> int:
     try:
         resolve_device(args.device)
         vlm = _load_vlm(args.vlm, args.device) if args.vlm else None
+        detector = None
+        if args.panel_detector:
+            if not args.split_compound:
+                raise ValueError("--panel-detector is used only with --split-compound")
+            from .retrieval.cleanse import TorchvisionDetector
+
+            detector = TorchvisionDetector.from_checkpoint(args.panel_detector, device=args.device)
         manifest = build_bank(args.corpus, args.out, embedder=args.embedder, vlm=vlm, vlm_name=args.vlm,
                               shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                               image_root=args.image_root, missing_images=args.missing_images,
-                              max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images)
+                              max_image_pixels=args.max_image_pixels, external_images=args.allow_external_images,
+                              split_compound=args.split_compound, panel_detector=detector)
         print(_printable(report(manifest)))
         if args.index:
             from .retrieval import MemoryBank
@@ -235,6 +243,12 @@ def _add_db(sub) -> None:
                    help="records without a readable image: skip (default with --vlm) or keep (default without)")
     s.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
                    help=f"larger images count as unreadable (default {MAX_PIXELS:,})")
+    s.add_argument("--split-compound", action="store_true",
+                   help="one entry per panel of each compound figure, with its sub-caption (parent id and panel "
+                        "index in meta); figures that cannot be split stay whole, listed in skipped.jsonl")
+    s.add_argument("--panel-detector", metavar="CHECKPOINT",
+                   help="with --split-compound: find panels with this torchvision detection model (a safetensors "
+                        "checkpoint, see mgcl.retrieval.cleanse.save_detector) instead of the gutter splitter")
     s.add_argument("--allow-skipped", action="store_true",
                    help="exit 0 even when records were skipped or containers damaged (still listed in skipped.jsonl)")
     s.add_argument("--index", choices=["flat", "ivfpq"], help="also build a FAISS index")
@@ -447,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="benchmark an op's backends against its reference")
-    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step")
+    s.add_argument("op", help="fisher_guard | contrastive_distill | similarity_topk | retrieval | step | cleanse")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--scale", type=float, default=1.0, help="shrink the problem (e.g. 0.1 on a small CPU)")
     s.add_argument("--repeats", type=int, default=5)

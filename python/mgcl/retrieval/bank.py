@@ -5,7 +5,9 @@ Layout (DESIGN.md, "Data on disk"):
     manifest.json                      format version, dim, dtype, count, embedder,
                                        normalised flag, every file with its sha256
     embeddings/shard-00000.safetensors "embeddings": float16 [n_i, dim], unit rows
-    meta.parquet                       id, caption, image, domain, group (int64)
+    meta.parquet                       id, caption, image, domain, group (int64); built with
+                                       --split-compound also parent (the figure's id) and panel
+                                       (int64: index in reading order, -1 = a whole figure)
     vlm/shard-00000.safetensors        optional "image_embeddings": float16 [n_i, d_v]
                                        (unit rows; zero rows for unreadable images)
     bm25/{vocab.json,tokens.safetensors}  caption term counts + document frequencies
@@ -15,7 +17,9 @@ Layout (DESIGN.md, "Data on disk"):
 
 The manifest is written last: a directory without it is an unfinished build.
 ``group`` is the index of the first entry with the same caption, so identical
-captions share a group id.
+captions share a group id. A panel's ``image`` names its box in the figure
+(``<ref>#crop=x0,y0,x1,y1``, see ``images``), its caption is its sub-caption
+(so the group follows the sub-caption), its id ``<figure id>#p<panel>``.
 """
 from __future__ import annotations
 
@@ -244,7 +248,8 @@ class MemoryBank:
 
     @property
     def meta(self):
-        """The meta table as a dict of columns (lists / int64 array), loaded once."""
+        """The meta table as a dict of columns (lists / int64 arrays), loaded once;
+        ``parent`` and ``panel`` too in a bank of split compound figures."""
         if self._meta is None:
             import pyarrow.parquet as pq  # noqa: PLC0415
 
@@ -256,6 +261,9 @@ class MemoryBank:
                 raise BankError(f"bank {self.path!r}: {rel!r} lacks the column(s) {missing}")
             meta = {c: t.column(c).to_pylist() for c in ("id", "caption", "image", "domain")}
             meta["group"] = t.column("group").to_numpy()
+            if "parent" in t.column_names and "panel" in t.column_names:  # built with --split-compound
+                meta["parent"] = t.column("parent").to_pylist()
+                meta["panel"] = t.column("panel").to_numpy()
             self._meta = meta
         return self._meta
 
@@ -449,8 +457,11 @@ def group_ids(captions: Sequence[str]) -> np.ndarray:
 
 
 def finalize(bank: str, *, ids, captions, images, domains, shards: list, dim: int, embedder: str,
-             vlm: dict | None = None, build: dict | None = None, progress: bool = False) -> dict:
-    """Write meta.parquet, the BM25 cache and (last) manifest.json for shards already on disk."""
+             vlm: dict | None = None, build: dict | None = None, extra: dict | None = None,
+             progress: bool = False) -> dict:
+    """Write meta.parquet, the BM25 cache and (last) manifest.json for shards
+    already on disk. ``extra``: the ``parent`` (str) and ``panel`` (int)
+    columns of a bank of split compound figures."""
     import pyarrow as pa  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -463,6 +474,8 @@ def finalize(bank: str, *, ids, captions, images, domains, shards: list, dim: in
         "id": pa.array(list(ids), pa.string()), "caption": pa.array(list(captions), pa.string()),
         "image": pa.array(list(images), pa.string()), "domain": pa.array(list(domains), pa.string()),
         "group": pa.array(group_ids(captions), pa.int64()),
+        **({"parent": pa.array(list(extra["parent"]), pa.string()),
+            "panel": pa.array(list(extra["panel"]), pa.int64())} if extra else {}),
     })
     mpath = os.path.join(bank, "meta.parquet")
     store.atomic_write_table(mpath, table)

@@ -21,6 +21,13 @@ refuses entries without a readable image (``missing_images="skip"``); without
 a VLM they are kept and listed (``"keep"``). ``problems(manifest)`` counts what
 went wrong; ``mgcl db build`` exits 1 when it is not zero, unless
 ``--allow-skipped``.
+
+``split_compound=True`` (``--split-compound``) adds one record-expansion
+step after reading (``cleanse.split_record``): each figure is split into its
+panels, one entry per panel with its sub-caption (``meta.parquet`` gains the
+``parent`` and ``panel`` columns), or stays whole, with the reason as a
+"kept whole" line of ``skipped.jsonl`` when its caption names panels that
+its image does not show. Without it, nothing of the build changes.
 """
 from __future__ import annotations
 
@@ -61,24 +68,29 @@ def _records_digest(recs: list[Record]) -> str:
     return h.hexdigest()
 
 
-def _with_image_checks(items, max_pixels: int, chunk: int = 256):
-    """``(item, reason)`` in order: ``reason`` is why a record's image cannot be
-    used (None when it can, or when the record has no image reference)."""
+def _with_image_checks(items, max_pixels: int, split=None, chunk: int = 256):
+    """``(item, reason, whole)`` in order: ``reason`` is why a record's image
+    cannot be used (None when it can, or when the record has no image
+    reference). ``split(record, max_pixels)`` (``cleanse.split_record``)
+    replaces a record by its panels, ``whole`` saying why one stays whole."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         buf = []
         for item in items:
             buf.append(item)
             if len(buf) == chunk:
-                yield from _check_chunk(pool, buf, max_pixels)
+                yield from _check_chunk(pool, buf, max_pixels, split)
                 buf = []
-        yield from _check_chunk(pool, buf, max_pixels)
+        yield from _check_chunk(pool, buf, max_pixels, split)
 
 
-def _check_chunk(pool, items, max_pixels):
-    refs = [it.image if isinstance(it, Record) and it.image else None for it in items]
-    reasons = pool.map(lambda r: None if r is None else check_image(r, max_pixels), refs)
-    return zip(items, reasons)
+def _check_chunk(pool, items, max_pixels, split):
+    def one(it):
+        if not (isinstance(it, Record) and it.image):
+            return [(it, None, None)]
+        return split(it, max_pixels) if split else [(it, check_image(it.image, max_pixels), None)]
+
+    return (row for rows in pool.map(one, items) for row in rows)
 
 
 def _remove_temps(out: str) -> None:
@@ -95,7 +107,8 @@ def _remove_temps(out: str) -> None:
 def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str | None = None,
                shard_size: int = 100_000, batch_size: int = 64, device: str | None = None,
                image_root: str | None = None, missing_images: str | None = None,
-               max_image_pixels: int = MAX_PIXELS, external_images: bool = False, progress: bool = True,
+               max_image_pixels: int = MAX_PIXELS, external_images: bool = False, split_compound: bool = False,
+               panel_detector=None, progress: bool = True,
                _hook: Optional[Callable[[str, int], None]] = None) -> dict:
     """Build (or resume building) the bank at ``out`` from ``corpus`` files/folders.
 
@@ -106,10 +119,13 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
     with a VLM) leaves out records without a readable image, ``"keep"`` (the
     default without) keeps them (a zero VLM vector). ``max_image_pixels``:
     larger images are unreadable. ``external_images``: accept image paths
-    outside the corpus root. Folders holding a bank, ``out`` among them, are
-    not read as corpus. Returns the manifest; its ``build`` entry counts
-    records kept, skipped (by reason), repaired and damaged, per file and in
-    total (each one listed in ``skipped.jsonl``). Rerunning a finished build
+    outside the corpus root. ``split_compound``: one entry per panel of each
+    compound figure (module doc), found by ``panel_detector`` (a callable
+    returning boxes, see ``cleanse``; default ``cleanse.GutterSplitter()``).
+    Folders holding a bank, ``out`` among them, are not read as corpus.
+    Returns the manifest; its ``build`` entry counts records kept, skipped
+    (by reason), repaired and damaged, per file and in total (each one listed
+    in ``skipped.jsonl``). Rerunning a finished build
     with the same settings returns its manifest and changes nothing.
     ``_hook(stage, shard)`` is called at every commit point (tests inject
     failures there).
@@ -129,6 +145,8 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
         raise ValueError(f"build_bank: missing_images must be one of {MISSING_IMAGES}, got {missing_images!r}")
     if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
         raise ValueError(f"build_bank: max_image_pixels must be an integer >= 1, got {max_image_pixels!r}")
+    if panel_detector is not None and not split_compound:
+        raise ValueError("build_bank: panel_detector is used only with split_compound=True")
     if image_root is not None and not os.path.isdir(image_root):
         raise FileNotFoundError(f"build_bank: image root {image_root!r} is not a folder")
     hook = _hook or (lambda stage, j: None)
@@ -148,6 +166,15 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
               "image_root": os.path.abspath(image_root) if image_root else None,
               "missing_images": missing_images, "max_image_pixels": max_image_pixels,
               "external_images": bool(external_images)}
+    split = None
+    if split_compound:  # only then in the config: a build without it stays byte for byte what it was
+        from functools import partial  # noqa: PLC0415
+
+        from . import cleanse  # noqa: PLC0415
+
+        detector = panel_detector if panel_detector is not None else cleanse.GutterSplitter()
+        split = partial(cleanse.split_record, detector=detector)
+        config["split_compound"] = cleanse.detector_name(detector)
     if os.path.exists(mpath):  # finished (maybe killed before cleaning up): a rerun of the same build is a no-op
         with open(mpath) as fh:
             manifest = json.load(fh)
@@ -228,16 +255,19 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
 
     buf: list[Record] = []
     ids, caps, imgs, doms = [], [], [], []
+    parents, panels = [], []  # with split_compound
+    kept_whole: Counter = Counter()
     items = read_files(files, image_root, external_images=external_images)
     with tqdm(total=None, desc=f"embedding ({emb.name})", unit="rec", disable=not progress) as bar:
-        for item, image_problem in _with_image_checks(items, max_image_pixels):
+        for item, image_problem, whole in _with_image_checks(items, max_image_pixels, split):
             pf = per_file[item.file]
             if isinstance(item, Damaged):
                 pf["damaged"].append({"position": item.position, "reason": item.reason,
                                       "records_read": item.records_read})
                 note(item, "damaged", item.reason, records_read=item.records_read)
                 continue
-            pf["read"] += 1
+            later_panel = isinstance(item, Record) and item.panel > 0  # read and kept once, as panel 0
+            pf["read"] += not later_panel
             if isinstance(item, Record) and missing_images == "skip" and (image_problem or not item.image):
                 item = Skipped(item.file, item.position, f"unreadable image: {image_problem}" if image_problem
                                else "no image: the bank serves the visual rerank (--missing-images keep keeps it)")
@@ -246,7 +276,7 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 skipped[item.reason.split(":")[0]] += 1
                 note(item, "skipped", item.reason)
                 continue
-            pf["kept"] += 1
+            pf["kept"] += not later_panel
             if item.repaired:
                 pf["repaired"] += 1
                 counts["repaired"] += 1
@@ -257,11 +287,18 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
                 note(item, "kept without a readable image", image_problem)
             elif not item.image:
                 counts["without_image"] += 1
+            if whole:
+                kept_whole[whole.split(":")[0]] += 1
+                note(item, "kept whole", whole)
             buf.append(item)
             ids.append(item.id)
             caps.append(item.caption)
             imgs.append(item.image)
             doms.append(item.domain)
+            if split:
+                parents.append(item.parent or item.id)
+                panels.append(item.panel)
+                counts["figures_split"] += item.panel == 0
             if len(buf) == shard_size:
                 flush(len(shards), buf)
                 bar.update(len(buf))
@@ -289,8 +326,15 @@ def build_bank(corpus, out: str, *, embedder="minilm", vlm=None, vlm_name: str |
              "unreadable_images": counts["unreadable_images"], "without_image": counts["without_image"],
              "image_failures": image_failures, "excluded": excluded, "files": list(per_file.values()),
              "shard_size": shard_size, **({"duplicate_ids": dup} if dup else {}), "config": config}
+    extra = None
+    if split:
+        build["compound"] = {"detector": config["split_compound"], "figures_split": counts["figures_split"],
+                             "panels": sum(p >= 0 for p in panels), "kept_whole": sum(kept_whole.values()),
+                             "kept_whole_reasons": dict(sorted(kept_whole.items()))}
+        extra = {"parent": parents, "panel": panels}
     manifest = bank_mod.finalize(out, ids=ids, captions=caps, images=imgs, domains=doms, shards=shards,
-                                 dim=emb.dim, embedder=emb.name, vlm=vinfo, build=build, progress=progress)
+                                 dim=emb.dim, embedder=emb.name, vlm=vinfo, build=build, extra=extra,
+                                 progress=progress)
     hook("finalized", len(shards))
     shutil.rmtree(work, ignore_errors=True)
     return manifest
@@ -319,6 +363,11 @@ def report(manifest: dict, max_files: int = 20) -> str:
         lines.append(f"{b['unreadable_images']} record(s) kept without a readable image (listed in skipped.jsonl)")
     if b.get("image_failures"):
         lines.append(f"{b['image_failures']} image(s) could not be read for VLM embeddings (zero vectors stored)")
+    c = b.get("compound")
+    if c:
+        lines.append(f"split {c['figures_split']} compound figure(s) into {c['panels']} panel entries; "
+                     f"{c['kept_whole']} figure(s) that could not be split kept whole (listed in skipped.jsonl)"
+                     + "".join(f"; {v} {k}" for k, v in c["kept_whole_reasons"].items()))
     for p in b.get("excluded", []):
         lines.append(f"left out {p}: an mgcl bank, not corpus")
     hurt = [f for f in b.get("files", []) if f["damaged"] or f["skipped"] or f["repaired"] or f["unreadable_images"]]

@@ -60,6 +60,8 @@ class Record:
     file: str
     position: str          # "line 12", "row 7", "sample k0001"
     repaired: str = ""     # what was repaired in its text ("" = nothing)
+    parent: str = ""       # a panel of a split compound figure (``cleanse``): the figure's id ("" = a whole figure)
+    panel: int = -1        # ... and its index in reading order (-1 = a whole figure)
 
 
 @dataclass(frozen=True)

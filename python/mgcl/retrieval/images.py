@@ -9,6 +9,12 @@ images of more than ``MAX_PIXELS`` pixels (a decompression bomb) with
 ``UnreadableImage``; the member index of each tar and the last row groups
 read from each parquet are cached. When a tar holds one member name twice,
 a reference means the first (the corpus reader skips the later sample).
+
+Any of them may end in ``"#crop=x0,y0,x1,y1"``: the box (pixels, half-open,
+in the coordinates of the whole image) of that image, as one panel of a
+compound figure (``mgcl db build --split-compound`` stores its panels so;
+``crop_ref`` writes one). The pixel limit applies to the whole image; a box
+that leaves the image is an ``UnreadableImage``.
 """
 from __future__ import annotations
 
@@ -31,6 +37,27 @@ _BLOCK = 512
 
 class UnreadableImage(ValueError):
     """An image reference whose bytes are not a decodable image within the pixel limit."""
+
+
+_CROP = re.compile(r"#crop=(\d+),(\d+),(\d+),(\d+)$")
+
+
+def split_crop(ref: str) -> tuple[str, tuple[int, int, int, int] | None]:
+    """``(reference of the whole image, crop box or None)``."""
+    m = _CROP.search(ref) if isinstance(ref, str) else None
+    if m is None:
+        return ref, None
+    return ref[:m.start()], tuple(int(v) for v in m.groups())
+
+
+def crop_ref(ref: str, box) -> str:
+    """The reference of ``box`` (x0, y0, x1, y1) of the image ``ref`` names; a
+    box of a crop reference is relative to that crop."""
+    base, outer = split_crop(ref)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if outer is not None:
+        x0, y0, x1, y1 = x0 + outer[0], y0 + outer[1], x1 + outer[0], y1 + outer[1]
+    return f"{base}#crop={x0},{y0},{x1},{y1}"
 
 
 def tar_ref(tar_path: str, member: str) -> str:
@@ -138,9 +165,10 @@ def _parquet_cell(path: str, member: str) -> bytes:
 
 
 def read_bytes(ref: str) -> bytes:
+    """The encoded bytes of the image ``ref`` names (of the whole image, for a crop reference)."""
     if not isinstance(ref, str) or not ref:
         raise UnreadableImage(f"open_image: empty or non-string image reference {ref!r}")
-    path, member = split_ref(ref)
+    path, member = split_ref(split_crop(ref)[0])
     if member is None:
         with open(path, "rb") as fh:
             return fh.read()
@@ -190,25 +218,48 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS, *, what: str = "image", dr
     return img
 
 
+_last_whole: tuple = ()  # (key, image): a figure's panels are read one after another; decode it once
+
+
 def open_image(ref: str, max_pixels: int = MAX_PIXELS):
-    """The image at ``ref`` (a path, ``tar::member`` or ``parquet::column#row``) as
-    an RGB ``PIL.Image.Image``. Raises ``OSError`` for a missing file and
-    ``UnreadableImage`` (a ValueError) for bytes that are no image or exceed
-    ``max_pixels``."""
-    img = decode(read_bytes(ref), max_pixels, what=f"image {ref!r}")
-    return img.convert("RGB")
+    """The image at ``ref`` (a path, ``tar::member`` or ``parquet::column#row``,
+    optionally ``#crop=x0,y0,x1,y1``) as an RGB ``PIL.Image.Image``. Raises
+    ``OSError`` for a missing file and ``UnreadableImage`` (a ValueError) for
+    bytes that are no image, exceed ``max_pixels`` or a crop box outside the image."""
+    global _last_whole
+    base, box = split_crop(ref)
+    if box is None:
+        return decode(read_bytes(ref), max_pixels, what=f"image {ref!r}").convert("RGB")
+    st = os.stat(split_ref(base)[0])
+    key = (base, max_pixels, st.st_size, st.st_mtime_ns)  # a file changed or removed since is read again
+    last = _last_whole
+    if last and last[0] == key:
+        img = last[1]
+    else:
+        img = decode(read_bytes(base), max_pixels, what=f"image {ref!r}").convert("RGB")
+        _last_whole = (key, img)
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 <= img.width and y0 < y1 <= img.height):
+        raise UnreadableImage(f"image {ref!r}: crop box {box} is empty or outside the {img.width}x{img.height} image")
+    return img.crop(box)
+
+
+def problem(ref: str, exc: Exception) -> str:
+    """Why ``ref`` cannot be used, from what opening it raised (OSError or UnreadableImage)."""
+    return str(exc) if isinstance(exc, UnreadableImage) else f"image {ref!r}: {exc.strerror or exc}"
 
 
 def check_image(ref: str, max_pixels: int = MAX_PIXELS) -> str | None:
     """None when ``ref`` opens as an image within ``max_pixels``, else the reason."""
     try:
-        decode(read_bytes(ref), max_pixels, what=f"image {ref!r}", draft=True)
-    except UnreadableImage as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"image {ref!r}: {exc.strerror or exc}"
+        if split_crop(ref)[1] is None:
+            decode(read_bytes(ref), max_pixels, what=f"image {ref!r}", draft=True)
+        else:  # the box is checked against the full-size image
+            open_image(ref, max_pixels)
+    except (UnreadableImage, OSError) as exc:
+        return problem(ref, exc)
     return None
 
 
-__all__ = ["open_image", "check_image", "decode", "tar_ref", "parquet_ref", "split_ref", "read_bytes", "walk_tar",
-           "UnreadableImage", "MAX_PIXELS", "SEP"]
+__all__ = ["open_image", "check_image", "problem", "decode", "tar_ref", "parquet_ref", "crop_ref", "split_ref",
+           "split_crop", "read_bytes", "walk_tar", "UnreadableImage", "MAX_PIXELS", "SEP"]
