@@ -609,7 +609,7 @@ def results_md(res: dict) -> str:
              "order, the augmentation and the reference batches, not the benchmark.\n", table_md(methods),
              "\n## Which differences exceed the seed spread\n",
              "A difference of two means counts when it is larger than the sum of their standard deviations "
-             "(bold below); with 3 seeds a coarse screen, not a significance test.\n"]
+             "(bold below); with a few seeds a coarse screen, not a significance test.\n"]
     lead = "primed" if "primed" in methods else names[-1]
     pairs = [(lead, n) for n in names if n != lead] + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
                                                        if lead not in (a, b)]
