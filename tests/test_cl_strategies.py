@@ -199,9 +199,9 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
     siphon = siphon_for(bank)
     real = siphon.reference_set
 
-    def spy(history):
+    def spy(history, stages="multi-stage"):
         calls.append([t.name for t in history])
-        return real(history)
+        return real(history, stages)
     siphon.reference_set = spy
 
     class Spy(S.get("primed")):
@@ -223,8 +223,9 @@ def test_primed_teacher_and_reference_options(tasks, bank, tmp_path):
 
     uni = siphon_for(bank)
     made = []
-    uni.uniform_set = lambda size, kw=None, _f=uni.uniform_set: made.append((size, kw)) or _f(size, kw)
-    uni.reference_set = lambda h: pytest.fail("uniform retrieval must not rebuild")
+    uni.uniform_set = lambda size, kw=None, stages="multi-stage", _f=uni.uniform_set: \
+        made.append((size, kw)) or _f(size, kw, stages)
+    uni.reference_set = lambda h, stages=None: pytest.fail("uniform retrieval must not rebuild")
     for opts in (dict(retrieval="uniform", uniform_size=10, uniform_keywords=["circle", "red"], teacher="initial",
                       regularizer="ewc", cmc=False, direction="text"),
                  dict(regularizer="none", ckt=False, level_weights={"task": 2.0})):
@@ -240,8 +241,11 @@ def test_primed_without_distillation_needs_no_reference_set(tasks, tmp_path):
     assert len(res["methods"]["primed"]["R"]) == 2
 
 
-def test_l2_adds_twice_the_distance_to_the_previous_weights(tasks, tmp_path):
+@pytest.mark.parametrize("anchor", ["pretrained", "previous"])
+def test_l2_adds_twice_the_distance_to_its_anchor(anchor, tasks, tmp_path):
     seen = []
+    model = tiny_model(tasks)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     class Spy(S.get("l2")):
         def after_backward(self, trainer, part):
@@ -252,10 +256,15 @@ def test_l2_adds_twice_the_distance_to_the_previous_weights(tasks, tmp_path):
 
         def after_task(self, trainer, t):
             super().after_task(trainer, t)
-            for p, a in zip(trainer.params, self.guard.fisher_guard.anchors):
-                assert torch.equal(p.detach(), a), "anchors move to the weights after each task"
+            for p, a, n in zip(trainer.params, self.guard.fisher_guard.anchors, trainer.param_names):
+                if anchor == "previous":
+                    assert torch.equal(p.detach(), a), "anchors move to the weights after each task"
+                else:
+                    assert torch.equal(initial[n], a), "anchors stay at the pre-trained weights"
 
-    run(tiny_model(tasks), Spy(), tasks, tmp_path)
+    st = Spy(anchor=anchor) if anchor == "previous" else Spy()
+    assert st.options()["anchor"] == anchor
+    run(model, st, tasks, tmp_path)
     moved = 0
     for step in seen:
         for before, after, d in step:
@@ -312,20 +321,24 @@ def test_zscl_teacher_is_initial_and_weight_ensemble(tasks, bank, tmp_path):
 
         def after_step(self, trainer, step):
             super().after_step(trainer, step)
-            if (step + 1) % self.we_every == 0:
+            if step % self.we_every == 0 or step == ITERS - 1:
                 self.snaps.append([p.detach().clone() for p in trainer.params])
 
         def after_task(self, trainer, t):
             expect = [torch.stack(ps).mean(0) for ps in zip(*self.snaps)]
-            assert len(self.snaps) == 1 + ITERS // 2
+            # ZSCL's membership: the start, after steps 1, 1 + we_every, ..., and the last (4 steps, every 2: 4)
+            assert len(self.snaps) == 4
             super().after_task(trainer, t)
             for p, e in zip(trainer.params, expect):
                 torch.testing.assert_close(p.detach(), e)
+            # the l2 anchor moves to the merged weights at each task's end (ZSCL's --load of the previous task)
+            for p, a in zip(trainer.params, self.guard.fisher_guard.anchors):
+                assert torch.equal(p.detach(), a)
 
     run(model, Spy(**OPTIONS["zscl"](bank)), tasks, tmp_path)
 
 
-def test_zscl_task_shorter_than_we_every_ensembles_start_and_end(tasks, bank, tmp_path):
+def test_zscl_task_shorter_than_we_every_ensembles_start_first_step_and_end(tasks, bank, tmp_path):
     model = tiny_model(tasks)
 
     class Spy(S.get("zscl")):
@@ -333,8 +346,13 @@ def test_zscl_task_shorter_than_we_every_ensembles_start_and_end(tasks, bank, tm
             super().before_task(trainer, t)
             self.start = [p.detach().clone() for p in trainer.params]
 
+        def after_step(self, trainer, step):
+            super().after_step(trainer, step)
+            if step == 0:
+                self.first = [p.detach().clone() for p in trainer.params]
+
         def after_task(self, trainer, t):
-            expect = [(a + p.detach()) / 2 for a, p in zip(self.start, trainer.params)]
+            expect = [(a + b + p.detach()) / 3 for a, b, p in zip(self.start, self.first, trainer.params)]
             super().after_task(trainer, t)
             for p, e in zip(trainer.params, expect):
                 torch.testing.assert_close(p.detach(), e)
@@ -342,17 +360,101 @@ def test_zscl_task_shorter_than_we_every_ensembles_start_and_end(tasks, bank, tm
     run(model, Spy(**{**OPTIONS["zscl"](bank), "we_every": 100}), tasks[:1], tmp_path, iters_per_task=3)
 
 
-def test_icarl_memory_and_herding(tasks, tmp_path):
-    st = S.create("icarl", memory=9)
-    run(tiny_model(tasks), st, tasks, tmp_path)
-    e = st.entries
-    n_classes = len(tasks[0].classnames) + len(tasks[1].classnames)
-    assert len(e) == n_classes * (9 // n_classes) and len(e) <= 9
-    for task, index, label in e.tolist():
-        assert tasks[task].train.labels[index] == label
-    per = torch.unique(e[:, [0, 2]], dim=0, return_counts=True)[1]
-    assert per.tolist() == [9 // n_classes] * n_classes
+def test_icarl_memory_policy_per_dataset_as_zscl(tmp_path):
+    """Task 1: its first images; then each old dataset keeps its first memory // t,
+    the new one memory - memory // t herded on the trained model's features."""
+    three = toy_tasks(3, n_train=4, n_test=2, image_size=32)
+    herded = []
 
+    class Spy(S.get("icarl")):
+        def after_task(self, trainer, t):
+            if t > 0:
+                pool = torch.utils.data.Subset(trainer.tasks[t].train, list(range(len(trainer.tasks[t].train))))
+                herded.append(herding(trainer.features_of(pool), self.memory - self.memory // (t + 1)))
+            super().after_task(trainer, t)
+            self.after.append(self.entries.clone())
+
+    st = Spy(memory=9)
+    st.after = []
+    run(tiny_model(three), st, three, tmp_path)
+    n = [len(t.train) for t in three]
+    assert min(n) >= 6
+    first, second, third = st.after
+    assert first.tolist() == [[0, i] for i in range(min(9, n[0]))], "task 1: its first images, no herding"
+    assert second[:, 0].tolist() == [0] * 4 + [1] * 5 and second[:4, 1].tolist() == [0, 1, 2, 3]
+    assert second[4:, 1].tolist() == herded[0].tolist()
+    # ZSCL's policy overshoots from the third dataset on: 3 + 3 + (9 - 3)
+    assert third[:, 0].tolist() == [0] * 3 + [1] * 3 + [2] * 6
+    assert third[3:6, 1].tolist() == herded[0][:3].tolist() and third[6:, 1].tolist() == herded[1].tolist()
+
+
+def test_icarl_and_lwf_distil_on_the_current_prompts_with_their_teacher(tasks, tmp_path):
+    model = tiny_model(tasks)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def spy(base, teacher_is):
+        class Spy(base):
+            def before_task(self, trainer, t):
+                start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+                super().before_task(trainer, t)
+                if self.teacher is None:
+                    seen.append((self.name, t, None))
+                    return
+                want = initial if teacher_is == "initial" else start
+                tp = dict(self.teacher.named_parameters())
+                assert all(torch.equal(tp[n], want[n]) for n in trainer.param_names)
+                with torch.no_grad():
+                    txt = trainer.text_features(trainer.class_tokens(t), model=self.teacher)
+                torch.testing.assert_close(self.teacher_text, txt)
+                seen.append((self.name, t, teacher_is))
+        return Spy
+
+    run(model, spy(S.get("lwf"), "start")(), tasks, tmp_path / "lwf")
+    run(tiny_model(tasks), spy(S.get("icarl"), "initial")(memory=8), tasks, tmp_path / "icarl")
+    initial = {n: p.detach().clone() for n, p in tiny_model(tasks).named_parameters()}
+    run(tiny_model(tasks), spy(S.get("icarl"), "start")(memory=8, teacher="previous"), tasks, tmp_path / "prev")
+    assert seen == [("lwf", 0, "start"), ("lwf", 1, "start"), ("icarl", 0, None), ("icarl", 1, "initial"),
+                    ("icarl", 0, None), ("icarl", 1, "start")]
+
+
+def test_teacher_text_kd_is_zscl_distillation_on_both_axes(tasks, tmp_path):
+    """KL(teacher || student) at T over the texts of each image and the images of each
+    text, against the teacher's text embeddings: no gradient reaches the student's text tower."""
+    from mgcl.cl.strategies.parts import teacher_text_kd
+
+    student, teacher = tiny_model(tasks, seed=1), tiny_model(tasks, seed=2).eval().requires_grad_(False)
+    trainer = ContinualTrainer(student, "finetune", tasks, device="cpu", out_dir=str(tmp_path), batch_size=BS,
+                               progress=False)
+    images = torch.stack([student.transform(False)(tasks[0].train[i][0]) for i in range(5)])
+    with torch.no_grad():
+        ttxt = torch.nn.functional.normalize(teacher.encode_text(student.tokenize(tasks[1].prompts(0))), dim=-1)
+    kd = teacher_text_kd(trainer, images, teacher, ttxt, 2.0)
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    s = student.logit_scale.exp() * unit(student.encode_image(images)) @ ttxt.T
+    t = teacher.logit_scale.exp() * unit(teacher.encode_image(images)) @ ttxt.T
+
+    def ce(tl, sl):  # ZSCL's distillation(t, s, T=2): soft cross-entropy, mean over rows, times T^2
+        return -(torch.softmax(tl / 2, 1) * torch.log_softmax(sl / 2, 1)).sum(1).mean() * 4
+
+    def entropy(tl):
+        p = torch.softmax(tl / 2, 1)
+        return -(p * p.log()).sum(1).mean() * 4
+
+    want = ce(t, s) - entropy(t) + ce(t.T, s.T) - entropy(t.T)   # KL = soft CE - the teacher's entropy
+    torch.testing.assert_close(kd, want, rtol=1e-5, atol=1e-6)
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    grads = dict(zip(names, torch.autograd.grad(kd, [p for p in student.parameters() if p.requires_grad],
+                                                allow_unused=True)))
+    assert all(grads[n] is not None for n in names if n.startswith("visual."))
+    assert any(n.startswith("text.") for n in names)
+    assert all(grads[n] is None for n in names if n.startswith("text."))
+
+
+def test_herding_is_greedy_mean_matching():
     # herding picks, greedily, the sample that keeps the running mean closest to the class mean
     g = torch.Generator().manual_seed(0)
     f = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
@@ -418,3 +520,19 @@ def test_primed_under_bf16_autocast(tasks, bank, tmp_path):
     assert seen and all(d == torch.float32 for s in seen for d in s.values())
     log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
     assert all(all(v == v for v in x.values() if isinstance(v, float)) for x in log)
+
+
+@pytest.mark.parametrize("retrieval,stages", [("dynamic", "dense-only"), ("uniform", "bm25-only")])
+def test_primed_stages_reach_the_siphon_and_combine_with_retrieval(retrieval, stages, tasks, bank, tmp_path):
+    siphon = siphon_for(bank)
+    calls = []
+    real_ref, real_uni = siphon.reference_set, siphon.uniform_set
+    siphon.reference_set = lambda h, stages: calls.append(("dynamic", stages)) or real_ref(h, stages)
+    siphon.uniform_set = lambda n, kw, stages: calls.append(("uniform", stages)) or real_uni(n, kw, stages)
+    st = S.create("primed", siphon=siphon, ref_batch_size=6, retrieval=retrieval, stages=stages,
+                  uniform_size=10, uniform_keywords=["circle", "red"])
+    assert st.options()["stages"] == stages and S.create("primed").options()["stages"] == "multi-stage"
+    run(tiny_model(tasks), st, tasks, tmp_path)
+    assert calls == ([("dynamic", stages)] * 2 if retrieval == "dynamic" else [("uniform", stages)])
+    with pytest.raises(ValueError, match="stages must be one of"):
+        S.create("primed", stages="embedding-only")

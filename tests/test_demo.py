@@ -3,9 +3,11 @@ file, tables and plots, and the demo cache."""
 import csv
 import io
 import json
+import statistics
 
 import pytest
 import torch
+from demo_fixtures import SEEDS
 from demo_fixtures import quick_demo as _quick_demo
 from mgcl.cl.metrics import summarize
 from mgcl.mgtil import benchmarks as B
@@ -30,14 +32,23 @@ def test_results_have_every_method_with_a_full_R(results):
     assert "SYNTHETIC" in results["label"] and "SYNTHETIC" in results["notice"]
     assert list(results["methods"]) == ["zero-shot", "finetune", "l2", "zscl", "primed"]
     assert results["tasks"] == [t.name for t in B.SYNTH_TASKS]
+    seeds = results["config"]["seeds"]
+    assert seeds == [42, 43][:len(seeds)] and len(seeds) == SEEDS
     for name, m in results["methods"].items():
-        assert set(m) >= {"transfer", "avg", "last", "bwt", "forgetting", "R", "zero_shot"}, name
+        assert set(m) >= {"transfer", "avg", "last", "bwt", "forgetting", "R", "zero_shot", "std", "per_seed"}, name
+        assert m["seeds"] == (seeds if name != "zero-shot" else seeds[:1]), "zero-shot does not train: one run"
         R, z = m["R"], m["zero_shot"]
         assert len(R) == T and all(len(row) == T for row in R) and len(z) == T, name
-        assert all(0.0 <= v <= 100.0 for row in R for v in row), name
-        want = summarize(R, z)
         for k in ("transfer", "avg", "last", "bwt", "forgetting"):
-            assert m[k] == pytest.approx(want[k]), (name, k)
+            per = []
+            for p in m["per_seed"]:
+                assert all(0.0 <= v <= 100.0 for row in p["R"] for v in row), name
+                assert p[k] == pytest.approx(summarize(p["R"], z)[k]), (name, k)
+                per.append(p[k])
+            assert m[k] == pytest.approx(statistics.fmean(per)), (name, k)
+            assert m["std"][k] == pytest.approx(statistics.stdev(per) if len(per) > 1 else 0.0), (name, k)
+        if name != "zero-shot":
+            assert m["per_seed"][0]["R"] != m["per_seed"][1]["R"], f"{name}: the seeds gave the same run"
     z = results["methods"]["zero-shot"]["zero_shot"]
     assert results["methods"]["zero-shot"]["R"] == [z] * T, "the zero-shot baseline copies z into every row"
     assert all(m["zero_shot"] == z for m in results["methods"].values()), "every method starts from one model"
@@ -54,13 +65,18 @@ def test_zero_shot_is_above_chance(results):
     assert sum(z) / len(z) > sum(chance) / len(chance) + 10, (z, chance)
 
 
-def test_reference_sets_recorded(results):
-    sets = results["methods"]["primed"]["reference_sets"]
+def test_reference_sets_recorded_and_shared_across_seeds(results):
+    first, second = (p["reference_sets"] for p in results["methods"]["primed"]["per_seed"])
+    if results["timings"]["workers"] == 1:
+        assert not any(s["cached"] for s in first) and all(s["cached"] for s in second), "each set is built once"
+    assert [{k: s[k] for k in ("pairs", "levels")} for s in first] == \
+        [{k: s[k] for k in ("pairs", "levels")} for s in second], "retrieval does not depend on the seed"
+    sets = first
     assert [s["before_task"] for s in sets] == list(range(1, len(B.SYNTH_TASKS) + 1))
     assert all(s["kind"] == "dynamic" and s["pairs"] > 0 for s in sets)
     assert sets[0]["levels"]["task"] == 0 and sets[0]["levels"]["domain"] == 0, "nothing is finished before task 1"
     assert all(s["levels"]["task"] > 0 for s in sets[1:])
-    (u,) = results["methods"]["zscl"]["reference_sets"]
+    (u,) = results["methods"]["zscl"]["per_seed"][0]["reference_sets"]
     assert u["kind"] == "uniform" and u["pairs"] == demo.settings(quick=True)["strategies"]["zscl"]["uniform_size"]
 
 
@@ -68,21 +84,24 @@ def test_printed_table_tables_and_plots(quick, results):
     out = quick.stdout
     assert "SYNTHETIC" in out
     for name in results["methods"]:
-        assert f"\n{name} " in out
+        assert f"\n| {name} | " in out
     for col in ("Transfer", "Avg", "Last", "BWT"):
         assert col in out
     rows = list(csv.DictReader(io.StringIO((quick.out / "results.csv").read_text())))
     assert [r["method"] for r in rows] == list(results["methods"])
     assert float(rows[1]["last"]) == pytest.approx(results["methods"]["finetune"]["last"], abs=1e-3)
     md = (quick.out / "results.md").read_text()
-    summary = md.split("\n\n")[1].splitlines()  # the summary table; the paper-style tables follow it
-    assert "SYNTHETIC" in md and sum(x.startswith("| ") for x in summary) == 1 + len(results["methods"])
-    assert "Transfer / Avg / Last per task" in md and (quick.out / "results.tex").is_file()
+    assert md in out and "SYNTHETIC" in md and "Which differences exceed the seed spread" in md
+    ft = results["methods"]["finetune"]
+    assert f"| finetune | {SEEDS} | {ft['transfer']:.1f} ± {ft['std']['transfer']:.1f} |" in md
+    assert "| primed − finetune |" in md and "primed vs finetune: " in md
+    assert (quick.out / "results.tex").is_file()  # the paper-style tables, from report.render
     for png in ("curves.png", "curves_by_task.png", "heatmaps.png"):
         with Image.open(quick.out / png) as im:
             assert im.format == "PNG" and im.size[0] > 300
-    for name in results["methods"]:
-        assert (quick.out / "runs" / name / "results.json").is_file()
+    for name, m in results["methods"].items():
+        for seed in m["seeds"]:
+            assert (quick.out / "runs" / name / f"seed-{seed}" / "results.json").is_file()
 
 
 def test_cache_is_reused(quick, monkeypatch):
@@ -114,7 +133,9 @@ def test_pretraining_is_deterministic(quick):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="subset"):
-        demo.run_demo("unused", methods=["finetune", "gift"])
+        demo.run_demo("unused", methods=["finetune", "sgd"])
+    with pytest.raises(ValueError, match="jobs"):
+        demo.run_demo("unused", workers=0)
     with pytest.raises(ValueError, match="seed"):
         demo.run_demo("unused", seed=-1)
 

@@ -62,7 +62,7 @@ class _SyntheticSiphon:
     def __init__(self, refset):
         self.refset = refset
 
-    def reference_set(self, history):
+    def reference_set(self, history, stages="multi-stage"):
         return self.refset
 
 

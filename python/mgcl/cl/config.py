@@ -26,6 +26,10 @@ Rules, checked at construction (``ConfigError`` naming ``train.<key>``):
 - ``loggers``: a list of names from ``mgcl.cl.logging.LOGGERS`` ("csv",
   "tensorboard", "wandb"; default ["csv"]; [] for none); the trainer's
   ``loggers=`` argument takes logger objects instead.
+- ``prompts``: the evaluation heads, "ensemble" (default: every template of
+  a class embedded and averaged, as ZSCL's evaluation and today's mgcl do) or
+  "first" (one prompt per class, the first template, SPEC.md section 1's
+  wording).
 
 ``check_fits`` bounds ``batch_size`` by what a run can hold (the largest
 task's training set, and the memory one input batch takes); the trainer
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SCHEDULES = ("cosine", "constant")
+PROMPTS = ("ensemble", "first")
 AMP = (None, "off", "bf16")
 LOGGERS = ("csv", "tensorboard", "wandb")   # mgcl.cl.logging's adapters
 MAX_SIZE = 2**31 - 1
@@ -114,6 +119,7 @@ class TrainConfig:
     num_workers: Optional[int] = None
     checkpoint_every: Optional[int] = None
     loggers: list = field(default_factory=lambda: ["csv"])
+    prompts: str = "ensemble"
 
     def __post_init__(self):
         for key in ("iters_per_task", "batch_size", "log_every", "eval_batch_size"):
@@ -141,6 +147,8 @@ class TrainConfig:
         if self.amp not in AMP:
             raise ConfigError(f"train.amp: expected null, 'off' or 'bf16', got {self.amp!r} (fp16 loss scaling "
                               "would distort the squared gradients of the Fisher guard)")
+        if self.prompts not in PROMPTS:
+            raise ConfigError(f"train.prompts: expected one of {list(PROMPTS)}, got {self.prompts!r}")
         if not isinstance(self.reset_optimizer, bool):
             raise ConfigError(f"train.reset_optimizer: expected true or false, got {self.reset_optimizer!r}")
 
@@ -178,4 +186,4 @@ class TrainConfig:
                                       f"{need / 2**30:,.1f} GiB, more than the device's {memory / 2**30:,.1f} GiB")
 
 
-__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES", "LOGGERS"]
+__all__ = ["TrainConfig", "ConfigError", "check_keys", "output_dir_problem", "SCHEDULES", "LOGGERS", "PROMPTS"]

@@ -1,7 +1,9 @@
 """Zero-shot heads and per-task scoring (SPEC.md sections 1 and 7).
 
 A task's head: every template x class name embedded by the current text
-encoder, each normalised, averaged over templates, renormalised. An image is
+encoder, each normalised, averaged over templates, renormalised
+(``prompts="ensemble"``, the default); ``prompts="first"``: the first
+template's prompt of each class only. An image is
 scored among the task's own classes only (task-incremental): logits =
 scale * normalise(image feature) @ head^T. Accuracy is top-1; AUC is macro
 one-vs-rest ROC-AUC on the softmax over the task's classes.
@@ -14,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import PROMPTS
 from .metrics import macro_auc
 from .tasks import Task
 
@@ -36,10 +39,13 @@ def text_features(model, tokens: torch.Tensor, device, *, batch_size: int = 256,
 
 
 @torch.no_grad()
-def zero_shot_head(model, task: Task, device, *, amp=None) -> torch.Tensor:
-    """``[C, d]`` unit-norm class embeddings from all templates x class names."""
-    T, C = len(task.templates), len(task.classnames)
-    tokens = model.tokenize(task.prompts(None))  # template-major: t * C + c
+def zero_shot_head(model, task: Task, device, *, amp=None, prompts: str = "ensemble") -> torch.Tensor:
+    """``[C, d]`` unit-norm class embeddings from all templates x class names
+    (``prompts="ensemble"``) or from the first template (``"first"``)."""
+    if prompts not in PROMPTS:
+        raise ValueError(f"zero_shot_head: prompts must be one of {list(PROMPTS)}, got {prompts!r}")
+    T, C = len(task.templates) if prompts == "ensemble" else 1, len(task.classnames)
+    tokens = model.tokenize(task.prompts(None if prompts == "ensemble" else 0))  # template-major: t * C + c
     feats = text_features(model, tokens, device, amp=amp).view(T, C, -1)
     return F.normalize(feats.mean(0), dim=-1)
 
@@ -71,16 +77,16 @@ def image_logits(model, images: torch.Tensor, head: torch.Tensor, device, amp=No
 
 @torch.no_grad()
 def evaluate(model, task: Task, device, *, batch_size: int = 256, num_workers: int = 0, amp=None,
-             head: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> dict:
+             head: Optional[torch.Tensor] = None, logits: Optional[Callable] = None, prompts: str = "ensemble") -> dict:
     """Top-1 accuracy (percent) and macro AUC (percent) on ``task.test``.
     ``head``: the class embeddings (default: the zero-shot head); ``logits``:
     ``images (on device) -> [B, C]`` instead of scoring ``model.encode_image``
-    against the head (a strategy's ``eval_logits``)."""
+    against the head (a strategy's ``eval_logits``); ``prompts``: the default head's, see above."""
     was_training = model.training
     model.eval()
     try:
         if logits is None:
-            head = zero_shot_head(model, task, device, amp=amp) if head is None else head
+            head = zero_shot_head(model, task, device, amp=amp, prompts=prompts) if head is None else head
 
             def logits(images):
                 return image_logits(model, images, head, device, amp)

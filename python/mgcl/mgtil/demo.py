@@ -10,10 +10,17 @@ SYNTHETIC benchmark mgtil-synth (no data, no GPU, no download).
    text embedder and the pretrained TinyCLIP's image embeddings stored for the
    visual rerank; cached;
 4. zero-shot, continual fine-tuning, l2, ZSCL (uniform reference set) and
-   PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), each from the
-   same pretrained weights, through ``mgcl.cl.ContinualTrainer``;
-5. the paper-style table, ``DIR/results.json`` (the one results schema, ``mgcl.cl.results``),
-   results.csv, results.md and the plots.
+   PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), or every
+   strategy of the registry (``methods="all"``), each from the same
+   pretrained weights, through ``mgcl.cl.ContinualTrainer``, at ``SEEDS``
+   training seeds (42, 43, 44: the batch order, augmentation and reference
+   batches change; data, model and bank do not). The runs share what does
+   not depend on the seed: the decoded images and every reference set
+   (``SharedRetrieval``); ``workers`` processes run them side by side, one
+   thread each, which changes no result;
+5. the paper-style table (mean ± std, ``mgcl.mgtil.seeds``), ``DIR/results.json``
+   (the one results schema, ``mgcl.cl.results``), results.csv, results.md
+   (with the differences that exceed the seed spread) and the plots.
 
 Cache: ``<mgcl cache>/demo/v<version>-seed<seed>[-quick]`` (``mgcl._env.cache_dir``:
 ``$MGCL_CACHE``, else ``$XDG_CACHE_HOME/mgcl``, else ``~/.cache/mgcl``) holds the
@@ -39,11 +46,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import _env
+from .._io import atomic_write_bytes
 from ..cl.config import ConfigError, output_dir_problem
 from . import report
 
 VERSION = "1"
 METHODS = ("zero-shot", "finetune", "l2", "zscl", "primed")
+SEEDS = 3                      # training seeds per method (train.seed, +1, +2)
 MAX_SEED = 2**32 - 1
 
 # TinyCLIP: a CNN image tower of width 64 (0.21M parameters in all).
@@ -96,6 +105,10 @@ CHOICES = {
                   "the first settings tried",
     "pool": "the built-in question pool sampled to 40 questions per domain (seeded) to keep the number of "
             "MiniLM queries small",
+    "seeds": "3 training seeds (SPEC's 42, then 43, 44) per method, reported as mean ± std: one seed's numbers moved "
+             "by about a point between machines and between variants, more than some differences between methods; "
+             "the data, the pretrained model and the bank keep one seed so that every method starts from the same "
+             "model; zero-shot does not train and runs once",
     "quick": "--quick: the 4,096-pair corpus, 400 pretraining steps, 30 iterations per task, a/b/c 20/20/50, "
              "n_general 50, 20 questions per domain, ZSCL uniform set 1,500 (PRIMED's: 1,400-1,800): a smoke "
              "test, its numbers are noisy",
@@ -292,86 +305,248 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
 
 # ---- the methods --------------------------------------------------------------------------
 
-class _RecordingSiphon:
-    """Passes through to a Siphon and records each reference set's size and build time."""
+class _Decoded:
+    """A task's images decoded once, in memory (``(image, label)`` items as the
+    trainer reads them): the training split as PIL images (the training
+    transform's random crop runs on PIL, as before), the test split as uint8
+    ``[3, H, W]`` tensors (the eval transform gives the same tensor as from
+    the PIL image, checked by the tests). Decoding the PNGs once per process
+    instead of once per read is what every method and seed share."""
+
+    def __init__(self, dataset, as_tensor: bool):
+        import numpy as np  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+
+        items = [dataset[i] for i in range(len(dataset))]
+        self.labels = [int(y) for _, y in items]
+        rgb = [im.convert("RGB") for im, _ in items]
+        self.images = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in rgb] if as_tensor \
+            else rgb
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def decoded_tasks(tasks) -> list:
+    """``tasks`` with their images decoded once (``_Decoded``)."""
+    import dataclasses  # noqa: PLC0415
+
+    return [dataclasses.replace(t, train=_Decoded(t.train, False), test=_Decoded(t.test, True)) for t in tasks]
+
+
+class SharedRetrieval:
+    """One Siphon for every method and seed of a process, each reference set
+    built once: retrieval does not depend on the training seed or on the
+    method (the key is the finished tasks, or the uniform set's size and
+    keywords, and the stages), so a set retrieved again is the same rows."""
 
     def __init__(self, siphon):
-        self._siphon = siphon
+        self.siphon = siphon
+        self.memo: dict = {}
+
+    def get(self, key, build):
+        if key not in self.memo:
+            t0 = time.time()
+            rs = build()
+            self.memo[key] = (rs, round(time.time() - t0, 3))
+        return self.memo[key]
+
+
+class _RecordingSiphon:
+    """A method's view of the shared Siphon: records each reference set's size,
+    levels and build time (0 with ``cached``: built for an earlier run)."""
+
+    def __init__(self, shared: SharedRetrieval):
+        self._shared = shared
         self.sets: list[dict] = []
 
-    def _record(self, kind, fn, *args):
-        t0 = time.time()
-        rs = fn(*args)
+    def _record(self, kind, key, build, **more):
+        cached = key in self._shared.memo
+        rs, seconds = self._shared.get(key, build)
         self.sets.append({"kind": kind, "pairs": len(rs), "levels": rs.level_counts(),
-                          "seconds": round(time.time() - t0, 3)})
+                          "seconds": 0.0 if cached else seconds, "cached": cached, **more})
         return rs
 
-    def reference_set(self, history):
+    def reference_set(self, history, stages="multi-stage"):
         history = list(history)
-        rs = self._record("dynamic", self._siphon.reference_set, history)
-        self.sets[-1]["before_task"] = len(history) + 1
-        return rs
+        return self._record("dynamic", ("dynamic", tuple(t.name for t in history), stages),
+                            lambda: self._shared.siphon.reference_set(history, stages=stages),
+                            before_task=len(history) + 1, stages=stages)
 
-    def uniform_set(self, size, keywords=None):
-        return self._record("uniform", self._siphon.uniform_set, size, keywords)
+    def uniform_set(self, size, keywords=None, stages="multi-stage"):
+        key = ("uniform", size, None if keywords is None else tuple(keywords), stages)
+        return self._record("uniform", key, lambda: self._shared.siphon.uniform_set(size, keywords, stages=stages),
+                            stages=stages)
 
     def __getattr__(self, name):
-        return getattr(self._siphon, name)
+        return getattr(self._shared.siphon, name)
 
 
-def _run_methods(assets: Assets, out: Path, methods: Sequence[str], cfg: dict, progress: bool) -> dict:
-    from ..cl import ContinualTrainer, TrainConfig  # noqa: PLC0415
-    from ..cl import strategies as S  # noqa: PLC0415
-    from ..models import TinyCLIP  # noqa: PLC0415
-    from ..retrieval import CachedEmbedder, Siphon, get_embedder  # noqa: PLC0415
+class Runner:
+    """Runs strategies on the demo's assets (one process): the decoded tasks, the
+    query embedder, the rerank VLM and the shared Siphon are made once, on first use."""
 
-    train = TrainConfig.from_dict(cfg["train"])
-    emb, vlm = None, None
-    if assets.embedder is not None:                        # MiniLM is loaded already (the bank was built here)
-        emb = CachedEmbedder(assets.embedder.inner, one_by_one=True)
-    entries, seconds = {}, {}
-    for k, name in enumerate(methods):
+    def __init__(self, assets: Assets, cfg: dict, progress: bool):
+        self.assets, self.cfg, self.progress = assets, cfg, progress
+        self.tasks = decoded_tasks(assets.data.tasks)
+        self.shared = None
+
+    def retrieval(self) -> SharedRetrieval:
+        if self.shared is None:
+            from ..models import TinyCLIP  # noqa: PLC0415
+            from ..retrieval import CachedEmbedder, Siphon, get_embedder  # noqa: PLC0415
+
+            a, cfg = self.assets, self.cfg
+            inner = a.embedder.inner if a.embedder is not None else get_embedder(cfg["bank"]["embedder"])
+            vlm = TinyCLIP.load(str(a.model_dir)).eval().requires_grad_(False)  # the rerank: the frozen pretrained
+            self.shared = SharedRetrieval(Siphon.from_bank(str(a.bank_dir), vlm=vlm,
+                                                           embedder=CachedEmbedder(inner, one_by_one=True),
+                                                           pool_per_domain=cfg["pool_per_domain"], **cfg["siphon"]))
+        return self.shared
+
+    def run(self, name: str, options: dict, seed: int, run_dir: Path, train_changes: Optional[dict] = None) -> dict:
+        """One method (``name`` with ``options``) at training seed ``seed``: its results entry."""
+        from ..cl import ContinualTrainer, TrainConfig  # noqa: PLC0415
+        from ..cl import strategies as S  # noqa: PLC0415
+        from ..models import TinyCLIP  # noqa: PLC0415
+
         t0 = time.time()
-        _log(f"demo: [{k + 1}/{len(methods)}] {name} on {assets.data.benchmark.name} (SYNTHETIC)", progress)
-        model = TinyCLIP.load(str(assets.model_dir))
-        strategy = S.create(name, **cfg["strategies"][name])
+        train = TrainConfig.from_dict({**self.cfg["train"], **(train_changes or {}), "seed": seed})
+        strategy = S.create(name, **options)
         recorder = None
         if strategy.needs_reference_set:
-            if emb is None:
-                emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]), one_by_one=True)
-            if vlm is None:                                # the visual rerank: the frozen pretrained model
-                vlm = TinyCLIP.load(str(assets.model_dir)).eval().requires_grad_(False)
-            recorder = _RecordingSiphon(Siphon.from_bank(str(assets.bank_dir), vlm=vlm, embedder=emb,
-                                                         pool_per_domain=cfg["pool_per_domain"], **cfg["siphon"]))
+            recorder = _RecordingSiphon(self.retrieval())
             strategy.reference.siphon = recorder
-        run_dir = out / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        res = ContinualTrainer(model, strategy, assets.data.tasks, device="cpu", out_dir=str(run_dir),
-                               progress=progress, train_config=train).run()
+        res = ContinualTrainer(TinyCLIP.load(str(self.assets.model_dir)), strategy, self.tasks, device="cpu",
+                               out_dir=str(run_dir), progress=self.progress, train_config=train).run()
         entry = res["methods"][name]
         if recorder is not None:
             entry["reference_sets"] = recorder.sets
-        entries[name] = entry
-        seconds[name] = round(time.time() - t0, 2)
-        _log(f"demo: {name}: Transfer {entry['transfer']:.1f}  Avg {entry['avg']:.1f}  Last {entry['last']:.1f}  "
-             f"BWT {entry['bwt']:+.1f}  ({seconds[name]:.0f} s)", progress)
-    return {"methods": entries, "seconds": seconds}
+        entry["seconds"] = round(time.time() - t0, 2)
+        return entry
+
+
+def seed_list(cfg: dict, seeds: int) -> list[int]:
+    """The training seeds: the configured seed (SPEC's 42) and the next ``seeds - 1``."""
+    return [cfg["train"]["seed"] + k for k in range(seeds)]
+
+
+@dataclass
+class Job:
+    """One run: ``label`` (the row, e.g. a method or an ablation variant), the
+    strategy ``name`` with ``options``, the training ``seed``, ``train`` changes."""
+
+    label: str
+    name: str
+    options: dict
+    seed: int
+    train: Optional[dict] = None
+
+
+def jobs_for(label: str, name: str, options: dict, seeds: Sequence[int], train: Optional[dict] = None) -> list[Job]:
+    """One job per seed (one only when the strategy does not train: zero-shot is deterministic)."""
+    from ..cl import strategies as S  # noqa: PLC0415
+
+    return [Job(label, name, options, s, train) for s in (list(seeds) if S.get(name).trains else list(seeds)[:1])]
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(seed: int, quick: bool, cache_dir, cfg: dict) -> None:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    _WORKER["runner"] = Runner(prepare(seed, quick, cache_dir=cache_dir, progress=False), cfg, False)
+
+
+def _worker_run(job: Job, out: str) -> dict:
+    return _WORKER["runner"].run(job.name, job.options, job.seed, Path(out) / "runs" / job.label / f"seed-{job.seed}",
+                                 job.train)
+
+
+def run_jobs(assets: Assets, cfg: dict, jobs: Sequence[Job], out: Path, *, workers: int, progress: bool,
+             seed: int, quick: bool, cache_dir=None, tag: str = "demo") -> dict:
+    """Every job; ``workers`` > 1 runs them in that many processes (each on one
+    thread, each run as deterministic as in one process: the order they run in
+    changes nothing). Returns {label: entry over its seeds} in job order."""
+    from .seeds import over_seeds  # noqa: PLC0415
+
+    def done(job, e):
+        _log(f"{tag}: {job.label} seed {job.seed}: Transfer {e['transfer']:.1f}  Avg {e['avg']:.1f}  "
+             f"Last {e['last']:.1f}  BWT {e['bwt']:+.1f}  ({e['seconds']:.0f} s)", progress)
+        return e
+
+    if workers <= 1:
+        runner = Runner(assets, cfg, progress)
+        got = [done(j, runner.run(j.name, j.options, j.seed, out / "runs" / j.label / f"seed-{j.seed}", j.train))
+               for j in jobs]
+    else:
+        import concurrent.futures as cf  # noqa: PLC0415
+        import multiprocessing  # noqa: PLC0415
+
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        _log(f"{tag}: {len(jobs)} runs in {workers} processes (one thread each)", progress)
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_init, initargs=(seed, quick, cache_dir, cfg)) as ex:
+            futures = {ex.submit(_worker_run, j, str(out)): j for j in jobs}
+            bar = tqdm(total=len(jobs), desc=f"{tag} runs", disable=not progress, leave=False)
+            for f in cf.as_completed(futures):
+                done(futures[f], f.result())
+                bar.update(1)
+            bar.close()
+            got = [f.result() for f in futures]
+    by: dict = {}
+    for j, e in zip(jobs, got):
+        by.setdefault(j.label, ([], []))
+        by[j.label][0].append(e)
+        by[j.label][1].append(j.seed)
+    return {label: over_seeds(es, ss) for label, (es, ss) in by.items()}
+
+
+def check_workers(workers) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--jobs must be an integer >= 1, got {workers!r}")
+
+
+def default_workers(n_jobs: int) -> int:
+    """One process per core, at most one per run."""
+    return max(1, min(os.cpu_count() or 1, n_jobs))
+
+
+def resolve_methods(methods) -> list[str]:
+    """``methods``: names, or ``["all"]`` / "all" (every strategy in the registry, in its order)."""
+    from ..cl import strategies as S  # noqa: PLC0415
+
+    names = list(S.available()) if methods == "all" or list(methods) == ["all"] else list(methods)
+    unknown = [m for m in names if m not in S.available()]
+    if unknown or not names:
+        raise ConfigError(f"demo: methods must be a non-empty subset of {S.available()} or 'all', got {list(methods)}")
+    return names
 
 
 def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_dir=None,
-             methods: Sequence[str] = METHODS, progress: bool = True, embed_threads: Optional[int] = None) -> dict:
-    """Build or reuse the assets, run ``methods``, write results.json, the tables
-    and the plots into ``out_dir``; returns the results dict."""
+             methods: Sequence[str] = METHODS, seeds: int = SEEDS, progress: bool = True,
+             embed_threads: Optional[int] = None, workers: Optional[int] = None) -> dict:
+    """Build or reuse the assets, run ``methods`` (names or "all") at ``seeds``
+    training seeds each (in ``workers`` processes; None: one per core), write
+    results.json, the tables and the plots into ``out_dir``; returns the results dict."""
     import torch  # noqa: PLC0415
 
     from ..cl.results import results as make_results  # noqa: PLC0415
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"demo: methods must be a non-empty subset of {list(METHODS)}, got {list(methods)}")
+    methods = resolve_methods(methods)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"demo: --seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= 100:
+        raise ConfigError(f"demo: --seeds must be an integer in [1, 100], got {seeds!r}")
+    check_workers(workers)
     t0 = time.time()
     out = Path(out_dir).expanduser().absolute()
     for what, path in (("--out", out), ("the cache", cache_root(cache_dir))):
@@ -380,21 +555,30 @@ def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_d
             raise ConfigError(f"demo: {what}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick)
+    train_seeds = seed_list(cfg, seeds)
     threads = torch.get_num_threads()
     try:
         assets = prepare(seed, quick, cache_dir=cache_dir, progress=progress, embed_threads=embed_threads)
         t_assets = round(time.time() - t0, 2)
         torch.set_num_threads(1)
-        ran = _run_methods(assets, out, methods, cfg, progress)
+        jobs = [j for name in methods for j in jobs_for(name, name, cfg["strategies"].get(name, {}), train_seeds)]
+        workers = default_workers(len(jobs)) if workers is None else workers
+        _log(f"demo: {', '.join(methods)} on {assets.data.benchmark.name} (SYNTHETIC), training seeds "
+             f"{train_seeds}", progress)
+        t1 = time.time()
+        entries = run_jobs(assets, cfg, jobs, out, workers=workers, progress=progress, seed=seed, quick=quick,
+                           cache_dir=cache_dir)
+        seconds = {name: round(sum(p["seconds"] for p in e["per_seed"]), 2) for name, e in entries.items()}
+        t_methods = round(time.time() - t1, 2)
     finally:
         torch.set_num_threads(threads)
     data = assets.data
     results = make_results(
         # The benchmark is mgtil-synth either way; "quick" says it ran the smoke-test size
         # (data.benchmark.name is then mgtil-synth-quick, the name `mgcl run` configs use for it).
-        "demo", ran["methods"], benchmark="mgtil-synth", synthetic=True, tasks=[t.name for t in data.tasks],
+        "demo", entries, benchmark="mgtil-synth", synthetic=True, tasks=[t.name for t in data.tasks],
         domains=[t.domain for t in data.tasks],
-        config={"seed": seed, "quick": bool(quick), "methods": list(methods), "settings": cfg,
+        config={"seed": seed, "seeds": train_seeds, "quick": bool(quick), "methods": list(methods), "settings": cfg,
                 "choices": CHOICES, "assets": {k: assets.info.get(k) for k in
                                                ("parameters", "vocabulary", "zero_shot_after_pretraining",
                                                 "distinct_captions_embedded", "created", "seconds")}},
@@ -402,25 +586,52 @@ def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_d
         notice="SYNTHETIC: procedural images and captions made by mgcl.mgtil.synth; not medical data, and "
                "the numbers say nothing about medical performance",
         machine={**_env.machine(), "torch_threads_training": 1},
-        timings={"assets": t_assets, "assets_reused": assets.reused, "methods": ran["seconds"],
-                 "total": round(time.time() - t0, 2)},
+        timings={"assets": t_assets, "assets_reused": assets.reused, "methods": seconds, "workers": workers,
+                 "methods_wall": t_methods, "total": round(time.time() - t0, 2)},
         cache=str(assets.dir))
     report.write_json(str(out / "results.json"), results)
     files = report.render(results, str(out))
+    md = out / "results.md"            # the mean ± std table and the spread, in place of render's plain table
+    atomic_write_bytes(str(md), results_md(results).encode())
     results["files"] = [str(out / "results.json")] + files
     return results
 
 
-def main(out_dir="mgcl-demo", quick: bool = False, seed: int = 0, progress: bool = True) -> int:
-    res = run_demo(out_dir, quick=quick, seed=seed, progress=progress)
-    print(report.format_table(res))
+def results_md(res: dict) -> str:
+    """results.md: mean ± std over the training seeds, and which differences exceed the seed spread."""
+    from .seeds import differences_md, table_md  # noqa: PLC0415
+
+    methods = res["methods"]
+    names = list(methods)
+    lines = [f"**{report.SYNTHETIC_NOTE}** ({res.get('benchmark')}{', --quick' if res.get('quick') else ''})\n",
+             f"Mean ± std over the training seeds {res['config']['seeds']} (zero-shot does not train: one run). "
+             "Every method starts from the same pretrained TinyCLIP, data and bank; a seed changes the batch "
+             "order, the augmentation and the reference batches, not the benchmark.\n", table_md(methods),
+             "\n## Which differences exceed the seed spread\n",
+             "A difference of two means counts when it is larger than the sum of their standard deviations "
+             "(bold below); with a few seeds a coarse screen, not a significance test.\n"]
+    lead = "primed" if "primed" in methods else names[-1]
+    pairs = [(lead, n) for n in names if n != lead] + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                                                       if lead not in (a, b)]
+    lines.append(differences_md(methods, pairs))
+    return "\n".join(lines)
+
+
+def main(out_dir="mgcl-demo", quick: bool = False, seed: int = 0, progress: bool = True,
+         methods: Sequence[str] = METHODS, seeds: int = SEEDS, workers: Optional[int] = None) -> int:
+    res = run_demo(out_dir, quick=quick, seed=seed, progress=progress, methods=methods, seeds=seeds, workers=workers)
+    print(report.title(res))
+    print(results_md(res))
     t = res["timings"]
-    print(f"\n{res['notice']}.")
+    print(f"{res['notice']}.")
     how = "cached assets" if t["assets_reused"] else "built the data, model and bank"
     per = ", ".join(f"{k} {v:.0f} s" for k, v in t["methods"].items())
-    print(f"wall time {t['total']:.0f} s ({how}; methods: {per})")
+    print(f"wall time {t['total']:.0f} s ({how}; assets {t['assets']:.0f} s; runs {t['methods_wall']:.0f} s in "
+          f"{t['workers']} process(es); per method, all seeds: {per})")
     print("wrote " + ", ".join(res["files"]))
     return 0
 
 
-__all__ = ["run_demo", "prepare", "pretrain", "settings", "SETTINGS", "CHOICES", "METHODS", "VERSION", "main"]
+__all__ = ["run_demo", "prepare", "pretrain", "settings", "SETTINGS", "CHOICES", "METHODS", "SEEDS", "VERSION", "main",
+           "Runner", "SharedRetrieval", "decoded_tasks", "Job", "jobs_for", "run_jobs", "default_workers", "seed_list",
+           "resolve_methods", "results_md"]

@@ -13,6 +13,12 @@ function per stage over a table of candidates (``Candidates``):
 4. ``gate``: if more than k remain, keep the k with the highest BM25 score of
    the query against their captions (equal BM25: higher S_v, then lower index);
 5. ``sort`` the survivors by S_v (descending, then index ascending) into hits.
+
+``retrieve(..., stages=)`` runs the whole pipeline ("multi-stage") or one of
+the paper's retrieval ablations: "dense-only" (stage 1 alone, ties kept,
+sorted by the dense score) or "bm25-only" (the k entries of the whole bank
+with the highest BM25 score of the query against their captions, equal BM25:
+lower index first, sorted by BM25; no embedder or VLM is used).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from .search import check_k, topk
 from .vlm import encode_images, encode_texts
 
 STAGES = ("embed", "dense", "vlm_text", "vlm_image", "visual", "group", "bm25", "sort")
+PIPELINES = ("multi-stage", "dense-only", "bm25-only")
 
 
 @dataclass
@@ -142,13 +149,28 @@ def gate(bank, c: Candidates, queries: list[str], k: int, k1: float = 1.5, b: fl
         return out.take(np.nonzero(keep)[0]), len(over)
 
 
+def lexical(bank, queries: list[str], k: int, k1: float = 1.5, b: float = 0.75) -> Candidates:
+    """The "bm25-only" ablation: each query's ``k`` entries of the whole bank with the
+    highest BM25 score (equal scores: lower index), the score in ``bm25`` and ``sv``."""
+    bm = bank.bm25(k1=k1, b=b)
+    every = np.arange(bank.count, dtype=np.int64)
+    parts = []
+    for j, query in enumerate(queries):
+        score = bm.scores(query, every)
+        top = np.lexsort((every, -score))[:k]
+        top = top[score[top] > 0]                      # an entry sharing no term with the query is no hit
+        parts.append((np.full(len(top), j, dtype=np.int64), top, score[top]))
+    qid, index, bm25 = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return Candidates(qid, index, np.full(len(index), np.nan, dtype=np.float32), bm25.astype(np.float32), bm25)
+
+
 def sort(bank, c: Candidates, n_queries: int, with_visual: bool) -> list[list[Hit]]:
     """Stage 5: one list of hits per query, by S_v descending, then index."""
     order = np.lexsort((c.index, -c.sv.astype(np.float64), c.qid))
     out: list[list[Hit]] = [[] for _ in range(n_queries)]
     for r in order:
-        bm = c.bm25[r]
-        out[int(c.qid[r])].append(bank.hit(c.index[r], c.sv[r], dense=float(c.dense[r]),
+        bm, dv = c.bm25[r], c.dense[r]
+        out[int(c.qid[r])].append(bank.hit(c.index[r], c.sv[r], dense=None if np.isnan(dv) else float(dv),
                                            visual=float(c.sv[r]) if with_visual else None,
                                            bm25=None if np.isnan(bm) else float(bm)))
     return out
@@ -159,20 +181,27 @@ def sort(bank, c: Candidates, n_queries: int, with_visual: bool) -> list[list[Hi
 def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: float = 1.5, b: float = 0.75,
              query_embeddings=None, backend: str = "exact", image_cache: dict | None = None,
              timings: dict | None = None, vlm_text: torch.Tensor | None = None,
-             stats: dict | None = None) -> list[list[Hit]]:
+             stats: dict | None = None, stages: str = "multi-stage") -> list[list[Hit]]:
     """The multi-stage candidates of every query (module doc); one list per query.
 
     ``query_embeddings`` (float [Q, dim], unit rows) skips the text embedder;
     ``vlm_text`` (float [Q, d_v], unit rows) skips the VLM text encoder;
     ``timings`` accumulates seconds per stage (``STAGES``); ``stats`` accumulates
     the candidate counts after each stage (``dense``, ``usable``, ``grouped``,
-    ``final``) and the number of queries the BM25 gate cut (``gated_queries``)."""
+    ``final``) and the number of queries the BM25 gate cut (``gated_queries``);
+    ``stages`` one of ``PIPELINES`` (module doc)."""
     check_k(k)
+    if stages not in PIPELINES:
+        raise ValueError(f"retrieve: stages must be one of {list(PIPELINES)}, got {stages!r}")
     if isinstance(k_v, bool) or not isinstance(k_v, int) or k_v < 1:
         raise ValueError(f"retrieve: k_v must be an integer >= 1, got {k_v!r}")
     queries = list(queries)
     if not queries:
         return []
+    if stages == "bm25-only":
+        with _timed(timings, "bm25"):
+            c = lexical(bank, queries, k, k1, b)
+        return sort(bank, c, len(queries), False)
     with _timed(timings, "embed"):
         q = embed_queries(bank, queries if query_embeddings is None else query_embeddings)
         if q.shape[0] != len(queries):
@@ -180,6 +209,8 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
     with _timed(timings, "dense"):
         c = dense(bank, q, k, backend)
     n_dense = len(c)
+    if stages == "dense-only":
+        return sort(bank, c, len(queries), False)
     if vlm is not None and len(c):
         with _timed(timings, "vlm_text"):
             text = encode_texts(vlm, queries) if vlm_text is None else torch.as_tensor(vlm_text).float()
@@ -198,4 +229,5 @@ def retrieve(bank, queries: list[str], k: int, *, vlm=None, k_v: int = 1, k1: fl
     return out
 
 
-__all__ = ["retrieve", "dense", "visual", "group", "gate", "sort", "image_features", "Candidates", "STAGES"]
+__all__ = ["retrieve", "dense", "visual", "group", "gate", "lexical", "sort", "image_features", "Candidates", "STAGES",
+           "PIPELINES"]

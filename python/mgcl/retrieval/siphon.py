@@ -13,6 +13,10 @@ highest one (task > domain > general), and within a level its best score.
 Uniform mode (PRIMED_uni): ``uniform_set(size)`` retrieves a fixed number of
 entries spread evenly over ~30 domain keywords.
 
+Both take ``stages`` ("multi-stage", "dense-only" or "bm25-only"), the
+retrieval pipeline each query runs (``rerank.retrieve``; the paper's
+retrieval ablation).
+
 ``Siphon.from_bank(dir, ...)`` is the one way to make a Siphon from a bank
 directory. Every Siphon embeds its queries through a ``CachedEmbedder`` one
 text at a time, so a resumed run retrieves exactly what an uninterrupted one
@@ -221,13 +225,13 @@ class Siphon:
 
     # ---- retrieval --------------------------------------------------------------------
 
-    def _retrieve(self, queries: list[str], k: int) -> list:
+    def _retrieve(self, queries: list[str], k: int, stages: str = "multi-stage") -> list:
         if not queries:
             return []
-        emb = torch.from_numpy(self.embedder.encode(queries, 64))
+        emb = None if stages == "bm25-only" else torch.from_numpy(self.embedder.encode(queries, 64))
         return retrieve(self.bank, queries, k, vlm=self.vlm, k_v=self.k_v, k1=self.k1, b=self.bm25_b,
                         query_embeddings=emb, backend=self.backend, image_cache=self.image_cache,
-                        timings=self.last_timings)
+                        timings=self.last_timings, stages=stages)
 
     def queries(self, history) -> dict[str, list[str]]:
         """The task / domain / general queries for a history (deterministic)."""
@@ -242,14 +246,14 @@ class Siphon:
         general_q = [rest[i] for i in sorted(rng.sample(range(len(rest)), min(self.n_general, len(rest))))]
         return {"task": task_q, "domain": domain_q, "general": general_q}
 
-    def reference_set(self, history) -> ReferenceSet:
+    def reference_set(self, history, stages: str = "multi-stage") -> ReferenceSet:
         """The reference set for the task after ``history`` (``FinishedTask`` s, in
-        order); see the module doc."""
+        order), each query run through the ``stages`` pipeline; see the module doc."""
         self.last_timings = {}
         qs = self.queries(history)
         best: dict[int, dict] = {}
         for rank, (level, k) in enumerate((("task", self.a), ("domain", self.b), ("general", self.c))):
-            for query, hits in zip(qs[level], self._retrieve(qs[level], k)):
+            for query, hits in zip(qs[level], self._retrieve(qs[level], k, stages)):
                 for h in hits:
                     cur = best.get(h.index)
                     if cur is not None and (cur["_rank"] < rank or (cur["_rank"] == rank and cur["score"] >= h.score)):
@@ -262,10 +266,12 @@ class Siphon:
             del r["_rank"]
         return ReferenceSet(rows)
 
-    def uniform_set(self, size: int, keywords: Optional[list[str]] = None) -> ReferenceSet:
+    def uniform_set(self, size: int, keywords: Optional[list[str]] = None,
+                    stages: str = "multi-stage") -> ReferenceSet:
         """PRIMED_uni: ``size`` distinct entries spread evenly over ``keywords``
-        (default: the taxonomy's ~30 domain keywords); a keyword short of its
-        share leaves it to the others in round-robin order."""
+        (default: the taxonomy's ~30 domain keywords), each retrieved through the
+        ``stages`` pipeline; a keyword short of its share leaves it to the others
+        in round-robin order."""
         size = _int("size", size, 1)
         kws = list(keywords) if keywords is not None else pool_mod.keywords(self.taxonomy)
         if not kws:
@@ -274,7 +280,7 @@ class Siphon:
         quota = [size // len(kws) + (1 if i < size % len(kws) else 0) for i in range(len(kws))]
         k = max(quota) * 2 + 8
         self.last_timings = {}
-        ranked = self._retrieve(kws, k)
+        ranked = self._retrieve(kws, k, stages)
         taken: dict[int, dict] = {}
         pos = [0] * len(kws)
         counts = [0] * len(kws)

@@ -185,7 +185,8 @@ class Strategy:
         """``[C, d]`` unit-norm class embeddings of task ``task`` for evaluation (module doc)."""
         from ..evaluate import zero_shot_head  # noqa: PLC0415
 
-        return zero_shot_head(trainer.model, trainer.tasks[task], trainer.device, amp=trainer.amp)
+        return zero_shot_head(trainer.model, trainer.tasks[task], trainer.device, amp=trainer.amp,
+                              prompts=trainer.train_config.prompts)
 
     def eval_logits(self, trainer, images: torch.Tensor, task: int, head: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` of a test batch (on the device) among task ``task``'s classes (module doc)."""

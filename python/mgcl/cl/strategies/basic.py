@@ -1,8 +1,10 @@
 """Zero-shot, continual fine-tuning, l2, EWC and WiSE-FT."""
 from __future__ import annotations
 
-from .base import Strategy
+from .base import Strategy, check_choice
 from .parts import GuardTerm, WeightEnsemble, prefixed
+
+L2_ANCHORS = {"pretrained": "initial", "previous": "previous"}  # l2's names -> GuardTerm's
 
 
 class ZeroShot(Strategy):
@@ -44,13 +46,17 @@ class _Guarded(Strategy):
 
 
 class L2(_Guarded):
-    """CE + lam * sum (theta - theta*)^2, theta* = the weights after the previous
-    task (the initial weights during the first task); lam = 1."""
+    """CE + lam * sum (theta - theta*)^2, lam = 1. ``anchor="pretrained"``
+    (default, SPEC.md's "l2 to the pre-trained weights", the paper's table):
+    theta* = the initial weights for the whole sequence; ``anchor="previous"``:
+    theta* = the weights after the previous task (ZSCL's l2 script, ``--l2 1``
+    with each task loading the previous checkpoint)."""
 
     name = "l2"
 
-    def __init__(self, lam: float = 1.0, normalize=None):
-        self.guard = GuardTerm(self.name, "l2", lam=lam, normalize=normalize)
+    def __init__(self, lam: float = 1.0, normalize=None, anchor: str = "pretrained"):
+        check_choice(self.name, "anchor", anchor, L2_ANCHORS)
+        self.guard = GuardTerm(self.name, "l2", lam=lam, normalize=normalize, anchor=L2_ANCHORS[anchor])
 
 
 class EWC(_Guarded):

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ...guard import FisherGuard
-from .base import check_choice, check_lam, check_normalize, frozen_copy
+from .base import check_choice, check_lam, check_normalize, frozen_copy, kd_loss
 from .refdata import Prefetch, ReferencePairs, reference_batches
 
 TEACHERS = ("last", "initial", "avg")
@@ -50,7 +50,9 @@ class ReferenceDistillation:
     keywords)``, e.g. :class:`mgcl.retrieval.Siphon`) or ``bank`` (a bank
     directory, opened with ``Siphon.from_bank(bank, **siphon_options)`` at setup);
     ``source`` "dynamic" or "uniform" (``uniform_size`` pairs over
-    ``uniform_keywords``, None: the taxonomy's); ``teacher``; the loss weights
+    ``uniform_keywords``, None: the taxonomy's); ``stages`` the retrieval
+    pipeline of every query ("multi-stage", "dense-only", "bm25-only";
+    ``mgcl.retrieval.rerank``); ``teacher``; the loss weights
     ``alpha`` (CKT) and ``beta`` (CMC), ``direction`` of CKT ("both", "image":
     rows, "text": columns); ``level_weights`` {level: weight}; ``batch_size`` of
     the reference batch (None: the task batch size); ``prefetch`` batches
@@ -69,11 +71,13 @@ class ReferenceDistillation:
                  source: str = "dynamic", uniform_size: int = 10000, uniform_keywords: Optional[list] = None,
                  teacher: str = "last", alpha: float = 1.0, beta: float = 0.25, direction: str = "both",
                  level_weights: Optional[dict] = None, batch_size: Optional[int] = None, prefetch: int = 2,
-                 backend: Optional[str] = None, cache_teacher: bool = True):
+                 backend: Optional[str] = None, cache_teacher: bool = True, stages: str = "multi-stage"):
+        from ...retrieval.rerank import PIPELINES  # noqa: PLC0415
         from ...retrieval.siphon import LEVELS  # noqa: PLC0415
 
         self.who = who
         self.source = check_choice(who, "retrieval", source, SOURCES)
+        self.stages = check_choice(who, "stages", stages, PIPELINES)
         self.teacher = check_choice(who, "teacher", teacher, TEACHERS)
         self.direction = check_choice(who, "direction", direction, tuple(DIRECTIONS))
         if not alpha >= 0 or not beta >= 0:
@@ -122,7 +126,7 @@ class ReferenceDistillation:
         if self.teacher in ("initial", "avg"):
             self.initial = [p.detach().clone() for p in trainer.params]
         if self.source == "uniform":
-            self.refset = self.siphon.uniform_set(self.uniform_size, self.uniform_keywords)
+            self.refset = self.siphon.uniform_set(self.uniform_size, self.uniform_keywords, stages=self.stages)
 
     @torch.no_grad()
     def before_task(self, trainer, t: int) -> None:
@@ -133,7 +137,8 @@ class ReferenceDistillation:
             for name, p, p0 in zip(trainer.param_names, trainer.params, self.initial):
                 named[name].copy_(p0 if self.teacher == "initial" else 0.5 * (p0 + p))
         if self.source == "dynamic":
-            self.refset = self.siphon.reference_set([task.finished() for task in trainer.tasks[:t]])
+            self.refset = self.siphon.reference_set([task.finished() for task in trainer.tasks[:t]],
+                                                    stages=self.stages)
         pairs = self.refset if isinstance(self.refset, torch.utils.data.Dataset) else \
             ReferencePairs(self.refset, trainer.model.transform(False), self.level_weights)
         cached = self.cache_teacher and getattr(pairs, "deterministic", False) is True
@@ -301,5 +306,19 @@ class WeightEnsemble:
         self.mean, self.total = None, 0.0
 
 
-__all__ = ["ReferenceDistillation", "TeacherCache", "teacher_features", "GuardTerm", "WeightEnsemble", "TEACHERS",
-           "SOURCES", "DIRECTIONS", "GUARD_MODES", "ANCHORS", "prefixed"]
+def teacher_text_kd(trainer, images, teacher, teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distillation against fixed teacher text embeddings, as ZSCL's code does it
+    (its ``distillation`` on both axes, ``--image_loss --text_loss``): the student's
+    and the teacher's unit image features of ``images`` [B] scored (each model's
+    logit scale) against ``teacher_text`` [N, d], the teacher's unit text
+    embeddings, so the student's text tower gets no gradient from it; KD
+    (``base.kd_loss``, KL(teacher || student) at ``temperature``, times T^2) over
+    the N texts of each image plus over the B images of each text."""
+    s = trainer.logits(trainer.image_features(images), teacher_text)
+    with torch.no_grad():
+        t = trainer.logits(trainer.image_features(images, model=teacher), teacher_text, model=teacher)
+    return kd_loss(s, t, temperature) + kd_loss(s.T, t.T, temperature)
+
+
+__all__ = ["ReferenceDistillation", "TeacherCache", "teacher_features", "GuardTerm", "WeightEnsemble",
+           "teacher_text_kd", "TEACHERS", "SOURCES", "DIRECTIONS", "GUARD_MODES", "ANCHORS", "prefixed"]

@@ -16,6 +16,10 @@ first). The options cover the paper's ablations:
 - ``retrieval``: "dynamic" (the Siphon's reference set, rebuilt before each
   task from the finished tasks) or "uniform" (one fixed set over the domain
   keywords, ``uniform_size`` pairs);
+- ``stages``: the retrieval pipeline each query runs (SPEC.md section 3):
+  "multi-stage" (dense with ties -> visual rerank -> group by caption -> BM25
+  gate -> sort), "dense-only" (the dense stage alone) or "bm25-only" (BM25
+  over the whole bank's captions); it combines with either ``retrieval``;
 - ``teacher``: "last" (the model after the previous task), "initial", or
   "avg" (0.5 * (initial + last), parameter-wise);
 - ``regularizer``: "dfg", "l2" (W = 1), "ewc" (Fisher from CE gradients at the
@@ -45,12 +49,12 @@ class Primed(Strategy):
                  level_weights: dict | None = None, alpha: float = 1.0, beta: float = 0.25, ckt: bool = True,
                  cmc: bool = True, direction: str = "both", teacher: str = "last", regularizer: str = "dfg",
                  lam: float = 1.0, normalize: str | None = "mean", ema: float = 0.0, fisher_batches: int = 10,
-                 prefetch: int = 2, backend: str | None = None):
+                 prefetch: int = 2, backend: str | None = None, stages: str = "multi-stage"):
         reference = ReferenceDistillation(
             self.name, siphon=siphon, bank=bank, siphon_options=siphon_options, source=retrieval,
             uniform_size=uniform_size, uniform_keywords=uniform_keywords, teacher=teacher,
             alpha=alpha if ckt else 0.0, beta=beta if cmc else 0.0, direction=direction, level_weights=level_weights,
-            batch_size=ref_batch_size, prefetch=prefetch, backend=backend)
+            batch_size=ref_batch_size, prefetch=prefetch, backend=backend, stages=stages)
         self.guard = GuardTerm(self.name, regularizer, lam=lam, normalize=normalize, ema=ema,
                                fisher_batches=fisher_batches)
         distills = reference.alpha > 0 or reference.beta > 0

@@ -1,68 +1,81 @@
-"""Learning without Forgetting and iCaRL: distillation from the previous model
-(LwF on the current task's images, iCaRL on a herded exemplar memory)."""
+"""Learning without Forgetting and iCaRL as ZSCL's code runs them (``mtil/``:
+``scripts/lwf.sh``; ``src/models/icarl.py`` with ``src/dynamic_dataset.py``).
+Both add to the task's CE a distillation against the teacher's text
+embeddings of the CURRENT task's class prompts (``parts.teacher_text_kd``:
+KD at T = 2 over the prompts of each image plus over the images of each
+prompt, each direction weight ``lam``): LwF on images of the current task,
+iCaRL on a batch of exemplars from its memory."""
 from __future__ import annotations
 
 import torch
 
-from .base import Loss, Strategy, TaskBatch, frozen_copy, kd_loss
+from ..evaluate import _Transformed
+from .base import Loss, Strategy, TaskBatch, check_choice, frozen_copy
+from .parts import teacher_text_kd
+
+ICARL_TEACHERS = ("initial", "previous")
 
 
-def _old_classes(trainer, t):
-    """Tokens of every class prompt of tasks 0..t-1 (template 0), concatenated."""
-    return torch.cat([trainer.class_tokens(j) for j in range(t)])
+def _check(name, lam, temperature):
+    for key, v, ok in (("lam", lam, lambda x: x >= 0), ("temperature", temperature, lambda x: x > 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"{name}: {key} must be a number {'>= 0' if key == 'lam' else '> 0'}, got {v!r}")
+    return float(lam), float(temperature)
 
 
-class _Distilling(Strategy):
-    """Holds the previous model (the teacher) and its text features of the old classes."""
+class _TextKD(Strategy):
+    """Holds a teacher and its unit text embeddings of the current task's class prompts."""
 
-    def before_task(self, trainer, t):
-        self.teacher, self.old_tokens, self.teacher_text = None, None, None
-        if t == 0 or not self.active(trainer, t):
-            return
-        self.teacher = frozen_copy(trainer.model)
-        self.old_tokens = _old_classes(trainer, t)
+    teacher = teacher_text = None
+
+    def set_teacher(self, trainer, t, model) -> None:
+        self.teacher = frozen_copy(model)
         with torch.no_grad():
-            self.teacher_text = trainer.text_features(self.old_tokens, model=self.teacher)
+            self.teacher_text = trainer.text_features(trainer.class_tokens(t), model=self.teacher)
 
-    def active(self, trainer, t) -> bool:
-        return True
-
-    def distill(self, trainer, images, img_s=None) -> torch.Tensor:
-        """KD between the previous and the current model over the old classes on ``images``."""
-        if img_s is None:
-            img_s = trainer.image_features(images)
-        s = trainer.logits(img_s, trainer.text_features(self.old_tokens))
-        with torch.no_grad():
-            img_t = trainer.image_features(images, model=self.teacher)
-            tl = trainer.logits(img_t, self.teacher_text, model=self.teacher)
-        return kd_loss(s, tl, self.temperature)
+    def kd(self, trainer, images) -> torch.Tensor:
+        return teacher_text_kd(trainer, images.to(trainer.device, non_blocking=True), self.teacher,
+                               self.teacher_text, self.temperature)
 
     def after_task(self, trainer, t):
         self.teacher = self.teacher_text = None
 
 
-class LwF(_Distilling):
-    """CE + lam * KD(previous model -> current model) on the current task's
-    images, over the class prompts of all earlier tasks (temperature T)."""
+class LwF(_TextKD):
+    """ZSCL's LwF (``--method ZSCL --image_loss --text_loss --fair --ref-dataset
+    <current> --ref-model <previous>``): CE + lam * KD on the current task, the
+    teacher the model at the task's start (the pre-trained model for the first
+    task, where the script passes no ``--ref-model``), the KD images a second,
+    independently shuffled stream over the current task's training set
+    through the eval transform (ZSCL's reference loader with its test
+    preprocessing), the texts the current task's class prompts, T = 2.
+
+    Deviation: none in the loss; the second stream is seeded from the task's
+    seed (``task_seed + 5``) so runs repeat."""
 
     name = "lwf"
 
     def __init__(self, lam: float = 1.0, temperature: float = 2.0):
-        if lam < 0 or temperature <= 0:
-            raise ValueError(f"lwf: need lam >= 0 and temperature > 0, got lam={lam}, temperature={temperature}")
-        self.lam, self.temperature = float(lam), float(temperature)
+        self.lam, self.temperature = _check("lwf", lam, temperature)
+        self.stream = None
+
+    def before_task(self, trainer, t):
+        self.set_teacher(trainer, t, trainer.model)
+        self.stream = trainer.loader(trainer.tasks[t].train, train=False, seed=trainer.task_seed(t) + 5,
+                                     iters=trainer.train_config.iters_per_task)
 
     def training_loss(self, trainer, batch: TaskBatch) -> Loss:
-        img = trainer.image_features(batch.images)
-        ce = trainer.ce(trainer.logits(img, trainer.text_features(trainer.class_tokens(batch.task))), batch.labels)
-        if self.teacher is None:
-            return Loss([ce], {"ce": ce})
-        kd = self.distill(trainer, batch.images, img_s=img)
+        ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)
+        kd = self.kd(trainer, next(self.stream)[0])
         return Loss([ce + self.lam * kd], {"ce": ce, "kd": kd})
+
+    def after_task(self, trainer, t):
+        super().after_task(trainer, t)
+        self.stream = None
 
 
 class _Memory(torch.utils.data.Dataset):
-    """Exemplars: rows (task, index, label) into the tasks' training sets."""
+    """Exemplars: rows (task, index) into the tasks' training sets."""
 
     def __init__(self, tasks, entries: torch.Tensor):
         self.tasks, self.entries = tasks, entries.tolist()
@@ -71,83 +84,106 @@ class _Memory(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, i):
-        task, index, _ = self.entries[i]
+        task, index = self.entries[i]
         return self.tasks[task].train[index]
 
 
-class ICaRL(_Distilling):
-    """CE on the current task + lam * KD(previous -> current model) on a batch of
-    exemplars from a memory of at most ``memory`` images, chosen per class by
-    herding on the image features (the class mean approximated greedily),
-    split evenly over all classes seen; older classes keep their first
-    herded exemplars. ``herding_pool`` caps the candidates per class (a seeded
-    random subset; None = all)."""
+def _in_order(dataset, transform, batch_size: int):
+    """Batches of ``dataset`` in its order, the last one short, cycled forever (ZSCL's ``batch``)."""
+    loader = torch.utils.data.DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False)
+    while True:
+        yield from loader
+
+
+class ICaRL(_TextKD):
+    """ZSCL's iCaRL (``--method icarl --memory_size 10000``).
+
+    - Task 1: plain fine-tuning; its memory is its first ``memory`` training
+      images, in order (no herding, as ZSCL's first round).
+    - Task t > 1: CE + lam * KD on the next batch of exemplars, the memory
+      read in order in batches of ``replay_batch_size`` (None: the task batch
+      size) and cycled; the teacher is the pre-trained model
+      (``teacher="initial"``: the script passes no ``--ref-model``;
+      "previous": the model at the task's start), the texts the current
+      task's class prompts, T = 2.
+    - After task t > 1 (the memory policy, per dataset, not per class): with
+      t datasets seen, each earlier dataset keeps its first ``memory // t``
+      exemplars, and the new one gets ``memory - memory // t`` (or all its
+      images), chosen by herding on the just-trained model's image features
+      of its first ``herding_pool`` training images (ZSCL reads 30,000). As in
+      ZSCL's code the memory can then exceed ``memory`` (from the third task
+      on: 2 x 3,333 + 6,667 for 10,000).
+
+    Deviations, and why: ZSCL's scripts leave the exemplar loss terms
+    unstated (``icarl.sh`` passes neither ``--image_loss`` nor ``--text_loss``,
+    which would make it plain fine-tuning); mgcl adds both directions, as
+    ZSCL's ZSCL and LwF runs do. Exemplars are stored as indices into the
+    training sets and decoded through the eval transform when read (ZSCL
+    stores the preprocessed tensors)."""
 
     name = "icarl"
     mid_task_checkpoints = False  # the exemplar loader's position is not in state_dict
 
     def __init__(self, memory: int = 10000, lam: float = 1.0, temperature: float = 2.0,
-                 replay_batch_size: int | None = None, herding_pool: int | None = None):
-        if memory < 1 or lam < 0 or temperature <= 0:
-            raise ValueError(f"icarl: need memory >= 1, lam >= 0, temperature > 0; got {memory}, {lam}, {temperature}")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"icarl: replay_batch_size must be >= 1, got {replay_batch_size}")
-        self.memory, self.lam, self.temperature = int(memory), float(lam), float(temperature)
-        self.replay_batch_size, self.herding_pool = replay_batch_size, herding_pool
-        self.entries = torch.zeros((0, 3), dtype=torch.int64)  # (task, index, label), herding order per class
+                 replay_batch_size: int | None = None, herding_pool: int = 30000, teacher: str = "initial"):
+        self.lam, self.temperature = _check("icarl", lam, temperature)
+        for key, v in (("memory", memory), ("herding_pool", herding_pool), ("replay_batch_size", replay_batch_size)):
+            if not (v is None and key == "replay_batch_size") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                  or v < 1):
+                raise ValueError(f"icarl: {key} must be an integer >= 1, got {v!r}")
+        self.teacher_kind = check_choice(self.name, "teacher", teacher, ICARL_TEACHERS)
+        self.memory, self.replay_batch_size, self.herding_pool = memory, replay_batch_size, herding_pool
+        self.entries = torch.zeros((0, 2), dtype=torch.int64)  # (task, index), each task's in its stored order
+        self.initial = None
         self.replay = None
 
-    def active(self, trainer, t):
-        return len(self.entries) > 0
+    def setup(self, trainer):
+        if self.teacher_kind == "initial":
+            self.initial = frozen_copy(trainer.model)
 
     def before_task(self, trainer, t):
-        super().before_task(trainer, t)
         self.replay = None
-        if self.teacher is not None:
-            self.replay = trainer.loader(_Memory(trainer.tasks, self.entries), train=True,
-                                         batch_size=self.replay_batch_size or trainer.train_config.batch_size,
-                                         seed=trainer.task_seed(t) + 7, iters=trainer.train_config.iters_per_task)
+        if len(self.entries) == 0:
+            return
+        self.set_teacher(trainer, t, self.initial if self.teacher_kind == "initial" else trainer.model)
+        self.replay = _in_order(_Memory(trainer.tasks, self.entries), trainer.model.transform(False),
+                                self.replay_batch_size or trainer.train_config.batch_size)
 
     def training_loss(self, trainer, batch: TaskBatch) -> Loss:
         ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)
         if self.replay is None:
             return Loss([ce], {"ce": ce})
-        images, _ = next(self.replay)
-        kd = self.distill(trainer, images.to(trainer.device, non_blocking=True))
+        kd = self.kd(trainer, next(self.replay)[0])
         return Loss([ce + self.lam * kd], {"ce": ce, "kd": kd})
 
     @torch.no_grad()
     def after_task(self, trainer, t):
         super().after_task(trainer, t)
         self.replay = None
-        task = trainer.tasks[t]
-        n_classes = sum(len(trainer.tasks[j].classnames) for j in range(t + 1))
-        per_class = max(1, self.memory // n_classes)
-        labels = torch.tensor([int(task.train[i][1]) for i in range(len(task.train))]) \
-            if not hasattr(task.train, "labels") else torch.as_tensor(task.train.labels)
-        g = torch.Generator().manual_seed(trainer.task_seed(t) + 11)
-        new = []
-        for c in range(len(task.classnames)):
-            idx = torch.nonzero(labels == c).flatten()
-            if self.herding_pool is not None and len(idx) > self.herding_pool:
-                idx = idx[torch.randperm(len(idx), generator=g)[: self.herding_pool]]
-            if len(idx) == 0:
-                continue
-            feats = trainer.features_of(torch.utils.data.Subset(task.train, idx.tolist()))
-            order = herding(feats, min(per_class, len(idx)))
-            chosen = idx[order.cpu()]
-            new.append(torch.stack([torch.full_like(chosen, t), chosen, torch.full_like(chosen, c)], 1))
-        kept = []
-        for key in torch.unique(self.entries[:, [0, 2]], dim=0) if len(self.entries) else []:
-            rows = self.entries[(self.entries[:, 0] == key[0]) & (self.entries[:, 2] == key[1])]
-            kept.append(rows[:per_class])
-        self.entries = torch.cat(kept + new) if kept or new else self.entries
+        n = len(trainer.tasks[t].train)
+        if t == 0:
+            chosen = torch.arange(min(self.memory, n))
+            kept = []
+        else:
+            seen = len({int(x) for x in self.entries[:, 0]}) + 1
+            share = self.memory // seen
+            kept = [self.entries[self.entries[:, 0] == j][:share] for j in torch.unique(self.entries[:, 0])]
+            pool = list(range(min(n, self.herding_pool)))
+            feats = trainer.features_of(torch.utils.data.Subset(trainer.tasks[t].train, pool))
+            chosen = herding(feats, min(self.memory - share, len(pool))).cpu()
+        new = torch.stack([torch.full_like(chosen, t), chosen], 1)
+        self.entries = torch.cat(kept + [new])
 
     def state_dict(self):
-        return {"entries": self.entries.clone()}
+        sd = {"entries": self.entries.clone()}
+        if self.initial is not None:
+            sd.update({f"initial.{k}": v for k, v in self.initial.state_dict().items()})
+        return sd
 
     def load_state_dict(self, sd):
         self.entries = sd["entries"].to(torch.int64).clone()
+        if self.initial is not None:
+            self.initial.load_state_dict({k[len("initial."):]: v for k, v in sd.items() if k.startswith("initial.")})
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
