@@ -9,6 +9,8 @@ import math
 import platform
 import sys
 
+from .bench import BENCHES  # a tuple of names: importing mgcl.bench loads no bench
+
 
 # ---- mgcl info ------------------------------------------------------------------------
 
@@ -67,7 +69,7 @@ def cmd_info(args) -> int:
 # ---- mgcl bench -----------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    from .bench import BENCHES, harness
+    from .bench import harness
 
     if args.op not in BENCHES:
         print(f"mgcl bench: unknown bench {args.op!r}; available: {', '.join(BENCHES)}", file=sys.stderr)
