@@ -81,9 +81,8 @@ TOPK_STATIC = pytest.mark.xfail(reason="data-dependent output length: DynamicOut
 def test_similarity_topk_opcheck(backend, ties, cap, check):
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(4, 8, generator=g), torch.randn(29, 8, generator=g)
-    # "no cap" is None once the schema says Optional (issue 11), 0 while it is a plain int
-    optional = "? max_per_query" in str(torch.ops.mgcl.similarity_topk.default._schema)
-    args = (q, [k[:10], k[10:]], 5, ties, cap if cap or optional else 0, backend)
+    # no cap is None (an Optional in the schema); quantized [] makes the int8 codes inside the op
+    args = (q, [k[:10], k[10:]], 5, ties, cap, backend, [])
     try:
         result = torch.library.opcheck(torch.ops.mgcl.similarity_topk.default, args, test_utils=(check,))
     except torch.testing._internal.optests.generate_tests.OpCheckError as exc:
