@@ -158,7 +158,7 @@ def test_a_random_reference_transform_disables_the_cache(tasks, bank, tmp_path):
         def __init__(self, refset):
             self.refset = refset
 
-        def reference_set(self, finished):
+        def reference_set(self, finished, stages="multi-stage"):
             return self.refset
 
     for flag, want in ((None, None), (False, None), (True, TeacherCache)):

@@ -90,11 +90,11 @@ class RankZeroSiphon:
             raise ValueError("RankZeroSiphon: rank 0 needs the Siphon")
         self.siphon, self.rank = siphon, rank
 
-    def reference_set(self, finished):
-        return _from_rank_zero(lambda: self.siphon.reference_set(finished), self.rank)
+    def reference_set(self, finished, stages: str = "multi-stage"):
+        return _from_rank_zero(lambda: self.siphon.reference_set(finished, stages=stages), self.rank)
 
-    def uniform_set(self, size, keywords=None):
-        return _from_rank_zero(lambda: self.siphon.uniform_set(size, keywords), self.rank)
+    def uniform_set(self, size, keywords=None, stages: str = "multi-stage"):
+        return _from_rank_zero(lambda: self.siphon.uniform_set(size, keywords, stages=stages), self.rank)
 
 
 def _bind(logger, trainer) -> None:
