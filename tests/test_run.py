@@ -217,10 +217,10 @@ def test_resume_after_an_interruption_gives_the_same_R(quick, full_run, tmp_path
     real = ContinualTrainer._train_task
     real_new = Strategy.__new__
 
-    def stop_at_task_2(self, t):
+    def stop_at_task_2(self, t, *args, **kwargs):
         if t == 1:
             raise KeyboardInterrupt("interrupted after task 1")
-        return real(self, t)
+        return real(self, t, *args, **kwargs)
 
     monkeypatch.setattr(ContinualTrainer, "_train_task", stop_at_task_2)
     built = []

@@ -95,7 +95,7 @@ BAD_CONFIGS = [
     ("iters_per_task a string", {"train__iters_per_task": "10"}, ["train.iters_per_task"]),
     ("label_smoothing 1", {"train__label_smoothing": 1.0}, ["train.label_smoothing"]),
     ("unknown train key", {"train__lrr": 1.0}, ["'lrr'", "did you mean 'lr'"]),
-    ("unknown strategy", {"strategy__name": "gift"}, ["unknown strategy 'gift'"]),
+    ("unknown strategy", {"strategy__name": "no-such-method"}, ["unknown strategy 'no-such-method'"]),
     ("bad strategy option", {"strategy__options": {"lam": "big"}}, ["strategy.options (l2)", "lam"]),
     ("threads 0", {"threads": 0}, ["threads"]),
     ("device tpu", {"device": "tpu"}, ["device"]),

@@ -191,7 +191,7 @@ def test_gift_trains_two_tasks_on_generated_images(synth, tmp_path):
     strategy = S.create("gift", generator=gen, images_per_task=12, ref_batch_size=6)
     assert not strategy.needs_reference_set
     res = run(word_model(words), strategy, tasks, tmp_path)
-    check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "dfg"))
+    check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "penalty"))
     assert res["methods"]["gift"]["strategy_options"]["generator"] == "recording:mgtil-synth"
     # task 1 replays the base prompts, task 2 those and the first task's class prompts
     (p1, _), (p2, _) = gen.made
@@ -357,7 +357,7 @@ def test_gift_with_a_diffusers_pipeline_trains_two_tasks(pipeline_dir, tasks, tm
     strategy = S.create("gift", generator=gen, images_per_task=6, ref_batch_size=3,
                         base_prompts=["a photo of a circle.", "a photo of a square."])
     res = run(word_model(words), strategy, tasks, tmp_path)
-    check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "dfg"))
+    check_two_task_result(res, "gift", tmp_path, ("ce", "distill", "ita", "penalty"))
     base = {"a photo of a circle.", "a photo of a square."}
     (p1, i1), (p2, i2) = gen.made
     assert set(p1) <= base and set(p2) <= base | set(tasks[0].prompts(0)) and len(i1) == len(i2) == 6
