@@ -3,7 +3,7 @@
 # `pip install WHEEL` (torch first when --torch is given), no compiler on PATH
 # from the install on. Then `mgcl --version`, `mgcl info`, the three ops'
 # native CPU backends against the reference (scripts/smoke_ops.py), a shipped
-# config by name (`mgcl run NAME --check`) and `mgcl demo --quick` on a fresh
+# config by name (`mgcl run NAME --check`, which stops at its absent paths) and `mgcl demo --quick` on a fresh
 # cache. Exit status 1 on any failure.
 #
 #   bash scripts/smoke_test.sh WHEEL [--python PY] [--torch SPEC] [--deps-from VENV]
@@ -111,8 +111,15 @@ fi
   ${same_as:+--same-as "$same_as"} "${cuda_flag[@]}"
 log "ops checked"
 
+# A shipped config by name: the name resolves and every key and value checks.
+# Its paths (data, checkpoints, bank) do not exist on a fresh machine, so
+# --check must stop there, exit 2, naming them: not at the name or a key.
 config=$("$venv/bin/python" -c 'from mgcl.mgtil.configs import shipped; print(next(iter(shipped())))')
-mgcl run "$config" --check
+rc=0; msg=$(mgcl run "$config" --check 2>&1) || rc=$?
+echo "$msg"
+if [ $rc -ne 0 ] && { [ $rc -ne 2 ] || ! grep -q "does not exist" <<<"$msg" || grep -q "no such config" <<<"$msg"; }; then
+  echo "smoke_test: mgcl run $config --check failed (exit $rc) before checking paths" >&2; exit 1
+fi
 
 if [ $demo = 1 ]; then
   MGCL_CACHE=$out/cache mgcl demo --quick --out "$out/demo" --no-progress

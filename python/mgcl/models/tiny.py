@@ -13,6 +13,7 @@ vocabulary) and ``model.safetensors``; ``TinyCLIP.load(dir)`` reads them back.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write_json, atomic_write_tensors
-from .images import as_image, to_tensor
+from . import images
 
 FORMAT = "mgcl.tinyclip"
 CONFIG_FILE = "tinyclip.json"
@@ -230,14 +231,17 @@ class TinyCLIP(nn.Module):
         return self.tokenizer(texts)
 
     def transform(self, train: bool):
-        from torchvision import transforms as T  # noqa: PLC0415
-
+        """PIL image or image tensor -> normalised float32 [3, s, s]: a random
+        resized crop (area 0.8-1, aspect 0.9-1.1) when training, else resize
+        and center crop (torch and Pillow only: see ``images``)."""
         s = self.config.image_size
         if train:
-            head = [T.RandomResizedCrop(s, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)]
+            head = [functools.partial(images.random_resized_crop, size=s, scale=(0.8, 1.0), ratio=(0.9, 1.1))]
         else:
-            head = [T.Resize(s, antialias=True), T.CenterCrop(s)]
-        return T.Compose([as_image, *head, to_tensor, T.Normalize(self.MEAN, self.STD)])
+            head = [functools.partial(images.resize_shorter, size=s), functools.partial(images.center_crop, size=s)]
+        return images.compose(images.as_image, *head, images.to_tensor,
+                              functools.partial(images.normalize, mean=self.MEAN, std=self.STD),
+                              deterministic=not train)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """Normalised image and text features and the scale (CLIP's forward)."""

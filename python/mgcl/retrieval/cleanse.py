@@ -461,7 +461,8 @@ class TorchvisionDetector:
             from torchvision.models import get_model, list_models  # noqa: PLC0415
             from torchvision.models import detection  # noqa: PLC0415
         except ImportError as exc:
-            raise ImportError(f"a torchvision panel detector needs torchvision ({exc})") from None
+            raise ImportError("a torchvision panel detector needs torchvision "
+                              f"(pip install 'mgcl[models]'): {exc}") from None
         known = list_models(module=detection)
         if arch not in known:
             raise ValueError(f"panel detector checkpoint {path!r}: unknown torchvision detection model {arch!r}; "
