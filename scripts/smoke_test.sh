@@ -90,6 +90,13 @@ else
   [ -z "$torch_spec" ] || pipq install -q "$torch_spec"
   pipq install -q "$wheel"
 fi
+# The wheel's dependencies must keep the torch asked for (a pin elsewhere, e.g.
+# torchvision's, would replace it silently).
+case $torch_spec in
+  torch==*)
+    have=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    [ "$have" = "${torch_spec#torch==}" ] || { echo "smoke_test: asked for $torch_spec, the install left torch $have" >&2; exit 1; } ;;
+esac
 log "installed ${wheel##*/} with $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)') on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')"
 
 cd "$out"   # away from any checkout: mgcl must come from the venv
