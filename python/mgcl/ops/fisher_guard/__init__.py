@@ -268,7 +268,10 @@ class Prepared:
             fixed = [t for ts in (self.params, self.anchors, fis or ()) for t in ts if t.numel()]
             spans = np.array(sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in fixed),
                              dtype=np.int64).reshape(-1, 2)
-            self._fixed_starts, self._fixed_ends = spans[:, 0], spans[:, 1]
+            self._fixed_starts = spans[:, 0].copy()
+            lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+            self._fixed_ends_lo = np.concatenate([[lo], spans[:, 1]])      # [j]: the end of span j-1
+            self._fixed_starts_hi = np.concatenate([spans[:, 0], [hi]])    # [j]: the start of span j
             self._nbytes = np.array([p.numel() * p.element_size() for p in self.params], dtype=np.int64)
             self._sized = self._nbytes > 0
             contiguous = [i for i, p in enumerate(self.params) if p.is_contiguous()]
@@ -294,11 +297,9 @@ class Prepared:
             return False
         # against the fixed spans: the last one starting at or before each grad must
         # end before it, and the next one must start after the grad's end
-        fs, fe = self._fixed_starts, self._fixed_ends
-        j = np.searchsorted(fs, s, side="right")
-        prev_end = np.where(j > 0, fe[np.maximum(j - 1, 0)], np.iinfo(np.int64).min)
-        next_start = np.where(j < len(fs), fs[np.minimum(j, len(fs) - 1)], np.iinfo(np.int64).max)
-        return not ((prev_end > s) | (next_start < e)).any()
+        # (fe, fs padded with -inf / +inf sentinels at prepare time: no branches here)
+        j = np.searchsorted(self._fixed_starts, s, side="right")
+        return not ((self._fixed_ends_lo[j] > s) | (self._fixed_starts_hi[j] < e)).any()
 
 
 __all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES", "check_settings", "dense_layout", "describe_layout"]
