@@ -19,7 +19,9 @@ from mgcl import _backend, _native
 from mgcl.ops.similarity_topk import (BACKENDS, PAIR_BACKENDS, QuantizedKeys, TopK, native, pair_scores,
                                       quantize_keys, reference, similarity_topk, streaming)
 
-CPU_FAST = [b for b in available_backends(BACKENDS, "cpu") if b != "torch"]
+# triton on CPU tensors is the interpreter (milliseconds per tile): its tests, at
+# interpreter sizes, are in test_similarity_topk_triton.py
+CPU_FAST = [b for b in available_backends(BACKENDS, "cpu") if b not in ("torch", "triton")]
 CPU_ALL = CPU_FAST + ["torch"]
 PATHS = (native.cpu_paths() + ["scalar", "blas"]) if _native.HAS_C else []
 NAN = float("nan")

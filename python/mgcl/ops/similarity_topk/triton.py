@@ -52,8 +52,9 @@ LAUNCH_ELEMS = 1 << 26
 LAUNCH_MIN = 4096
 LAUNCH_MAX = 1 << 20
 
-# The interpreter runs one small config (an interpreted tile costs milliseconds).
-_INTERP = dict(BM=16, BN=32, BK=32)
+# The interpreter runs one small config (an interpreted tile costs ~20 ms whatever
+# its size, so tiles big enough for few programs, small enough for several blocks).
+_INTERP = dict(BM=32, BN=64, BK=64)
 
 # GPU configs of the screen: (tiles, warps, stages), one list for 16-bit dot
 # operands and one for float32; the first of each is the default
