@@ -163,6 +163,12 @@ def test_the_screen_writes_one_bound_per_key_block(dev):
         assert (v[:, b] >= exact.gather(1, i[:, b:b + 1]).squeeze(1)).all()
 
 
+def test_autotune_trials_leave_no_stale_block_maxima():
+    # trials of a narrower BN write more columns; restored, they cannot repeat a pair
+    assert {"BEST_V", "BEST_I"} <= set(tr._screen_kernel.restore_value)
+    assert tr._screen_kernel.keys == ["QB", "NB", "D", "PREC", "CAST"]
+
+
 # The bound is the only thing that keeps the best of keys a few ulps apart
 # (magnitudes from 2^-60 to 2^60: underflow and the absolute term too).
 @settings(max_examples=30, deadline=None)

@@ -149,8 +149,12 @@ def _bound_tile(X, K, AX, TK, Q, N, D, sxm, sxk, skn, skk, abs_term, row0, col0,
 # _screen_kernel: program (j, i) owns keys j*BN.. of the launch and queries
 # i*BM..; it writes, per query row, the largest bound over its BN keys and that
 # key's global index to column j of BEST_V / BEST_I (keys outside the launch
-# count as -inf; a row of -inf is left for the driver to drop).
-@triton.autotune(configs=_configs(), key=["QB", "NB", "D", "PREC", "CAST"],
+# count as -inf; a row of -inf is left for the driver to drop). The output is
+# sized for the narrowest BN and prefilled with -inf; the autotuner restores
+# it after each trial, so a wider config's run leaves no stale columns of a
+# narrower trial (they would repeat pairs, and a repeated pair could lift the
+# k-th largest of ties=False above the true threshold).
+@triton.autotune(configs=_configs(), key=["QB", "NB", "D", "PREC", "CAST"], restore_value=["BEST_V", "BEST_I"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["Q", "N", "n0", "QB", "NB"])
 def _screen_kernel(X, K, AX, TK, BEST_V, BEST_I, Q, N, D, n0, QB, NB, sxm, sxk, skn, skk, sbq, abs_term,
@@ -332,7 +336,9 @@ def similarity_topk_triton(queries, shards, k, ties, max_per_query, *, pair_scor
 
     # 3: the filter. The candidate count decides the buffer's size, so it is
     # read on the host once (and once more only after an overflow, rerun with
-    # exactly the counted room).
+    # exactly the counted room). The kernels themselves never wait for the
+    # host; the compactions around them (the screen's listed pairs, the rule,
+    # the ragged result) are data-dependent sizes, as in the other backends.
     room = initial_capacity(nq, k)
     reruns = 0
     while True:
