@@ -144,6 +144,15 @@ def test_several_launches_per_shard_fold_the_block_maxima(dev, monkeypatch):
 
 
 @pytest.mark.parametrize("dev", DEVS)
+def test_queries_beyond_one_pass_concatenate(dev, monkeypatch):
+    monkeypatch.setattr(tr, "MAX_QUERIES", 10)  # 37 queries: 4 passes, a partial last one
+    q, keys = tie_heavy(37, 200, 7, 2)
+    for ties in (True, False):
+        want = similarity_topk(q, keys, 3, ties=ties, max_per_query=5, backend="torch")
+        assert_same(run(q, keys, 3, dev, ties=ties, max_per_query=5), want, f"ties={ties}")
+
+
+@pytest.mark.parametrize("dev", DEVS)
 def test_the_screen_writes_one_bound_per_key_block(dev):
     q = unit((19, 32), 3).to(dev)
     keys = unit((250, 32), 4).to(dev)

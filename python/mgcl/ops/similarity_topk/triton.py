@@ -52,6 +52,10 @@ LAUNCH_ELEMS = 1 << 26
 LAUNCH_MIN = 4096
 LAUNCH_MAX = 1 << 20
 
+# Queries per pass: the grid's second axis (query blocks) stops at 65535 on
+# CUDA; larger calls run in passes whose ragged results are concatenated.
+MAX_QUERIES = 1 << 20
+
 # The interpreter runs one small config (an interpreted tile costs ~20 ms whatever
 # its size, so tiles big enough for few programs, small enough for several blocks).
 _INTERP = dict(BM=32, BN=64, BK=64)
@@ -304,6 +308,14 @@ def _exact(queries, shards, q, n, pair_scores):
     return out
 
 
+def _concat(parts):
+    """One ragged result from those of consecutive query ranges."""
+    ends = torch.stack([p[2][-1] for p in parts]).cumsum(0)
+    offsets = [parts[0][2]] + [p[2][1:] + e for p, e in zip(parts[1:], ends[:-1])]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(offsets),
+            torch.cat([p[3] for p in parts]))
+
+
 def similarity_topk_triton(queries, shards, k, ties, max_per_query, *, pair_scores, stats=None):
     """The exact result (values, indices, offsets, truncated) through the two
     kernels (see the module doc). ``pair_scores`` (x, k) -> float32 exact
@@ -311,6 +323,10 @@ def similarity_topk_triton(queries, shards, k, ties, max_per_query, *, pair_scor
     _check(queries)
     dev = queries.device
     nq = queries.shape[0]
+    if nq > MAX_QUERIES:
+        parts = [similarity_topk_triton(queries[a:a + MAX_QUERIES], shards, k, ties, max_per_query,
+                                        pair_scores=pair_scores) for a in range(0, nq, MAX_QUERIES)]
+        return _concat(parts)
     total = sum(s.shape[0] for s in shards)
     empty = torch.empty(0, dtype=torch.int64, device=dev)
     if nq == 0 or total == 0:
