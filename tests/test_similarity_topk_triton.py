@@ -4,6 +4,10 @@ max_per_query, shards (empty ones too), repeated rows, NaN/inf rows, k > N,
 Q = 0 and N = 0; the filter's overflow and rerun; the screen's output is per
 key block, not per key; the bound under adversarial near-ties; dispatch."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -214,6 +218,43 @@ def test_tf32_allowed_still_exact(monkeypatch):
     for ties in (True, False):
         want = similarity_topk(q, keys, 10, ties=ties, backend="torch")
         assert_same(similarity_topk(q.cuda(), keys.cuda(), 10, ties=ties, backend="triton"), want, "tf32")
+
+
+def test_the_kernels_compile_for_sm80_and_sm90():
+    # No GPU needed: Triton lowers to PTX and ptxas assembles it for a named
+    # target, so what the interpreter cannot tell (the tensor-core dot of each
+    # operand kind, the 64-bit scalar atomic, the scan) is checked on the CPU.
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from mgcl.ops.similarity_topk import triton as tr
+
+        assert not tr.INTERPRET
+        ptr = {"AX": "*fp32", "TK": "*fp32", "BEST_V": "*fp32", "BEST_I": "*i64", "TAU": "*fp32", "OUT_Q": "*i64",
+               "OUT_N": "*i64", "COUNT": "*i64", "abs_term": "fp32", "n0": "i64", "cap": "i64"}
+        compiled = 0
+        for x, k, prec, cast, width in (("fp16", "fp16", "tf32", False, 2), ("bf16", "bf16", "tf32", False, 2),
+                                        ("fp32", "fp32", "ieee", False, 4), ("fp32", "fp32", "tf32", False, 4),
+                                        ("fp32", "fp16", "ieee", True, 4)):
+            tile, warps, stages = (tr._SCREEN_16 if width == 2 else tr._SCREEN_32)[0]
+            for fn in (tr._screen_kernel.fn, tr._filter_kernel):
+                consts = dict(tile, PREC=prec, CAST=cast)
+                sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in fn.arg_names}
+                sig.update(X="*" + x, K="*" + k)
+                for arch in (80, 90):
+                    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                         target=GPUTarget("cuda", arch, 32),
+                                         options={"num_warps": warps, "num_stages": stages})
+                    if fn is tr._filter_kernel:
+                        assert "atom.global.gpu.relaxed.add.u64" in out.asm["ptx"]
+                    compiled += 1
+        print("compiled", compiled)
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 20" in out.stdout
 
 
 def test_dispatch_order_and_interpreter_only_by_name():
