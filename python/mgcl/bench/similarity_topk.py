@@ -17,7 +17,10 @@ Implementations timed in the same run:
 - ``reference``: the dense definition, on the first ``ref_q`` queries only
   (its Q x N float64 matrix would not fit at full size);
 - GPU: ``cuda`` (keys device-resident), ``cuda_host`` (keys in pinned host
-  memory), ``gemm`` (the screen's float32 GEMM tiles alone).
+  memory), ``gemm`` (the screen's float32 GEMM tiles alone);
+- ``triton``: the fused screen + filter kernels (keys device-resident), on a
+  GPU; on the CPU only under TRITON_INTERPRET=1 and in the first case (the
+  interpreter: a check of the row, not a speed).
 Every row reports its median time, the time per query, the ratio to faiss
 (CPU), the per-query ratio to the reference, TFLOP/s of 2 Q N d, and peak
 memory. Checks: the cpp (cuda) result equals the reference's bit for bit on
@@ -125,6 +128,9 @@ def run_case(device: str, name: str, spec: dict, scale: float, repeats: int) -> 
             impls["cuda"] = lambda: similarity_topk(queries, keys, K, backend="cuda")
             host = keys.cpu().pin_memory()
             impls["cuda_host"] = lambda: similarity_topk(queries, host, K, backend="cuda")
+    # on the CPU (the interpreter) the first case only: it checks the row, it is no speed
+    if _runs("triton", dev.type) and (dev.type == "cuda" or name == next(iter(CASES["cpu"]))):
+        impls["triton"] = lambda: similarity_topk(queries, keys, K, backend="triton")
     impls["torch_topk"] = lambda: torch_topk(queries, keys, K)
     impls["reference"] = lambda: similarity_topk(queries[:m], keys, K, backend="torch")
     nqs["reference"] = m
@@ -161,6 +167,10 @@ def run_case(device: str, name: str, spec: dict, scale: float, repeats: int) -> 
         extra.update(screen_path=stats.get("path", "fp32 GEMM + CUDA select"), passes=stats.get("passes"),
                      rescored_per_query_mean=float(sc.mean()), rescored_per_query_max=float(sc.max()),
                      result_per_query_mean=float(counts.mean()), result_per_query_max=float(counts.max()))
+    if "triton" in impls:
+        ref = similarity_topk(queries[:m], keys, K, backend="torch")
+        res = similarity_topk(queries, keys, K, backend="triton")
+        checks[f"triton_equals_reference_on_first_{m}_queries"] = same(first_queries(res, m), ref)
     cfg.update({"case": name, "ties": True, "repeats": repeats, "scale": scale, "flops": flops,
                 "reference_queries": m})
     return {"config": cfg, "extra": extra, "checks": checks, "rows": rows}

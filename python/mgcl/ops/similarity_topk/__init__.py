@@ -22,6 +22,10 @@ rigorous per-pair bound picks the pairs that can reach each query's
 threshold, and only those are scored exactly. On the CPU the screen uses int8
 codes of the keys; ``quantize_keys`` makes them once (a bank can store them,
 they are plain tensors) and ``similarity_topk(..., quantized=...)`` takes them.
+The ``triton`` backend (``triton.py``) fuses the screen and the threshold
+filter into the GEMM tiles: one kernel keeps each key block's best bound per
+query, their exact scores give a threshold from below, and a second kernel
+emits only the pairs whose bound reaches it, so no Q x N matrix exists.
 """
 from __future__ import annotations
 
@@ -51,15 +55,34 @@ def _ignores_codes(fn):
     return run
 
 
+def _triton(queries, shards, k, ties, max_per_query):
+    """The Triton screen + filter kernels (``triton.py``), exact scores by the pair-score table."""
+    from . import triton as engine  # noqa: PLC0415  (imports triton: only when used)
+
+    dtypes = (queries.dtype,) + tuple(s.dtype for s in shards[:1])
+    return engine.similarity_topk_triton(queries, shards, k, ties, max_per_query,
+                                         pair_scores=_pair_entry(queries.device, dtypes))
+
+
+def _pair_entry(device: torch.device, dtypes: tuple) -> Entry:
+    """The first PAIR_BACKENDS entry that runs on ``device`` with ``dtypes`` (the triton path's exact scores)."""
+    for name, entry in PAIR_BACKENDS.items():
+        if _backend.problem(entry, name, {"device": device, "dtypes": dtypes}) is None:
+            return entry
+    raise ValueError(f"similarity_topk: no pair-score backend runs on {device}")
+
+
 # The dispatch table, in order of preference (see mgcl._backend): every entry
 # has the signature (queries, shards: list[Tensor], k, ties, max_per_query,
-# quantized: list[QuantizedKeys] | None) -> 4 tensors. chunked (torch only,
+# quantized: list[QuantizedKeys] | None) -> 4 tensors. triton runs on CPU
+# tensors only under TRITON_INTERPRET=1 (and only when named). chunked (torch only,
 # exact screening, O(Q (K' + tile)) memory) is the fallback that scales; torch
 # is the dense definition.
 BACKENDS = {
     "cuda": Entry(_ignores_codes(native.similarity_topk_cuda), devices=("cuda",), dtypes=DTYPES,
                   limit=_within_cuda_cap),
     "cpp": Entry(native.similarity_topk_cpu, devices=("cpu",), dtypes=DTYPES),
+    "triton": Entry(_ignores_codes(_triton), devices=("cuda", "cpu"), dtypes=DTYPES),
     "chunked": Entry(_ignores_codes(native.similarity_topk_chunked), devices=("cpu", "cuda"), dtypes=DTYPES),
     "torch": Entry(_ignores_codes(reference.similarity_topk), devices=("cpu", "cuda"), dtypes=DTYPES),
 }
@@ -226,7 +249,7 @@ def similarity_topk(
             equal scores broken by the lower index.
         max_per_query: keep at most this many entries per query (the best
             ones) and flag the query in ``truncated``.
-        backend: ``"cuda"``, ``"cpp"``, ``"chunked"`` or ``"torch"`` (see
+        backend: ``"cuda"``, ``"cpp"``, ``"triton"``, ``"chunked"`` or ``"torch"`` (see
             ``BACKENDS``); default: the first that can run the call.
         quantized: ``quantize_keys(keys)`` made beforehand (one per shard), so
             the cpp screen does not quantise the keys on every call; other
