@@ -60,5 +60,5 @@ def test_cl_loads_without_mgtil_and_mgtil_registers_its_generator():
             "import mgcl.mgtil\n"
             "g = G.resolve('mgtil-synth')\n"
             "assert type(g).__module__ == 'mgcl.mgtil.generator' and g.name == 'mgtil-synth'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
