@@ -1,8 +1,10 @@
 """`mgcl demo --quick` end to end (cold cache, through the CLI), its results
 file, tables and plots, and the demo cache."""
 import csv
+import dataclasses
 import io
 import json
+import math
 import statistics
 
 import pytest
@@ -138,6 +140,47 @@ def test_bad_arguments():
         demo.run_demo("unused", workers=0)
     with pytest.raises(ValueError, match="seed"):
         demo.run_demo("unused", seed=-1)
+
+
+def test_moe_adapters_and_diki_run_on_a_pretrained_vit(tmp_path, monkeypatch):
+    """--methods moe-adapters,diki at the tiniest settings (the first 3 tasks, a few
+    steps): only the ViT TinyCLIP is pretrained (no CNN model, no bank), cached
+    apart; their rows and zero-shot-vit's."""
+    T = 3
+    tiny = demo.settings(quick=True)
+    tiny["pretrain"].update(steps=4, warmup=2, batch_size=16)
+    tiny["train"].update(iters_per_task=2, batch_size=8, warmup=1, log_every=2)
+    tiny["strategies"]["moe-adapters"] = {"ddas_iters": 5}
+    monkeypatch.setitem(demo.SETTINGS, True, tiny)
+    build = synth.build
+
+    def first_tasks(*a, **k):
+        data = build(*a, **k)
+        return dataclasses.replace(data, tasks=data.tasks[:T])
+
+    monkeypatch.setattr(synth, "build", first_tasks)
+    res = demo.run_demo(tmp_path / "out", quick=True, cache_dir=tmp_path / "cache", methods=["moe-adapters", "diki"],
+                        seeds=1, progress=False, workers=1)
+    assert list(res["methods"]) == [demo.VIT_ZERO_SHOT, "moe-adapters", "diki"]
+    z = res["methods"][demo.VIT_ZERO_SHOT]["zero_shot"]
+    for name, m in res["methods"].items():
+        assert m["model"] == "vit" and m["zero_shot"] == z and len(m["R"]) == T
+        assert (tmp_path / "out" / "runs" / name / "seed-42" / "results.json").is_file()
+    for name in ("moe-adapters", "diki"):          # trained on every task (a few steps do not move R reliably)
+        log = (tmp_path / "out" / "runs" / name / "seed-42" / "train_log.jsonl").read_text().splitlines()
+        steps = [json.loads(line) for line in log if '"loss"' in line]
+        assert sorted({e["task"] for e in steps}) == list(range(T)) and all(math.isfinite(e["loss"]) for e in steps)
+    vit = tmp_path / "cache" / "demo" / "v1-seed0-quick-vit"
+    info = json.loads((vit / "assets.json").read_text())
+    assert info["settings"]["model"]["vision"] == "vit" and "bank" not in info["settings"]
+    assert list(res["config"]["assets_vit"]["zero_shot_after_pretraining"].values()) == pytest.approx(z)
+    assert not (tmp_path / "cache" / "demo" / "v1-seed0-quick").exists(), "no CNN model or bank was needed"
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [m["model"] for m in saved["methods"].values()] == ["vit"] * 3
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| diki † |" in md and "ViT TinyCLIP" in md
+    again = demo.prepare(0, quick=True, cache_dir=tmp_path / "cache", progress=False, tower="vit")
+    assert again.reused and again.bank_dir is None and again.dir == vit
 
 
 def test_report_loads_a_demo_output(quick, results):

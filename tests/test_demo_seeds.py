@@ -97,6 +97,24 @@ def test_methods_all_is_the_registry_and_bad_names_fail():
     assert demo.seed_list(demo.settings(), 3) == [42, 43, 44] and demo.SEEDS == 3
 
 
+def test_methods_needing_transformer_towers_run_on_the_vit_model():
+    rows = demo.rows_for(demo.resolve_methods("all"))
+    labels = [r[0] for r in rows]
+    assert [r[1] for r in rows if r[0] != demo.VIT_ZERO_SHOT] == S.available()
+    vit = {r[0] for r in rows if r[2] == "vit"}
+    assert vit == {demo.VIT_ZERO_SHOT, "moe-adapters", "diki"}
+    assert labels.index(demo.VIT_ZERO_SHOT) == min(labels.index("moe-adapters"), labels.index("diki")) - 1
+    assert demo.rows_for(["finetune", "snd"]) == [("finetune", "finetune", "cnn"), ("snd", "snd", "cnn")]
+    assert demo.rows_for(["diki"]) == [(demo.VIT_ZERO_SHOT, "zero-shot", "vit"), ("diki", "diki", "vit")]
+    cfg = demo.settings(quick=True)
+    assert cfg["vit_model"]["vision"] == "vit" and cfg["model"]["vision"] == "cnn"
+    assert {"moe-adapters", "diki", "snd", "gift"} <= set(cfg["strategies"]), "the new baselines have demo options"
+    assert cfg["strategies"]["snd"] == {"uniform_size": 1500} and demo.settings()["strategies"]["snd"] == {
+        "uniform_size": 5000}
+    with pytest.raises(ValueError, match="tower"):
+        demo.prepare(tower="resnet")
+
+
 def test_ablation_variants_are_the_papers_groups():
     cfg = demo.settings()
     want = {"losses": 3, "teacher": 2, "regulariser": 3, "retrieval": 3, "reference set": 2}

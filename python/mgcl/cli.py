@@ -511,7 +511,8 @@ def _add_experiments(sub) -> None:
                    help="training seeds per method, reported as mean ± std (default: 3, from train.seed 42 on)")
     s.add_argument("--methods", default=None,
                    help="comma-separated strategies (default: zero-shot,finetune,l2,zscl,primed), or 'all' (every "
-                        "strategy in mgcl.cl.strategies.available())")
+                        "strategy in mgcl.cl.strategies.available()); moe-adapters and diki run on a ViT TinyCLIP, "
+                        "reported with its zero-shot-vit row")
     s.add_argument("--jobs", type=int, default=None,
                    help="processes for the runs, one thread each (default: one per core; results do not change)")
     s.add_argument("--ablations", action="store_true",

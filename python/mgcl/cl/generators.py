@@ -11,12 +11,13 @@ The protocol, :class:`ImageGenerator`: an object with
 - optionally ``check_prompts(prompts)``: ValueError naming the prompts it
   cannot draw (a strategy calls it before any training).
 
-Built in, by spec string (:func:`resolve`) (and ``mgcl.cl.toy.ToyGenerator``
-for the toy tasks of the tests):
+By spec string (:func:`resolve`) (and ``mgcl.cl.toy.ToyGenerator`` for the
+toy tasks of the tests):
 
-- ``"mgtil-synth"``: :class:`mgcl.mgtil.generator.SynthGenerator`, the
-  procedural renderer of the SYNTHETIC benchmark (its class prompts and the
-  captioned corpus's findings);
+- a registered name (``REGISTRY``, filled by :func:`register`): a benchmark
+  package registers the generators of its own benchmarks when it is imported
+  (the SYNTHETIC benchmark's procedural renderer as ``"mgtil-synth"``), so
+  this layer names none of them;
 - ``"diffusers:<dir>"``: :class:`DiffusersGenerator`, any ``diffusers``
   text-to-image pipeline saved in a local directory (``pip install
   mgcl[diffusers]``; nothing is downloaded).
@@ -29,15 +30,14 @@ dataset skips them).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-# spec -> (module, class); imported when resolved (the procedural generator lives with the benchmark it draws)
-BUILTIN = {"mgtil-synth": ("mgcl.mgtil.generator", "SynthGenerator")}
+# name -> factory (no arguments, returns an ImageGenerator), called when resolved; see ``register``
+REGISTRY: dict = {}
 
 
 @runtime_checkable
@@ -49,9 +49,20 @@ class ImageGenerator(Protocol):
     def generate(self, prompts: Sequence[str], seed: int) -> list: ...
 
 
+def register(name: str, factory: Callable[[], ImageGenerator]) -> None:
+    """Make ``resolve(name)`` return ``factory()``. A name registered again is
+    replaced; ``"diffusers:..."`` names are taken by :class:`DiffusersGenerator`."""
+    if not isinstance(name, str) or not name or name.startswith("diffusers:"):
+        raise ValueError(f"generators.register: the name must be a non-empty string not starting with "
+                         f"'diffusers:', got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"generators.register: {name!r}: the factory must be callable, got {type(factory).__name__}")
+    REGISTRY[name] = factory
+
+
 def resolve(spec) -> ImageGenerator:
-    """A generator from ``spec``: an :class:`ImageGenerator` as it is, a built-in
-    name (``BUILTIN``) or ``"diffusers:<dir>"``; ValueError otherwise."""
+    """A generator from ``spec``: an :class:`ImageGenerator` as it is, a
+    registered name (``REGISTRY``) or ``"diffusers:<dir>"``; ValueError otherwise."""
     if not isinstance(spec, str):
         if not isinstance(spec, ImageGenerator):
             raise ValueError(f"generator: expected a name, 'diffusers:<dir>' or an object with name and "
@@ -59,11 +70,10 @@ def resolve(spec) -> ImageGenerator:
         return spec
     if spec.startswith("diffusers:"):
         return DiffusersGenerator(spec[len("diffusers:"):])
-    if spec not in BUILTIN:
-        raise ValueError(f"generator: unknown generator {spec!r}; built in: {', '.join(BUILTIN)}, "
-                         "or 'diffusers:<local pipeline dir>'")
-    module, cls = BUILTIN[spec]
-    return getattr(importlib.import_module(module), cls)()
+    if spec not in REGISTRY:
+        raise ValueError(f"generator: unknown generator {spec!r}; registered: {', '.join(REGISTRY) or 'none'} "
+                         "(a benchmark package registers its own when imported), or 'diffusers:<local pipeline dir>'")
+    return REGISTRY[spec]()
 
 
 class DiffusersGenerator:
@@ -172,4 +182,4 @@ def synthetic_pairs(generator: ImageGenerator, pool: Sequence[str], n: int, seed
     return SyntheticPairs(images, kept, transform, dropped)
 
 
-__all__ = ["ImageGenerator", "DiffusersGenerator", "SyntheticPairs", "synthetic_pairs", "resolve", "BUILTIN"]
+__all__ = ["ImageGenerator", "DiffusersGenerator", "SyntheticPairs", "synthetic_pairs", "resolve", "register", "REGISTRY"]

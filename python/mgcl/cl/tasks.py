@@ -14,7 +14,7 @@ class Task:
     ``{}`` for the class name (e.g. ``"a fundus photograph of {}."``), or
     callables mapping a class name to a prompt (open_clip / ZSCL style); a
     single string is one template. ``meta`` is free-form; results files take
-    their ``benchmark`` and ``synthetic`` from it (``mgcl.mgtil`` fills them).
+    their ``benchmark`` and ``synthetic`` from it (the benchmark loaders fill them).
     """
 
     name: str

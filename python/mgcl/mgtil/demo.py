@@ -12,7 +12,11 @@ SYNTHETIC benchmark mgtil-synth (no data, no GPU, no download).
 4. zero-shot, continual fine-tuning, l2, ZSCL (uniform reference set) and
    PRIMED (Dynamic Siphon + CKT/CMC + Dynamic Fisher Guard), or every
    strategy of the registry (``methods="all"``), each from the same
-   pretrained weights, through ``mgcl.cl.ContinualTrainer``, at ``SEEDS``
+   pretrained weights, through ``mgcl.cl.ContinualTrainer``; the strategies
+   whose surgery needs transformer towers (moe-adapters, diki) start from a
+   ViT TinyCLIP pretrained the same way (cached apart, ``...-vit``, with no
+   bank) and are reported with its zero-shot row ``zero-shot-vit`` and
+   ``"model": "vit"`` (every other row: ``"cnn"``); all at ``SEEDS``
    training seeds (42, 43, 44: the batch order, augmentation and reference
    batches change; data, model and bank do not). The runs share what does
    not depend on the seed: the decoded images and every reference set
@@ -22,7 +26,7 @@ SYNTHETIC benchmark mgtil-synth (no data, no GPU, no download).
    (the one results schema, ``mgcl.cl.results``), results.csv, results.md
    (with the differences that exceed the seed spread) and the plots.
 
-Cache: ``<mgcl cache>/demo/v<version>-seed<seed>[-quick]`` (``mgcl._env.cache_dir``:
+Cache: ``<mgcl cache>/demo/v<version>-seed<seed>[-quick][-vit]`` (``mgcl._env.cache_dir``:
 ``$MGCL_CACHE``, else ``$XDG_CACHE_HOME/mgcl``, else ``~/.cache/mgcl``) holds the
 pretrained model and the bank (built beside it, then renamed in one
 step); the synthetic data lives under ``synth/`` of the same root. A cache made
@@ -53,10 +57,17 @@ from . import report
 VERSION = "1"
 METHODS = ("zero-shot", "finetune", "l2", "zscl", "primed")
 SEEDS = 3                      # training seeds per method (train.seed, +1, +2)
+VIT_ZERO_SHOT = "zero-shot-vit"  # the row of the ViT model's zero-shot accuracy
 MAX_SEED = 2**32 - 1
 
 # TinyCLIP: a CNN image tower of width 64 (0.21M parameters in all).
 _MODEL = dict(vision="cnn", image_size=64, vision_width=64, text_width=64, text_heads=4, text_layers=2, embed_dim=64)
+# The ViT TinyCLIP of the methods whose model surgery needs transformer blocks in both towers
+# (``needs_transformer_towers``: moe-adapters, diki): patch 8 on 64x64 images (64 patch tokens and a class
+# token), 4 blocks of width 64 with 4 heads, the same text tower; pretrained the same way, cached apart.
+_VIT_MODEL = dict(vision="vit", image_size=64, patch_size=8, vision_width=64, vision_layers=4, vision_heads=4,
+                  text_width=64, text_heads=4, text_layers=2, embed_dim=64)
+TOWERS = ("cnn", "vit")        # the demo's two pretrained models; "cnn" is every other method's
 _STRATEGIES = {
     "zero-shot": {},
     "finetune": {},
@@ -64,9 +75,13 @@ _STRATEGIES = {
     "zscl": {"uniform_size": 5000, "we_every": 10},
     "primed": {"retrieval": "dynamic", "alpha": 1.0, "beta": 0.25, "lam": 1.0, "regularizer": "dfg",
                "teacher": "last"},
+    "moe-adapters": {"ddas_iters": 100},
+    "diki": {},
+    "snd": {"uniform_size": 5000},
+    "gift": {},
 }
 _FULL = {
-    "model": _MODEL, "context_length": 32,
+    "model": _MODEL, "vit_model": _VIT_MODEL, "context_length": 32,
     "pretrain": {"steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.1, "warmup": 100},
     "bank": {"embedder": "minilm", "shard_size": 8192, "batch_size": 256},
     "pool_per_domain": 40,
@@ -84,7 +99,8 @@ SETTINGS = {
         "pool_per_domain": 20,
         "siphon": {**_FULL["siphon"], "a": 20, "b": 20, "c": 50, "n_general": 50},
         "train": {**_FULL["train"], "iters_per_task": 30, "warmup": 5, "log_every": 30},
-        "strategies": {**_STRATEGIES, "zscl": {"uniform_size": 1500, "we_every": 5}},
+        "strategies": {**_STRATEGIES, "zscl": {"uniform_size": 1500, "we_every": 5}, "snd": {"uniform_size": 1500},
+                       "moe-adapters": {"ddas_iters": 30}},
     },
 }
 CHOICES = {
@@ -103,6 +119,18 @@ CHOICES = {
                   "weight averaging every 10 steps (ZSCL's 100 of 1,000) and a 5,000-pair uniform set (PRIMED's "
                   "dynamic sets held 4,600-6,000 pairs in a first run); PRIMED forgot less than fine-tuning with "
                   "the first settings tried",
+    "vit_model": "moe-adapters and diki declare needs_transformer_towers (their surgery adds adapters / prefix "
+                 "prompts to the transformer blocks of both towers), which the CNN image tower lacks; they start "
+                 "from a ViT TinyCLIP instead (patch 8, 4 blocks of width 64, 4 heads: 0.36M parameters, the "
+                 "smallest ViT of the brief's size; the text tower as the CNN model's), pretrained by the same "
+                 "road and settings, cached apart; its zero-shot row is zero-shot-vit",
+    "new_methods": "diki and gift with their public code's defaults (gift: 1,000 procedural mgtil-synth images "
+                   "per task, as configs/mgtil-synth-tinyclip-gift.yaml); moe-adapters with its defaults but "
+                   "DDAS autoencoder steps = the demo's iterations per task (100, --quick 30) instead of 300: "
+                   "with 300, one --quick run took 282 s against 62-85 s for gift, snd and diki (each DDAS "
+                   "step runs the frozen ViT on a batch of 32; 6 x 300 of them outnumber the 180 training "
+                   "steps); snd's uniform set sized as ZSCL's (5,000, --quick 1,500: the same set, built "
+                   "once) where SnD distils on 100,000 ImageNet images (class default 10,000)",
     "pool": "the built-in question pool sampled to 40 questions per domain (seeded) to keep the number of "
             "MiniLM queries small",
     "seeds": "3 training seeds (SPEC's 42, then 43, 44) per method, reported as mean ± std: one seed's numbers moved "
@@ -214,10 +242,11 @@ class Assets:
     data: object            # synth.SynthData
     dir: Path               # the demo cache directory
     model_dir: Path
-    bank_dir: Path
+    bank_dir: Optional[Path]  # None for the ViT model (its methods retrieve nothing)
     info: dict              # assets.json
     reused: bool
     embedder: object = None  # the CachedEmbedder used to build the bank (this process only)
+    tower: str = "cnn"      # which of TOWERS
 
 
 def _valid(d: Path, want: dict) -> Optional[dict]:
@@ -227,23 +256,38 @@ def _valid(d: Path, want: dict) -> Optional[dict]:
         return None
     if {k: info.get(k) for k in want} != want:
         return None
-    if not (d / "model" / "tinyclip.json").is_file() or not (d / "bank" / "manifest.json").is_file():
+    if not (d / "model" / "tinyclip.json").is_file():
+        return None
+    if "bank" in want["settings"] and not (d / "bank" / "manifest.json").is_file():
         return None
     return info
 
 
+def tower_of(name: str) -> str:
+    """The demo model a strategy runs on: "vit" when its model surgery needs transformer towers, else "cnn"."""
+    from ..cl import strategies as S  # noqa: PLC0415
+
+    return "vit" if getattr(S.get(name), "needs_transformer_towers", False) else "cnn"
+
+
 def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: bool = True,
-            embed_threads: Optional[int] = None) -> Assets:
+            embed_threads: Optional[int] = None, tower: str = "cnn") -> Assets:
     """The synthetic data, the pretrained TinyCLIP and the bank: reused from the
-    cache when it holds them for this version / seed / size / settings, else built."""
+    cache when it holds them for this version / seed / size / settings, else built.
+    ``tower="vit"``: the ViT TinyCLIP instead (``settings()["vit_model"]``, the same
+    pretraining), in its own cache directory (``...-vit``) and without a bank."""
     import torch  # noqa: PLC0415
 
     from ..cl.evaluate import evaluate_all  # noqa: PLC0415
-    from ..retrieval import CachedEmbedder, build_bank, get_embedder  # noqa: PLC0415
     from . import synth  # noqa: PLC0415
 
+    if tower not in TOWERS:
+        raise ConfigError(f"demo: tower must be one of {TOWERS}, got {tower!r}")
     base = cache_root(cache_dir)
     cfg = settings(quick)
+    vit = tower == "vit"
+    if vit:
+        cfg["model"] = cfg["vit_model"]
     t0 = time.time()
     try:
         data = synth.build(base / "synth" / synth.default_cache_dir(seed, quick).name, seed=seed, quick=quick,
@@ -251,40 +295,33 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
     except ValueError as exc:                          # a folder in the cache that is not mgtil-synth's
         raise ConfigError(f"demo: the cache: {exc}") from None
     t_data = time.time() - t0
-    final = base / "demo" / f"v{VERSION}-seed{seed}{'-quick' if quick else ''}"
+    final = base / "demo" / f"v{VERSION}-seed{seed}{'-quick' if quick else ''}{'-vit' if vit else ''}"
     want = {"format": "mgcl.demo.assets", "version": VERSION, "seed": seed, "quick": bool(quick),
-            "settings": {k: cfg[k] for k in ("model", "context_length", "pretrain", "bank")},
+            "settings": {k: cfg[k] for k in ("model", "context_length", "pretrain") + (() if vit else ("bank",))},
             "synth_root": str(data.root)}
+    what = "ViT TinyCLIP" if vit else "TinyCLIP"
     info = _valid(final, want)
     if info is not None:
-        _log(f"demo: reusing the pretrained TinyCLIP and the bank from {final}", progress)
-        return Assets(data, final, final / "model", final / "bank", info, True)
+        _log(f"demo: reusing the pretrained {what}{'' if vit else ' and the bank'} from {final}", progress)
+        return Assets(data, final, final / "model", None if vit else final / "bank", info, True, tower=tower)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     threads = torch.get_num_threads()
     try:
         t1 = time.time()
         torch.set_num_threads(1)
-        _log(f"demo: pretraining TinyCLIP on the SYNTHETIC corpus ({cfg['pretrain']['steps']} steps)", progress)
+        _log(f"demo: pretraining {what} on the SYNTHETIC corpus ({cfg['pretrain']['steps']} steps)", progress)
         model, plog = pretrain(data, cfg, seed, progress=progress)
         model.save(str(tmp / "model"))
         z, _ = evaluate_all(model, data.tasks, "cpu")
         t_pre = time.time() - t1
-        _log("demo: zero-shot after pretraining: " + " ".join(f"{t.name}={a:.1f}" for t, a in zip(data.tasks, z)),
-             progress)
-        t2 = time.time()
-        torch.set_num_threads(embed_threads or os.cpu_count() or 1)
-        emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]))
-        _log(f"demo: building the retrieval bank ({data.corpus_size} pairs, {emb.name} + TinyCLIP image "
-             "embeddings)", progress)
-        build_bank([str(s) for s in data.corpus_shards], str(tmp / "bank"), embedder=emb, vlm=model,
-                   vlm_name="tinyclip (mgcl demo, pretrained on the SYNTHETIC corpus)",
-                   shard_size=cfg["bank"]["shard_size"], batch_size=cfg["bank"]["batch_size"], progress=progress)
-        t_bank = time.time() - t2
+        _log(f"demo: {what}: zero-shot after pretraining: "
+             + " ".join(f"{t.name}={a:.1f}" for t, a in zip(data.tasks, z)), progress)
+        emb, t_bank = (None, 0.0) if vit else _bank(data, cfg, model, tmp / "bank", embed_threads, progress)
         info = {**want, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "parameters": sum(p.numel() for p in model.parameters()), "vocabulary": model.tokenizer.vocab_size,
                 "pretrain_log": plog, "zero_shot_after_pretraining": dict(zip([t.name for t in data.tasks], z)),
-                "distinct_captions_embedded": len(emb.cache),
+                **({} if vit else {"distinct_captions_embedded": len(emb.cache)}),
                 "seconds": {"data": round(t_data, 2), "pretrain": round(t_pre, 2), "bank": round(t_bank, 2)}}
         (tmp / "assets.json").write_text(json.dumps(info, indent=1))
         os.chmod(tmp, 0o755)
@@ -300,7 +337,28 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
-    return Assets(data, final, final / "model", final / "bank", info, False, emb)
+    return Assets(data, final, final / "model", None if vit else final / "bank", info, False, emb, tower)
+
+
+def _bank(data, cfg: dict, model, path: Path, embed_threads: Optional[int], progress: bool):
+    """The retrieval bank of ``data``'s corpus at ``path``: ``(embedder, seconds)``."""
+    import torch  # noqa: PLC0415
+
+    from ..retrieval import CachedEmbedder, build_bank, get_embedder  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    try:
+        t2 = time.time()
+        torch.set_num_threads(embed_threads or os.cpu_count() or 1)
+        emb = CachedEmbedder(get_embedder(cfg["bank"]["embedder"]))
+        _log(f"demo: building the retrieval bank ({data.corpus_size} pairs, {emb.name} + TinyCLIP image "
+             "embeddings)", progress)
+        build_bank([str(s) for s in data.corpus_shards], str(path), embedder=emb, vlm=model,
+                   vlm_name="tinyclip (mgcl demo, pretrained on the SYNTHETIC corpus)",
+                   shard_size=cfg["bank"]["shard_size"], batch_size=cfg["bank"]["batch_size"], progress=progress)
+        return emb, time.time() - t2
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- the methods --------------------------------------------------------------------------
@@ -387,12 +445,20 @@ class _RecordingSiphon:
 
 class Runner:
     """Runs strategies on the demo's assets (one process): the decoded tasks, the
-    query embedder, the rerank VLM and the shared Siphon are made once, on first use."""
+    query embedder, the rerank VLM and the shared Siphon are made once, on first use.
+    ``assets``: the CNN model and the bank (None when no job runs on it), ``vit``:
+    the ViT model's (None when no job runs on it)."""
 
-    def __init__(self, assets: Assets, cfg: dict, progress: bool):
-        self.assets, self.cfg, self.progress = assets, cfg, progress
-        self.tasks = decoded_tasks(assets.data.tasks)
+    def __init__(self, assets: Optional[Assets], cfg: dict, progress: bool, vit: Optional[Assets] = None):
+        self.assets, self.vit, self.cfg, self.progress = assets, vit, cfg, progress
+        self.tasks = decoded_tasks((assets or vit).data.tasks)
         self.shared = None
+
+    def model_dir(self, tower: str) -> Path:
+        a = self.vit if tower == "vit" else self.assets
+        if a is None:
+            raise ValueError(f"demo: no {tower} model prepared for this run")
+        return a.model_dir
 
     def retrieval(self) -> SharedRetrieval:
         if self.shared is None:
@@ -407,8 +473,10 @@ class Runner:
                                                            pool_per_domain=cfg["pool_per_domain"], **cfg["siphon"]))
         return self.shared
 
-    def run(self, name: str, options: dict, seed: int, run_dir: Path, train_changes: Optional[dict] = None) -> dict:
-        """One method (``name`` with ``options``) at training seed ``seed``: its results entry."""
+    def run(self, name: str, options: dict, seed: int, run_dir: Path, train_changes: Optional[dict] = None,
+            model: str = "cnn") -> dict:
+        """One method (``name`` with ``options``) at training seed ``seed``, on the
+        ``model`` TinyCLIP ("cnn" or "vit"): its results entry."""
         from ..cl import ContinualTrainer, TrainConfig  # noqa: PLC0415
         from ..cl import strategies as S  # noqa: PLC0415
         from ..models import TinyCLIP  # noqa: PLC0415
@@ -422,7 +490,7 @@ class Runner:
             strategy.reference.siphon = recorder
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        res = ContinualTrainer(TinyCLIP.load(str(self.assets.model_dir)), strategy, self.tasks, device="cpu",
+        res = ContinualTrainer(TinyCLIP.load(str(self.model_dir(model))), strategy, self.tasks, device="cpu",
                                out_dir=str(run_dir), progress=self.progress, train_config=train).run()
         entry = res["methods"][name]
         if recorder is not None:
@@ -439,42 +507,48 @@ def seed_list(cfg: dict, seeds: int) -> list[int]:
 @dataclass
 class Job:
     """One run: ``label`` (the row, e.g. a method or an ablation variant), the
-    strategy ``name`` with ``options``, the training ``seed``, ``train`` changes."""
+    strategy ``name`` with ``options``, the training ``seed``, ``train`` changes,
+    the ``model`` it starts from (one of TOWERS)."""
 
     label: str
     name: str
     options: dict
     seed: int
     train: Optional[dict] = None
+    model: str = "cnn"
 
 
-def jobs_for(label: str, name: str, options: dict, seeds: Sequence[int], train: Optional[dict] = None) -> list[Job]:
+def jobs_for(label: str, name: str, options: dict, seeds: Sequence[int], train: Optional[dict] = None,
+             model: str = "cnn") -> list[Job]:
     """One job per seed (one only when the strategy does not train: zero-shot is deterministic)."""
     from ..cl import strategies as S  # noqa: PLC0415
 
-    return [Job(label, name, options, s, train) for s in (list(seeds) if S.get(name).trains else list(seeds)[:1])]
+    return [Job(label, name, options, s, train, model)
+            for s in (list(seeds) if S.get(name).trains else list(seeds)[:1])]
 
 
 _WORKER: dict = {}
 
 
-def _worker_init(seed: int, quick: bool, cache_dir, cfg: dict) -> None:
+def _worker_init(seed: int, quick: bool, cache_dir, cfg: dict, towers: Sequence[str] = ("cnn",)) -> None:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    _WORKER["runner"] = Runner(prepare(seed, quick, cache_dir=cache_dir, progress=False), cfg, False)
+    got = {t: prepare(seed, quick, cache_dir=cache_dir, progress=False, tower=t) for t in towers}
+    _WORKER["runner"] = Runner(got.get("cnn"), cfg, False, vit=got.get("vit"))
 
 
 def _worker_run(job: Job, out: str) -> dict:
     return _WORKER["runner"].run(job.name, job.options, job.seed, Path(out) / "runs" / job.label / f"seed-{job.seed}",
-                                 job.train)
+                                 job.train, job.model)
 
 
-def run_jobs(assets: Assets, cfg: dict, jobs: Sequence[Job], out: Path, *, workers: int, progress: bool,
-             seed: int, quick: bool, cache_dir=None, tag: str = "demo") -> dict:
+def run_jobs(assets: Optional[Assets], cfg: dict, jobs: Sequence[Job], out: Path, *, workers: int, progress: bool,
+             seed: int, quick: bool, cache_dir=None, tag: str = "demo", vit: Optional[Assets] = None) -> dict:
     """Every job; ``workers`` > 1 runs them in that many processes (each on one
     thread, each run as deterministic as in one process: the order they run in
-    changes nothing). Returns {label: entry over its seeds} in job order."""
+    changes nothing). ``assets`` / ``vit``: the CNN / ViT model's assets (those
+    the jobs' ``model`` names). Returns {label: entry over its seeds} in job order."""
     from .seeds import over_seeds  # noqa: PLC0415
 
     def done(job, e):
@@ -483,8 +557,9 @@ def run_jobs(assets: Assets, cfg: dict, jobs: Sequence[Job], out: Path, *, worke
         return e
 
     if workers <= 1:
-        runner = Runner(assets, cfg, progress)
-        got = [done(j, runner.run(j.name, j.options, j.seed, out / "runs" / j.label / f"seed-{j.seed}", j.train))
+        runner = Runner(assets, cfg, progress, vit=vit)
+        got = [done(j, runner.run(j.name, j.options, j.seed, out / "runs" / j.label / f"seed-{j.seed}", j.train,
+                                  j.model))
                for j in jobs]
     else:
         import concurrent.futures as cf  # noqa: PLC0415
@@ -494,7 +569,9 @@ def run_jobs(assets: Assets, cfg: dict, jobs: Sequence[Job], out: Path, *, worke
 
         _log(f"{tag}: {len(jobs)} runs in {workers} processes (one thread each)", progress)
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_worker_init, initargs=(seed, quick, cache_dir, cfg)) as ex:
+                                    initializer=_worker_init,
+                                    initargs=(seed, quick, cache_dir, cfg,
+                                              tuple(t for t, a in (("cnn", assets), ("vit", vit)) if a))) as ex:
             futures = {ex.submit(_worker_run, j, str(out)): j for j in jobs}
             bar = tqdm(total=len(jobs), desc=f"{tag} runs", disable=not progress, leave=False)
             for f in cf.as_completed(futures):
@@ -531,6 +608,20 @@ def resolve_methods(methods) -> list[str]:
     return names
 
 
+def rows_for(methods: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(label, strategy, model)`` per results row: each method on its model
+    (``tower_of``); with any method on the ViT model, its zero-shot row
+    ``zero-shot-vit`` comes just before the first of them (the reference those
+    rows compare with: they are not comparable one-to-one with the CNN rows)."""
+    rows = []
+    for name in methods:
+        model = tower_of(name)
+        if model == "vit" and VIT_ZERO_SHOT not in [r[0] for r in rows]:
+            rows.append((VIT_ZERO_SHOT, "zero-shot", "vit"))
+        rows.append((name, name, model))
+    return rows
+
+
 def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_dir=None,
              methods: Sequence[str] = METHODS, seeds: int = SEEDS, progress: bool = True,
              embed_threads: Optional[int] = None, workers: Optional[int] = None) -> dict:
@@ -556,39 +647,51 @@ def run_demo(out_dir="mgcl-demo", *, quick: bool = False, seed: int = 0, cache_d
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick)
     train_seeds = seed_list(cfg, seeds)
+    rows = rows_for(methods)
+    towers = {label: model for label, _, model in rows}
     threads = torch.get_num_threads()
     try:
-        assets = prepare(seed, quick, cache_dir=cache_dir, progress=progress, embed_threads=embed_threads)
+        assets = prepare(seed, quick, cache_dir=cache_dir, progress=progress, embed_threads=embed_threads) \
+            if "cnn" in towers.values() else None
+        vit = prepare(seed, quick, cache_dir=cache_dir, progress=progress, tower="vit") \
+            if "vit" in towers.values() else None
         t_assets = round(time.time() - t0, 2)
         torch.set_num_threads(1)
-        jobs = [j for name in methods for j in jobs_for(name, name, cfg["strategies"].get(name, {}), train_seeds)]
+        jobs = [j for label, name, model in rows
+                for j in jobs_for(label, name, cfg["strategies"].get(name, {}), train_seeds, model=model)]
         workers = default_workers(len(jobs)) if workers is None else workers
-        _log(f"demo: {', '.join(methods)} on {assets.data.benchmark.name} (SYNTHETIC), training seeds "
-             f"{train_seeds}", progress)
+        data = (assets or vit).data
+        _log(f"demo: {', '.join(methods)} on {data.benchmark.name} (SYNTHETIC), training seeds {train_seeds}"
+             + (f"; {', '.join(n for n, m in towers.items() if m == 'vit')} on the ViT TinyCLIP" if vit else ""),
+             progress)
         t1 = time.time()
         entries = run_jobs(assets, cfg, jobs, out, workers=workers, progress=progress, seed=seed, quick=quick,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, vit=vit)
+        for label, e in entries.items():
+            e["model"] = towers[label]
         seconds = {name: round(sum(p["seconds"] for p in e["per_seed"]), 2) for name, e in entries.items()}
         t_methods = round(time.time() - t1, 2)
     finally:
         torch.set_num_threads(threads)
-    data = assets.data
+    info_keys = ("parameters", "vocabulary", "zero_shot_after_pretraining", "distinct_captions_embedded", "created",
+                 "seconds")
+    prepared = {t: a for t, a in (("cnn", assets), ("vit", vit)) if a is not None}
     results = make_results(
         # The benchmark is mgtil-synth either way; "quick" says it ran the smoke-test size
         # (data.benchmark.name is then mgtil-synth-quick, the name `mgcl run` configs use for it).
         "demo", entries, benchmark="mgtil-synth", synthetic=True, tasks=[t.name for t in data.tasks],
         domains=[t.domain for t in data.tasks],
         config={"seed": seed, "seeds": train_seeds, "quick": bool(quick), "methods": list(methods), "settings": cfg,
-                "choices": CHOICES, "assets": {k: assets.info.get(k) for k in
-                                               ("parameters", "vocabulary", "zero_shot_after_pretraining",
-                                                "distinct_captions_embedded", "created", "seconds")}},
+                "choices": CHOICES,
+                **({"assets": {k: assets.info.get(k) for k in info_keys}} if assets else {}),
+                **({"assets_vit": {k: vit.info.get(k) for k in info_keys if k in vit.info}} if vit else {})},
         versions=_env.versions(), quick=bool(quick), label=data.label,
         notice="SYNTHETIC: procedural images and captions made by mgcl.mgtil.synth; not medical data, and "
                "the numbers say nothing about medical performance",
         machine={**_env.machine(), "torch_threads_training": 1},
-        timings={"assets": t_assets, "assets_reused": assets.reused, "methods": seconds, "workers": workers,
-                 "methods_wall": t_methods, "total": round(time.time() - t0, 2)},
-        cache=str(assets.dir))
+        timings={"assets": t_assets, "assets_reused": all(a.reused for a in prepared.values()), "methods": seconds,
+                 "workers": workers, "methods_wall": t_methods, "total": round(time.time() - t0, 2)},
+        cache=str((assets or vit).dir), **({"cache_vit": str(vit.dir)} if assets and vit else {}))
     report.write_json(str(out / "results.json"), results)
     files = report.render(results, str(out))
     md = out / "results.md"            # the mean ± std table and the spread, in place of render's plain table
@@ -602,17 +705,27 @@ def results_md(res: dict) -> str:
     from .seeds import differences_md, table_md  # noqa: PLC0415
 
     methods = res["methods"]
-    names = list(methods)
+    vit = [n for n, m in methods.items() if m.get("model") == "vit"]
+    shown = {f"{n} †" if n in vit else n: m for n, m in methods.items()}
     lines = [f"**{report.SYNTHETIC_NOTE}** ({res.get('benchmark')}{', --quick' if res.get('quick') else ''})\n",
              f"Mean ± std over the training seeds {res['config']['seeds']} (zero-shot does not train: one run). "
              "Every method starts from the same pretrained TinyCLIP, data and bank; a seed changes the batch "
-             "order, the augmentation and the reference batches, not the benchmark.\n", table_md(methods),
-             "\n## Which differences exceed the seed spread\n",
-             "A difference of two means counts when it is larger than the sum of their standard deviations "
-             "(bold below); with a few seeds a coarse screen, not a significance test.\n"]
-    lead = "primed" if "primed" in methods else names[-1]
-    pairs = [(lead, n) for n in names if n != lead] + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-                                                       if lead not in (a, b)]
+             "order, the augmentation and the reference batches, not the benchmark.\n", table_md(shown)]
+    if vit:
+        lines.append("† on the ViT TinyCLIP (patch 8, 4 blocks of width 64; results.json: \"model\": \"vit\"), "
+                     "pretrained the same way: their model surgery needs transformer towers. Compare them with "
+                     f"{VIT_ZERO_SHOT} and with each other, not one-to-one with the CNN rows.\n")
+    lines += ["\n## Which differences exceed the seed spread\n",
+              "A difference of two means counts when it is larger than the sum of their standard deviations "
+              "(bold below); with a few seeds a coarse screen, not a significance test"
+              + (" (pairs on the same model only)" if vit else "") + ".\n"]
+    pairs = []
+    for group in ([n for n in methods if n not in vit], vit):   # a model's rows are compared with each other only
+        if not group:
+            continue
+        lead = "primed" if "primed" in group else group[-1]
+        pairs += [(lead, n) for n in group if n != lead] + [(a, b) for i, a in enumerate(group)
+                                                            for b in group[i + 1:] if lead not in (a, b)]
     lines.append(differences_md(methods, pairs))
     return "\n".join(lines)
 

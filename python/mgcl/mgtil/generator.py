@@ -1,5 +1,6 @@
 """The procedural text-to-image generator of mgtil-synth (SYNTHETIC images):
-the ``mgcl.cl.generators.ImageGenerator`` behind ``generator="mgtil-synth"``.
+the ``mgcl.cl.generators.ImageGenerator`` behind ``generator="mgtil-synth"``
+(registered by ``mgcl.mgtil``'s ``__init__``: the cl layer names no benchmark).
 
 A prompt names what to draw:
 

@@ -11,8 +11,9 @@ each finished task. ``base_prompts``: a list, "pool" for the texts of mgcl's
 built-in question pool (medical labels over every domain), or None for the
 generator's own if it has any (with no base prompt the first task, which has
 nothing to replay, trains on cross-entropy alone). One image each from a text-to-image generator
-(``mgcl.cl.generators``: the procedural ``"mgtil-synth"``, ``"diffusers:<dir>"``
-or any object of the protocol), blank images dropped. The pairs go through
+(``mgcl.cl.generators``: a registered name, such as the procedural
+``"mgtil-synth"`` its benchmark package registers, ``"diffusers:<dir>"`` or any
+object of the protocol), blank images dropped. The pairs go through
 the student's eval transform (GIFT: the test preprocess). Batches of
 ``ref_batch_size`` pairs (None: the task batch size, as GIFT's), reshuffled
 every pass.
