@@ -64,7 +64,10 @@ def test_fisher_guard_bench_prints_the_guard_host_cost(tmp_path):
     assert [r["status"] for r in result["rows"]] == ["ok"] * len(result["rows"])
     host = result["host"]
     assert host["tensors"] == 302 and host["same_grads_apply"] > 0 and host["new_grads_apply"] > 0
-    assert host["same_grads_host"] == host["same_grads_apply"] - host["kernel"]
+    # the host cost is each apply() less its own native call: positive, below the whole call
+    for case in ("same_grads", "new_grads"):
+        assert 0 < host[f"{case}_host"] <= host[f"{case}_apply"]
+    assert host["kernel"] > 0
     text = bench.table(result)
     assert "FisherGuard.apply() host cost over 302 tensors" in text and "new grads every step" in text
     harness.write_json(str(tmp_path / "fg.json"), result)

@@ -55,6 +55,7 @@ from . import _backend
 from .ops.fisher_guard import BACKENDS, Prepared, check_settings, dense_layout, describe_layout, fisher_guard
 
 _grad = operator.attrgetter("grad")
+_ptr = torch.Tensor.data_ptr
 
 
 class FisherGuard:
@@ -106,7 +107,7 @@ class FisherGuard:
         self.fisher: Optional[list[torch.Tensor]] = None
         if self.ema > 0:
             self.fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self._all, self._nones = tuple(range(len(self.params))), [None] * len(self.params)
+        self._all = tuple(range(len(self.params)))
         self._kd: Optional[list] = None         # this step's accumulated g_kd (guard.backward)
         self._versions: Optional[list] = None   # the params' versions at the step's first backward
         self.consolidate()
@@ -266,10 +267,11 @@ class FisherGuard:
         lam = self.lam if lam is None else lam
         if torch.compiler.is_compiling():  # the op itself; the prepared path reads addresses
             return self._unprepared(grads, fisher, lam)
-        if not any(map(operator.is_, grads, self._nones)):  # the common case: every grad set
+        try:  # the common case, every grad set: their addresses, which the prepared path needs anyway
+            gp = list(map(_ptr, grads))
             key = self._all
-        else:
-            key = tuple(i for i, g in enumerate(grads) if g is not None)
+        except TypeError:  # a grad is None
+            gp, key = None, tuple(i for i, g in enumerate(grads) if g is not None)
         groups = self._prepared.get(key)
         if groups is None:
             by: dict = {}
@@ -284,8 +286,8 @@ class FisherGuard:
             self._prepared[key] = groups
         if not groups:
             return torch.zeros((), dtype=torch.float32)
-        if len(groups) == 1 and len(key) == len(grads):
-            return groups[0][1](grads, lam)
+        if len(groups) == 1 and gp is not None:
+            return groups[0][1](grads, lam, gp)
         pens = [run([grads[i] for i in idx], lam) for idx, run in groups]
         return sum(p.to(pens[0].device) for p in pens[1:]) if len(pens) > 1 else pens[0]
 

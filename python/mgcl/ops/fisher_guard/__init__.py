@@ -234,15 +234,18 @@ class Prepared:
         self._gp = self._pp = None  # the validated grad and param addresses
         self._env = self._name = None
 
-    def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None) -> torch.Tensor:
-        """The op on ``grads``; ``lam`` for this call only (FisherGuard under a GradScaler)."""
+    def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None,
+                 gp: Optional[list[int]] = None) -> torch.Tensor:
+        """The op on ``grads``; ``lam`` for this call only (FisherGuard under a GradScaler);
+        ``gp``: the grads' addresses when the caller has just read them."""
         lam = self.lam if lam is None else float(lam)
         if not self.params:
             return fisher_guard([], [], [], lam=lam, backend=self.backend)
-        try:
-            gp = list(map(native._ptr, grads))
-        except TypeError:
-            raise ValueError("fisher_guard: every grad must be a tensor (a grad is None)") from None
+        if gp is None:
+            try:
+                gp = list(map(native._ptr, grads))
+            except TypeError:
+                raise ValueError("fisher_guard: every grad must be a tensor (a grad is None)") from None
         pp = list(map(native._ptr, self.params))
         if gp != self._gp or pp != self._pp:
             self._validate(grads, gp, pp)
