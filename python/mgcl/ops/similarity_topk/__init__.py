@@ -64,6 +64,15 @@ def _triton(queries, shards, k, ties, max_per_query):
                                          pair_scores=_pair_entry(queries.device, dtypes))
 
 
+def _interpreter_float32(call):
+    """on CPU tensors (the Triton interpreter) float32 only: the interpreter computes 16-bit dots wrongly"""
+    if call["device"].type != "cpu":
+        return None
+    bad = sorted({str(dt).replace("torch.", "") for dt in call.get("dtypes", ()) if dt != torch.float32})
+    return (f"the Triton interpreter (CPU tensors) computes 16-bit dots wrongly: float32 only there, not "
+            f"{', '.join(bad)}") if bad else None
+
+
 def _pair_entry(device: torch.device, dtypes: tuple) -> Entry:
     """The first PAIR_BACKENDS entry that runs on ``device`` with ``dtypes`` (the triton path's exact scores)."""
     for name, entry in PAIR_BACKENDS.items():
@@ -82,7 +91,7 @@ BACKENDS = {
     "cuda": Entry(_ignores_codes(native.similarity_topk_cuda), devices=("cuda",), dtypes=DTYPES,
                   limit=_within_cuda_cap),
     "cpp": Entry(native.similarity_topk_cpu, devices=("cpu",), dtypes=DTYPES),
-    "triton": Entry(_ignores_codes(_triton), devices=("cuda", "cpu"), dtypes=DTYPES),
+    "triton": Entry(_ignores_codes(_triton), devices=("cuda", "cpu"), dtypes=DTYPES, limit=_interpreter_float32),
     "chunked": Entry(_ignores_codes(native.similarity_topk_chunked), devices=("cpu", "cuda"), dtypes=DTYPES),
     "torch": Entry(_ignores_codes(reference.similarity_topk), devices=("cpu", "cuda"), dtypes=DTYPES),
 }
