@@ -433,6 +433,19 @@ def test_a_failing_detector_keeps_the_figure_whole(tmp_path):
     assert row["action"] == "kept whole" and row["reason"] == "panel detector failed: RuntimeError: out of memory"
 
 
+def test_a_figure_of_more_than_max_panels_stays_whole(tmp_path):
+    from mgcl.retrieval.cleanse import MAX_PANELS, split_record
+    from mgcl.retrieval.corpus import Record
+
+    mosaic(GRID, (132, 112)).save(tmp_path / "g.png")
+    rec = Record("g", "(a) x. (b) y.", str(tmp_path / "g.png"), "", "c.jsonl", "line 1")
+    grid = [(x, y, x + 4, y + 4) for x in range(0, 130, 5) for y in range(0, 15, 5)]  # 26 x 3 = 78 boxes
+    assert len(grid) > MAX_PANELS
+    ((out, problem, why),) = split_record(rec, detector=lambda im: grid)
+    assert out is rec and problem is None and why == f"too many panels: {len(grid)} found, more than {MAX_PANELS}"
+    assert len(split_record(rec, detector=lambda im: grid[:2])) == 2  # two panels: split
+
+
 def test_the_pixel_limit_bounds_figures_and_panels(tmp_path):
     os.makedirs(tmp_path / "img")
     mosaic(GRID, (132, 112)).save(tmp_path / "img/grid.png")
