@@ -148,7 +148,7 @@ def test_torchvision_adapter_random_detector_saved_and_loaded(tmp_path):
     """A randomly initialised torchvision detector (no weights can be downloaded
     here) saved with ``save_detector`` and loaded with ``from_checkpoint``: the
     loaded model finds the same boxes as the one built, through ``find_panels``."""
-    from torchvision.models import get_model
+    get_model = pytest.importorskip("torchvision.models").get_model  # an optional extra (mgcl[models])
 
     torch.manual_seed(0)
     arch = "ssdlite320_mobilenet_v3_large"
@@ -175,6 +175,22 @@ def test_torchvision_adapter_random_detector_saved_and_loaded(tmp_path):
         TorchvisionDetector.from_checkpoint(ckpt, num_classes=5)
     with pytest.raises(ValueError, match="unknown torchvision detection model"):
         TorchvisionDetector.from_checkpoint(ckpt, arch="resnet18")
+
+
+def test_torchvision_adapter_without_torchvision_says_so_in_one_line(tmp_path, monkeypatch):
+    """torchvision is optional: loading a detector checkpoint without it is one clear error, not a traceback."""
+    from safetensors.torch import save_file
+
+    ckpt = str(tmp_path / "det.safetensors")
+    save_file({"w": torch.zeros(1)}, ckpt, metadata={"arch": "ssdlite320_mobilenet_v3_large", "num_classes": "2"})
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    with pytest.raises(ImportError, match=r"needs torchvision \(pip install 'mgcl\[models\]'\)"):
+        TorchvisionDetector.from_checkpoint(ckpt)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"id": "g", "caption": "(a) x. (b) y."}) + "\n")
+    rc, _, err = build_cli([tmp_path / "c.jsonl"], tmp_path / "b", "--split-compound", "--panel-detector", ckpt)
+    assert rc == 2 and "needs torchvision" in one_line(err)
 
 
 # ---- 2. captions --------------------------------------------------------------------------
@@ -415,6 +431,19 @@ def test_a_failing_detector_keeps_the_figure_whole(tmp_path):
     assert entries(tmp_path / "bank")["id"] == ["g"]
     (row,) = skipped_rows(tmp_path / "bank")
     assert row["action"] == "kept whole" and row["reason"] == "panel detector failed: RuntimeError: out of memory"
+
+
+def test_a_figure_of_more_than_max_panels_stays_whole(tmp_path):
+    from mgcl.retrieval.cleanse import MAX_PANELS, split_record
+    from mgcl.retrieval.corpus import Record
+
+    mosaic(GRID, (132, 112)).save(tmp_path / "g.png")
+    rec = Record("g", "(a) x. (b) y.", str(tmp_path / "g.png"), "", "c.jsonl", "line 1")
+    grid = [(x, y, x + 4, y + 4) for x in range(0, 130, 5) for y in range(0, 15, 5)]  # 26 x 3 = 78 boxes
+    assert len(grid) > MAX_PANELS
+    ((out, problem, why),) = split_record(rec, detector=lambda im: grid)
+    assert out is rec and problem is None and why == f"too many panels: {len(grid)} found, more than {MAX_PANELS}"
+    assert len(split_record(rec, detector=lambda im: grid[:2])) == 2  # two panels: split
 
 
 def test_the_pixel_limit_bounds_figures_and_panels(tmp_path):
