@@ -342,6 +342,48 @@ def test_prepared_matches_the_op_and_rechecks_new_grads():
                                                             ema=ema, fisher=f_o if uses_f else None, normalize="mean"))
 
 
+def test_address_comparison_fallback_agrees_with_torchs():
+    from mgcl.ops.fisher_guard import _addresses_equal, _python_addresses_equal
+
+    ts = [torch.randn(3), torch.zeros(0), torch.randn(2, 2).t()]
+    ptrs = [t.data_ptr() for t in ts]
+    for addresses in (ptrs, [ptrs[0] + 4, *ptrs[1:]], [*ptrs[:2], 0]):
+        for indices in ([0, 1, 2], [1, 2], []):
+            assert _addresses_equal(ts, addresses, indices) == _python_addresses_equal(ts, addresses, indices)
+
+
+def test_prepared_unchanged_path_repoints_when_a_param_or_a_grad_moves():
+    """The no-re-check step (every address as validated) is taken only while
+    nothing moved: a param re-pointed by ``.data =``, a grad whose storage was
+    swapped by ``set_`` (same object), or a None grad each leave it."""
+    from mgcl.ops.fisher_guard import Prepared
+
+    grads, params, anchors, _ = make([(33,), (4, 5), (0,), (2, 3, 4)], torch.float32, "cpu", seed=6)
+    prep = Prepared(params, anchors, None, lam=0.3, mode="dfg", ema=0.0, normalize=None)
+
+    def want(g):
+        g_o = clone(g)
+        return fisher_guard(g_o, prep.params, anchors, lam=0.3), g_o
+
+    g = clone(grads)
+    assert prep.if_unchanged(g) is None  # nothing validated yet
+    pen_o, g_o = want(g)
+    assert torch.equal(prep(g), pen_o) and all(map(torch.equal, g, g_o))
+    pen_o, g_o = want(g)
+    pen = prep.if_unchanged(g)  # the same grads and params: no re-check
+    assert pen is not None and torch.equal(pen, pen_o) and all(map(torch.equal, g, g_o))
+    prep.params[1].data = prep.params[1].data + 1.0  # a param moved
+    assert prep.if_unchanged(g) is None
+    pen_o, g_o = want(g)
+    assert torch.equal(prep(g), pen_o) and all(map(torch.equal, g, g_o))
+    g[3].set_(torch.randn(2, 3, 4))  # a grad's storage swapped, the object kept
+    assert prep.if_unchanged(g) is None
+    pen_o, g_o = want(g)
+    assert torch.equal(prep(g), pen_o) and all(map(torch.equal, g, g_o))
+    assert prep.if_unchanged([*g[:2], None, g[3]]) is None  # a None grad: the full path names it
+    assert prep.if_unchanged(g) is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_misaligned_views_fall_back_to_scalar_path(dtype):

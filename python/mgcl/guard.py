@@ -267,7 +267,12 @@ class FisherGuard:
         lam = self.lam if lam is None else lam
         if torch.compiler.is_compiling():  # the op itself; the prepared path reads addresses
             return self._unprepared(grads, fisher, lam)
-        try:  # the common case, every grad set: their addresses, which the prepared path needs anyway
+        groups = self._prepared.get(self._all)
+        if groups is not None and len(groups) == 1:  # the common case: nothing moved since the last step
+            penalty = groups[0][1].if_unchanged(grads, lam)
+            if penalty is not None:
+                return penalty
+        try:  # every grad set: their addresses, which the prepared path needs anyway
             gp = list(map(_ptr, grads))
             key = self._all
         except TypeError:  # a grad is None

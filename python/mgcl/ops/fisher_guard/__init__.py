@@ -85,6 +85,16 @@ def check_no_overlap(named: list[tuple[str, torch.Tensor]], who: str = "fisher_g
             reach, owner = end, k
 
 
+def _python_addresses_equal(tensors, addresses, indices) -> bool:
+    return [tensors[i].data_ptr() for i in indices] == [addresses[i] for i in indices]
+
+
+# tensors[i].data_ptr() == addresses[i] for every i in indices, in one C++ loop
+# (torch's, used by its CUDA-graph trees; present since torch 2.1). The Python
+# loop above is the same test where a torch lacks it.
+_addresses_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _python_addresses_equal)
+
+
 def _check(grads, params, anchors, fisher, lam, mode, ema, normalize):
     check_settings(lam, mode, ema, normalize)
     if len(params) != len(grads) or len(anchors) != len(grads):
@@ -218,7 +228,8 @@ class Prepared:
 
     The first call validates everything (as :func:`fisher_guard`) and packs the
     native metadata. Later calls compare the grads' and params' addresses with
-    the validated ones: equal addresses cost nothing more; new grads (a loop
+    the validated ones (two C-level loops, :meth:`if_unchanged`): equal
+    addresses cost nothing more; new grads (a loop
     that sets grads to None allocates new ones) are re-checked for layout and
     overlap in bulk and re-pointed. torch guarantees that ``p.grad`` has p's
     shape, dtype and device, so those need no re-check. The settings (mode,
@@ -232,6 +243,7 @@ class Prepared:
         self.fisher = list(fisher) if fisher is not None and (mode == "ewc" or ema > 0) else None
         self.lam, self.mode, self.ema, self.normalize, self.backend = float(lam), mode, float(ema), normalize, backend
         self._gp = self._pp = None  # the validated grad and param addresses
+        self._idx = list(range(len(self.params)))
         self._env = self._name = None
 
     def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None,
@@ -242,6 +254,8 @@ class Prepared:
         if not self.params:
             return fisher_guard([], [], [], lam=lam, backend=self.backend)
         if gp is None:
+            if self._unchanged(grads):
+                return self._run(grads, lam, self._gp)
             try:
                 gp = list(map(native._ptr, grads))
             except TypeError:
@@ -249,6 +263,27 @@ class Prepared:
         pp = list(map(native._ptr, self.params))
         if gp != self._gp or pp != self._pp:
             self._validate(grads, gp, pp)
+        return self._run(grads, lam, self._gp)
+
+    def if_unchanged(self, grads: list, lam: Optional[float] = None) -> Optional[torch.Tensor]:
+        """The op when every grad and param sits at its validated address (the
+        step that needs no re-check), else None (a grad is None, or an address
+        moved: call the object, which re-checks)."""
+        if not self.params or not self._unchanged(grads):
+            return None
+        return self._run(grads, self.lam if lam is None else float(lam), self._gp)
+
+    def _unchanged(self, grads: list) -> bool:
+        """Two C-level sweeps (torch's own pointer comparison over a list) in
+        place of two Python-level ``data_ptr`` sweeps."""
+        if self._gp is None or len(grads) != len(self._gp):
+            return False
+        try:
+            return _addresses_equal(grads, self._gp, self._idx) and _addresses_equal(self.params, self._pp, self._idx)
+        except (TypeError, RuntimeError):  # a grad is None (or not a tensor): the full path says so
+            return False
+
+    def _run(self, grads, lam: float, gp: list[int]) -> torch.Tensor:
         env = os.environ.get("MGCL_BACKEND")
         if self._name is None or env != self._env:
             p0 = self.params[0]
