@@ -225,3 +225,39 @@ def test_the_check_never_initialises_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", boom)
     assert _native.cuda_problem() is None
     assert _backend.select("fisher_guard", FG, "cuda") == "cuda"
+
+
+def test_topk_cuda_k_cap_on_a_fake_gpu(fake_gpu, monkeypatch):
+    """The CUDA select's k cap is a declared limit of the table (no GPU needed): the
+    default skips the entry above the cap, an explicit choice says why."""
+    fake_gpu.update(capability=(8, 6), name="RTX A6000")
+    monkeypatch.setattr(_FakeCudaModule, "max_best_cap", 64, raising=False)
+    assert _backend.select("similarity_topk", TK, "cuda", dtypes=(F32,), k=64) == "cuda"
+    after = "triton" if _backend.triton_available() else "chunked"
+    assert _backend.select("similarity_topk", TK, "cuda", dtypes=(F32,), k=65) == after
+    with pytest.raises(ValueError, match="'cuda' \\(from backend=\\) cannot run this call: k=65 is above the CUDA "
+                                         "select's cap of 64"):
+        _backend.select("similarity_topk", TK, "cuda", "cuda", dtypes=(F32,), k=65)
+
+
+@pytest.mark.parametrize("op", ["fisher_guard", "contrastive_distill", "similarity_topk"])
+def test_each_reference_is_the_dense_definition_alone(op):
+    """reference.py: a docstring, imports of torch only and functions; no module
+    state, nothing of the fast paths (blocking lives in their own modules)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    path = Path(importlib.import_module(f"mgcl.ops.{op}.reference").__file__)
+    tree = ast.parse(path.read_text())
+    body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body
+    for node in body:
+        if isinstance(node, ast.ImportFrom):
+            assert node.module == "__future__", f"{path.name}: imports {node.module}"
+        elif isinstance(node, ast.Import):
+            assert [a.name for a in node.names] == ["torch"], f"{path.name}: imports {[a.name for a in node.names]}"
+        else:
+            assert isinstance(node, ast.FunctionDef), f"{path.name}:{node.lineno}: module-level {type(node).__name__}"
+    if op == "similarity_topk":  # the issue's "about 60 lines", docstring aside
+        code = len(path.read_text().splitlines()) - tree.body[0].end_lineno
+        assert code <= 60, code

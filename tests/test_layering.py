@@ -62,3 +62,18 @@ def test_cl_loads_without_mgtil_and_mgtil_registers_its_generator():
             "assert type(g).__module__ == 'mgcl.mgtil.generator' and g.name == 'mgtil-synth'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+
+
+def test_vlm_names_only_the_rerank_model():
+    """``vlm`` is the frozen rerank model of retrieval; the model being trained (the
+    trainer's, the one model surgery adapts) is never called that in cl/ or models/."""
+    import io
+    import tokenize
+
+    named = []
+    for room in ("cl", "models"):
+        for p in sorted((CL.parent / room).rglob("*.py")):
+            for tok in tokenize.generate_tokens(io.StringIO(p.read_text()).readline):
+                if tok.type == tokenize.NAME and tok.string == "vlm":
+                    named.append(f"{room}/{p.relative_to(CL.parent / room)}:{tok.start[0]}")
+    assert not named, f"an identifier 'vlm' outside retrieval: {named}"

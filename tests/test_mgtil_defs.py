@@ -117,7 +117,9 @@ def test_definition_errors():
 
 
 def _import_graph():
-    """module -> the mgcl modules it imports (top level or inside functions), read from the source."""
+    """module -> the mgcl modules it imports (top level or inside functions), read from the source.
+    Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so a module's
+    imports include the packages above each target that are not above itself."""
     import ast
     from pathlib import Path
 
@@ -142,7 +144,10 @@ def _import_graph():
             elif isinstance(n, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
                 deps.update(x for x in names if x in files)
-        graph[mod] = deps - {mod}
+        above = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 1)}
+        for d in list(deps):
+            deps.update(".".join(d.split(".")[:i]) for i in range(1, d.count(".") + 1))
+        graph[mod] = deps - above - {mod}
     return graph
 
 

@@ -82,6 +82,20 @@ def test_primed_loss_rejects_bad_smoothing():
         PrimedLoss(label_smoothing=1.5)
 
 
+@pytest.mark.parametrize("ls,ok", [(0.0, True), (0.2, True), (0.999, True), (1.0, False), (1.5, False),
+                                   (-0.1, False), (True, False), ("0.1", False)])
+def test_primed_loss_and_train_config_share_the_smoothing_rule(ls, ok):
+    """One rule for label_smoothing, [0, 1), in the loss and in the run's settings."""
+    from mgcl.cl.config import TrainConfig
+
+    for make in (lambda: PrimedLoss(label_smoothing=ls), lambda: TrainConfig(label_smoothing=ls)):
+        if ok:
+            make()
+        else:
+            with pytest.raises(ValueError, match="label_smoothing"):
+                make()
+
+
 class TinyClip(torch.nn.Module):
     def __init__(self, seed=0):
         super().__init__()

@@ -41,6 +41,14 @@ def test_fisher_guard_schema_has_no_mode_and_optional_normalize():
     assert " mode" not in schema and "str importance" in schema and "str? normalize" in schema, schema
 
 
+def test_optional_arguments_are_optional_in_the_schemas():
+    """No sentinel values: an absent cap or weight is None in the schema too."""
+    topk = str(torch.ops.mgcl.similarity_topk.default._schema)
+    assert "SymInt? max_per_query" in topk, topk
+    distill = str(torch.ops.mgcl.contrastive_distill.default._schema)
+    assert "Tensor? row_weight" in distill and "Tensor? col_weight" in distill, distill
+
+
 @pytest.mark.parametrize("backend", available_backends(fg.BACKENDS, "cpu"))
 def test_fisher_guard_compiles_with_fullgraph(backend):
     grads, params, anchors, *_ = fg_args("dfg", 0.0, backend)

@@ -499,6 +499,34 @@ def test_faiss_flat_equals_exact(bank, tmp_path):
             assert [h.index for h in f] == [h.index for h in sorted(f, key=lambda h: (-h.score, h.index))]
 
 
+def test_faiss_keeps_its_index_out_of_the_bank(bank, tmp_path):
+    """FAISS handling lives in faiss_index.py and never writes the bank's state:
+    the loaded index sits in that module's own per-bank cache."""
+    import ast
+    import shutil
+    from pathlib import Path
+
+    import mgcl.retrieval.faiss_index as fi
+
+    for mod in ("faiss_index", "search"):  # no `bank.x = ...` (or augmented / deleted) anywhere
+        tree = ast.parse((Path(fi.__file__).parent / f"{mod}.py").read_text())
+        stores = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and
+                  isinstance(n.value, ast.Name) and n.value.id == "bank" and not isinstance(n.ctx, ast.Load)]
+        assert not stores, f"{mod}.py writes the bank's attributes at lines {stores}"
+    pytest.importorskip("faiss")
+    p = tmp_path / "fb"
+    shutil.copytree(bank.path, p)
+    b = MemoryBank.open(p)
+    build_index(b, "flat")
+    texts = ["chest x-ray with pleural effusion", "dermoscopy image of nevus"]
+    b.search(texts, k=3)                               # the bank's own lazy state (meta, embedder) filled
+    before = {k: id(v) for k, v in vars(b).items()}
+    assert b not in fi._loaded
+    b.search(texts, k=3, backend="faiss")
+    assert {k: id(v) for k, v in vars(b).items()} == before
+    assert b in fi._loaded
+
+
 def test_faiss_ivfpq_rescored(tmp_path):
     pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(1)

@@ -206,8 +206,10 @@ class PrimedLoss(torch.nn.Module):
                  t2i: float = 1.0, normalize: bool = True, backend: Optional[str] = None, gather: bool = False,
                  process_group=None, convention: str = "mgcl"):
         super().__init__()
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"PrimedLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        ls = label_smoothing  # the rule of mgcl.cl.TrainConfig
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 1.0:
+            raise ValueError(f"PrimedLoss: label_smoothing must be a number in [0, 1), got {ls!r} (at 1 the target "
+                             "is uniform whatever the label)")
         self.term_scale = _term_scale("PrimedLoss", convention)
         self.alpha, self.beta, self.label_smoothing = float(alpha), float(beta), float(label_smoothing)
         self.i2t, self.t2i, self.normalize, self.convention = float(i2t), float(t2i), bool(normalize), convention

@@ -22,7 +22,7 @@ enum FisherGuardMode : int { kModeDfg = 0, kModeEwc = 1, kModeL2 = 2 };
 
 // The packed metadata: one int64 array, written by mgcl/ops/fisher_guard/native.py
 // (host memory for the CPU, device memory for CUDA), read through
-// fisher_guard_unpack below. With n tensors and C chunks (a chunk is at most
+// fisher_guard_params below. With n tensors and C chunks (a chunk is at most
 // chunk_size elements of one tensor; tensor i's chunks are consecutive):
 //
 //   [0, n)               grad addresses

@@ -1,8 +1,8 @@
 """Model surgery for parameter-efficient continual learning: what MoE-Adapters
 and DIKI insert into the transformer blocks of both towers of a frozen CLIP.
 
-``adapt(vlm, experts=..., prefix=...)`` replaces every transformer block of
-the image and the text tower of ``vlm`` (in place) by an :class:`AdaptedBlock`
+``Adapted(model, experts=..., prefix=...)`` replaces every transformer block of
+the image and the text tower of ``model`` (in place) by an :class:`AdaptedBlock`
 that runs the original block's own modules and adds, per block:
 
 - ``experts`` (:class:`Experts`, MoE-Adapters): a mixture of bottleneck
@@ -47,28 +47,28 @@ from torch import nn
 # ---- finding the blocks ----------------------------------------------------------------------
 
 
-def tower_blocks(vlm) -> dict:
+def tower_blocks(model) -> dict:
     """``{"image": ModuleList, "text": ModuleList}``: the transformer blocks of
     each tower of a TinyCLIP (ViT option) or an open_clip CLIP (ValueError otherwise)."""
     from .openclip import OpenCLIP  # noqa: PLC0415
     from .tiny import TinyCLIP  # noqa: PLC0415
 
-    if isinstance(vlm, TinyCLIP):
-        if vlm.config.vision != "vit":
+    if isinstance(model, TinyCLIP):
+        if model.config.vision != "vit":
             raise ValueError("model surgery: TinyCLIP's image tower is a CNN (no transformer blocks); "
                              "build it with vision='vit'")
-        return {"image": vlm.visual.blocks.layers, "text": vlm.text.blocks.layers}
-    if isinstance(vlm, OpenCLIP):
-        m = vlm.model
+        return {"image": model.visual.blocks.layers, "text": model.text.blocks.layers}
+    if isinstance(model, OpenCLIP):
+        m = model.model
         vis = getattr(getattr(m, "visual", None), "transformer", None)
         txt = getattr(m, "transformer", None)
         if vis is None or txt is None or not hasattr(vis, "resblocks") or not hasattr(txt, "resblocks"):
-            raise ValueError(f"model surgery: open_clip model {vlm.name!r} has no native transformer towers "
+            raise ValueError(f"model surgery: open_clip model {model.name!r} has no native transformer towers "
                              f"(visual {type(getattr(m, 'visual', None)).__name__}, text "
                              f"{type(getattr(m, 'text', None)).__name__}); supported: open_clip CLIP ViTs "
                              "such as ViT-B-16")
         return {"image": vis.resblocks, "text": txt.resblocks}
-    raise ValueError(f"model surgery: unsupported model {type(vlm).__name__}; supported: TinyCLIP(vision='vit'), "
+    raise ValueError(f"model surgery: unsupported model {type(model).__name__}; supported: TinyCLIP(vision='vit'), "
                      "OpenCLIP of an open_clip CLIP ViT (e.g. ViT-B-16)")
 
 
@@ -321,14 +321,14 @@ class Adapted(nn.Module):
         return self.base.transform(train)
 
 
-def widths(vlm) -> dict:
+def widths(model) -> dict:
     """The residual width of each tower's blocks."""
-    return {tower: _attention(blocks[0]).embed_dim for tower, blocks in tower_blocks(vlm).items()}
+    return {tower: _attention(blocks[0]).embed_dim for tower, blocks in tower_blocks(model).items()}
 
 
-def depth_count(vlm) -> dict:
+def depth_count(model) -> dict:
     """How many blocks each tower has."""
-    return {tower: len(blocks) for tower, blocks in tower_blocks(vlm).items()}
+    return {tower: len(blocks) for tower, blocks in tower_blocks(model).items()}
 
 
 __all__ = ["Adapted", "AdaptedBlock", "Adapter", "Experts", "PrefixKV", "Route", "tower_blocks", "widths",
