@@ -168,6 +168,14 @@ class PrimedLossOutput(NamedTuple):
     distill: torch.Tensor
 
 
+LABEL_SMOOTHING_RULE = "a number in [0, 1) (at 1 the target is uniform whatever the label)"
+
+
+def label_smoothing_ok(ls) -> bool:
+    """The one rule for label smoothing, PrimedLoss's and mgcl.cl.TrainConfig's."""
+    return not isinstance(ls, bool) and isinstance(ls, (int, float)) and 0.0 <= ls < 1.0
+
+
 class PrimedLoss(torch.nn.Module):
     """Task CE (with label smoothing) + ``alpha * CKT + beta * CMC`` on a reference batch.
 
@@ -206,10 +214,8 @@ class PrimedLoss(torch.nn.Module):
                  t2i: float = 1.0, normalize: bool = True, backend: Optional[str] = None, gather: bool = False,
                  process_group=None, convention: str = "mgcl"):
         super().__init__()
-        ls = label_smoothing  # the rule of mgcl.cl.TrainConfig
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 1.0:
-            raise ValueError(f"PrimedLoss: label_smoothing must be a number in [0, 1), got {ls!r} (at 1 the target "
-                             "is uniform whatever the label)")
+        if not label_smoothing_ok(label_smoothing):
+            raise ValueError(f"PrimedLoss: label_smoothing must be {LABEL_SMOOTHING_RULE}, got {label_smoothing!r}")
         self.term_scale = _term_scale("PrimedLoss", convention)
         self.alpha, self.beta, self.label_smoothing = float(alpha), float(beta), float(label_smoothing)
         self.i2t, self.t2i, self.normalize, self.convention = float(i2t), float(t2i), bool(normalize), convention

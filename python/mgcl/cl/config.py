@@ -45,6 +45,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..nn import LABEL_SMOOTHING_RULE, label_smoothing_ok
+
 SCHEDULES = ("cosine", "constant")
 PROMPTS = ("ensemble", "first")
 AMP = (None, "off", "bf16")
@@ -135,11 +137,9 @@ class TrainConfig:
         _int("seed", self.seed, 0, MAX_SEED)
         self.lr = _num("lr", self.lr, 0.0, open_lo=True)
         self.weight_decay = _num("weight_decay", self.weight_decay, 0.0, open_lo=False)
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 1.0:
-            raise ConfigError(f"train.label_smoothing: expected a number in [0, 1), got {ls!r} (at 1 the target "
-                              "is uniform whatever the label)")
-        self.label_smoothing = float(ls)
+        if not label_smoothing_ok(self.label_smoothing):
+            raise ConfigError(f"train.label_smoothing: expected {LABEL_SMOOTHING_RULE}, got {self.label_smoothing!r}")
+        self.label_smoothing = float(self.label_smoothing)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.amp is False:
