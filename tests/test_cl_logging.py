@@ -120,7 +120,8 @@ class KillAt(Callback):
             raise Killed(f"killed after step {step + 1} of task {t}")
 
 
-@pytest.mark.parametrize("name,kill", [("primed", (1, 3)), ("primed", (0, 4)), ("finetune", (1, 5))])
+@pytest.mark.parametrize("name,kill", [("primed", (1, 3)), ("primed", (0, 4)), ("finetune", (1, 5)),
+                                       ("wise-ft", (1, 3)), ("wise-ft", (0, 2))])  # wise-ft: the ensemble's start
 def test_mid_task_checkpoint_resumes_to_the_same_run(tasks, bank, tmp_path, name, kill):
     def strategy():
         return S.create("primed", siphon=siphon_for(bank), ref_batch_size=6) if name == "primed" \
