@@ -120,9 +120,15 @@ class KillAt(Callback):
             raise Killed(f"killed after step {step + 1} of task {t}")
 
 
-@pytest.mark.parametrize("name,kill", [("primed", (1, 3)), ("primed", (0, 4)), ("finetune", (1, 5))])
+@pytest.mark.parametrize("name,kill", [("primed", (1, 3)), ("primed", (0, 4)), ("finetune", (1, 5)),
+                                       ("wise-ft", (1, 3)), ("wise-ft", (0, 2)), ("zscl", (1, 3)),
+                                       ("zscl", (0, 4)), ("icarl", (1, 3)), ("icarl", (1, 5))])
 def test_mid_task_checkpoint_resumes_to_the_same_run(tasks, bank, tmp_path, name, kill):
     def strategy():
+        if name == "zscl":  # its weight ensemble (every 2 steps) is mid-task state in state_dict
+            return S.create("zscl", siphon=siphon_for(bank), ref_batch_size=6, we_every=2)
+        if name == "icarl":  # task 1 replays task 0's exemplars in batches of 5: the loader's position resumes
+            return S.create("icarl", replay_batch_size=5)
         return S.create("primed", siphon=siphon_for(bank), ref_batch_size=6) if name == "primed" \
             else S.create(name)
 
@@ -176,13 +182,18 @@ def test_mid_task_checkpoint_is_checked(tasks, tmp_path):
         ContinualTrainer(tiny_model(tasks), "finetune", tasks, out_dir=str(tmp_path), resume=True, **kw).run()
 
 
+class NoMidTask(S.Strategy):
+    name = "no-mid-task"
+    mid_task_checkpoints = False  # a strategy whose state during a task is not all in state_dict
+
+
 def test_bad_logging_settings(tasks, bank):
     with pytest.raises(ConfigError, match="train.loggers"):
         TrainConfig(loggers=["csv", "mlflow"])
     with pytest.raises(ConfigError, match="train.checkpoint_every"):
         TrainConfig(checkpoint_every=0)
     with pytest.raises(ValueError, match="checkpoint_every must be null"):
-        ContinualTrainer(tiny_model(tasks), S.create("zscl", siphon=siphon_for(bank)), tasks, out_dir="unused",
+        ContinualTrainer(tiny_model(tasks), NoMidTask(), tasks, out_dir="unused",
                          **{**KW, "checkpoint_every": 2})
     with pytest.raises(ValueError, match="loggers must have"):
         ContinualTrainer(tiny_model(tasks), "finetune", tasks, out_dir="unused", loggers=[object()], **KW)

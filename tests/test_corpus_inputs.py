@@ -105,6 +105,7 @@ def test_hf_url_offline_is_one_clear_error(tmp_path, monkeypatch, capsys):
                    str(tmp_path / "b"), "--embedder", EMB])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "hf://datasets/no-org/no-set/shard-000000.tar" in err, err
+    assert "HF_HUB_OFFLINE is set" in err and "does not exist" not in err, "offline is not 'does not exist'"
 
 
 def _dataset(n: int = 6):

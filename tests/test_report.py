@@ -158,3 +158,24 @@ def test_format_and_dpi(tmp_path):
         report.render(res, str(tmp_path / "x"), fmt="jpg")
     with pytest.raises(ValueError, match="dpi"):
         report.render(res, str(tmp_path / "x"), dpi=0)
+
+
+def test_trainer_runs_of_the_same_tasks_share_one_sequence():
+    """Runs that name no benchmark (library trainer runs, one method each) are on the
+    sequence of their task list: one ACC / AUC / BWT group, not one per run."""
+    a, b, c = (fake(1, 3, bench="", kind="trainer", seed=s) for s in range(3))
+    b["methods"] = {"l2": b["methods"].pop("zero-shot")}
+    c["tasks"] = ["other-1", "other-2", "other-3"]
+    c["methods"] = {"ewc": c["methods"].pop("zero-shot")}
+    res = report.combine([a, b, c], ["run-a", "run-b", "run-c"])
+    st = report.sequence_table(res)
+    same = "dataset-with-a-long-name-1 ..."  # whole task names while they fit
+    assert st["sequences"] == [same, "other-1, other-2, other-3"]
+    assert set(st["methods"]["zero-shot"]) == set(st["methods"]["l2"]) == {same}
+    assert st["methods"]["l2"][same]["acc"] == b["methods"]["l2"]["last"]
+    tex = report.latex(res)
+    assert f"\\multicolumn{{3}}{{c}}{{{same}}}" in tex and "run-b" not in tex.split("\\caption{ACC")[1]
+    twin = fake(1, 3, bench="", kind="trainer")
+    twin["tasks"] = twin["tasks"][:1] + [t + "-x" for t in twin["tasks"][1:]]  # the same shortened name
+    st = report.sequence_table(report.combine([a, twin], ["p", "q"]))
+    assert len(st["sequences"]) == 2 and len(set(st["sequences"])) == 2

@@ -150,17 +150,36 @@ def transfer_tables(res: dict) -> list[dict]:
 def sequence_table(res: dict) -> dict:
     """ACC (= Last) / AUC / BWT of each method on each MGTIL sequence (benchmark):
     ``{"sequences": [names], "methods": {name: {sequence: {"acc", "auc", "bwt"}}}}``.
-    A method that ran several sequences (``mgcl report`` of one run per order) is one row."""
+    A method that ran several sequences (``mgcl report`` of one run per order) is one row.
+    A run that names no benchmark (a trainer run of the library) is on the sequence of
+    its task list: runs of the same tasks share one column group."""
     seqs: list[str] = []
     table: dict[str, dict] = {}
+    named: dict[tuple, str] = {}  # task list -> its sequence name, when no benchmark names it
     for key, m in res["methods"].items():
-        seq = m.get("benchmark") or res.get("benchmark") or m.get("run") or "run"
+        seq = m.get("benchmark") if "run" in m else res.get("benchmark")
+        if not seq:
+            tasks = tuple(_tasks(res, key))
+            if tasks not in named:
+                name = _task_sequence(tasks)
+                named[tasks] = name if name not in named.values() else f"{name} #{len(named) + 1}"
+            seq = named[tasks]
         base = m.get("name", key)
         row = base if seq not in table.get(base, {}) else key
         table.setdefault(row, {})[seq] = {"acc": m.get("last"), "auc": m.get("auc"), "bwt": m.get("bwt")}
         if seq not in seqs:
             seqs.append(seq)
     return {"sequences": seqs, "methods": table}
+
+
+def _task_sequence(tasks: list) -> str:
+    """The name of a sequence that is no benchmark: its tasks in order, whole names
+    while they fit in about 48 characters, then " ..."."""
+    names = [_short(t) for t in tasks]
+    k = 1
+    while k < len(names) and len(", ".join(names[:k + 1])) <= 48:
+        k += 1
+    return ", ".join(names[:k]) + (" ..." if k < len(names) else "")
 
 
 def _best(values: list, names: list) -> Optional[float]:
@@ -331,7 +350,8 @@ def _finish(plt, fig, res: dict, what: str, path: str, dpi: int, legend: bool = 
         ncol = max(1, min(len(labels), int(fig.get_figwidth() / 1.7)))
         fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     text = f"{what}: {run_name(res)}" + ("  [SYNTHETIC data]" if res.get("synthetic") else "")
-    fig.suptitle(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 13))), fontsize=9)
+    fig.suptitle(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 13)), break_on_hyphens=False),
+                 fontsize=9)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1,
                 format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)

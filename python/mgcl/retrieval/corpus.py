@@ -568,6 +568,10 @@ def _fetch_url(url: str) -> list[str]:
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
         if protocol in ("file", "local"):
             return [os.path.abspath(path)]
+        if protocol == "hf" and os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            # offline, the hub's filesystem answers "does not exist" for everything
+            raise OSError(f"corpus URL {url!r} cannot be read: HF_HUB_OFFLINE is set, so the hub is not asked "
+                          "(unset it, or download the files and pass their local paths)")
         if not fs.exists(path):
             raise FileNotFoundError(f"corpus URL {url!r} does not exist")
         names = sorted(f for f in fs.find(path) if f.endswith(CORPUS_EXTS)) if fs.isdir(path) else [path]
@@ -582,6 +586,8 @@ def _fetch_url(url: str) -> list[str]:
     except (FileNotFoundError, ImportError):
         raise
     except Exception as exc:  # noqa: BLE001 -- each filesystem raises its own kinds; one line names the URL
+        if str(exc).startswith(f"corpus URL {url!r}"):
+            raise  # already ours
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise OSError(f"corpus URL {url!r} cannot be read ({why[:300]})") from None
 

@@ -305,6 +305,20 @@ class WeightEnsemble:
             p.copy_(a)
         self.mean, self.total = None, 0.0
 
+    def state_dict(self) -> dict:
+        """The running mean during a task (a mid-task checkpoint); empty between tasks."""
+        if self.mean is None:
+            return {}
+        return {"total": self.total, **{f"mean.{i}": a for i, a in enumerate(self.mean)}}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        if "total" not in sd:
+            return  # between tasks: before_task starts the ensemble
+        self.total = float(sd["total"])
+        for i, a in enumerate(self.mean):
+            a.copy_(sd[f"mean.{i}"])
+
 
 def teacher_text_kd(trainer, images, teacher, teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
     """Distillation against fixed teacher text embeddings, as ZSCL's code does it

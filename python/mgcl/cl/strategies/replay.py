@@ -88,11 +88,34 @@ class _Memory(torch.utils.data.Dataset):
         return self.tasks[task].train[index]
 
 
-def _in_order(dataset, transform, batch_size: int):
-    """Batches of ``dataset`` in its order, the last one short, cycled forever (ZSCL's ``batch``)."""
-    loader = torch.utils.data.DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False)
-    while True:
-        yield from loader
+class _InOrder:
+    """Batches of ``dataset`` in its order, the last one short, cycled forever (ZSCL's
+    ``batch``). A pass's loader iterator is made at its first batch, as a generator's
+    ``yield from`` would; ``skip(steps)`` puts a fresh stream where ``steps`` batches
+    would have left it without decoding them (a mid-task resume)."""
+
+    def __init__(self, dataset, transform, batch_size: int):
+        self.data, self.batch_size = _Transformed(dataset, transform), batch_size
+        self.loader = torch.utils.data.DataLoader(self.data, batch_size=batch_size, shuffle=False)
+        self.it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.it is not None:
+            try:
+                return next(self.it)
+            except StopIteration:
+                pass
+        self.it = iter(self.loader)
+        return next(self.it)
+
+    def skip(self, steps: int) -> None:
+        within = steps % len(self.loader)
+        self.it = None if within == 0 else iter(torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.data, range(within * self.batch_size, len(self.data))),
+            batch_size=self.batch_size, shuffle=False))  # the rest of the pass: the same batches
 
 
 class ICaRL(_TextKD):
@@ -122,7 +145,6 @@ class ICaRL(_TextKD):
     stores the preprocessed tensors)."""
 
     name = "icarl"
-    mid_task_checkpoints = False  # the exemplar loader's position is not in state_dict
 
     def __init__(self, memory: int = 10000, lam: float = 1.0, temperature: float = 2.0,
                  replay_batch_size: int | None = None, herding_pool: int = 30000, teacher: str = "initial"):
@@ -146,8 +168,13 @@ class ICaRL(_TextKD):
         if len(self.entries) == 0:
             return
         self.set_teacher(trainer, t, self.initial if self.teacher_kind == "initial" else trainer.model)
-        self.replay = _in_order(_Memory(trainer.tasks, self.entries), trainer.model.transform(False),
-                                self.replay_batch_size or trainer.train_config.batch_size)
+        self.replay = _InOrder(_Memory(trainer.tasks, self.entries), trainer.model.transform(False),
+                               self.replay_batch_size or trainer.train_config.batch_size)
+
+    def fast_forward(self, trainer, steps):
+        super().fast_forward(trainer, steps)
+        if self.replay is not None:
+            self.replay.skip(steps)
 
     def training_loss(self, trainer, batch: TaskBatch) -> Loss:
         ce = trainer.ce(trainer.task_logits(batch.images, batch.task), batch.labels)

@@ -59,7 +59,6 @@ def captions_of(refset) -> list[str]:
 
 class ZSCL(Strategy):
     name = "zscl"
-    mid_task_checkpoints = False  # the weight ensemble's running mean is not in state_dict
 
     def __init__(self, siphon=None, bank: str | None = None, siphon_options: dict | None = None,
                  uniform_size: int = 10000, uniform_keywords: list | None = None, ref_batch_size: int | None = None,
@@ -124,8 +123,10 @@ class ZSCL(Strategy):
 
     def state_dict(self):
         return {**{f"guard.{k}": v for k, v in self.guard.state_dict().items()},
-                **{f"reference.{k}": v for k, v in self.reference.state_dict().items()}}
+                **{f"reference.{k}": v for k, v in self.reference.state_dict().items()},
+                **{f"ensemble.{k}": v for k, v in self.ensemble.state_dict().items()}}  # mid-task: its running mean
 
     def load_state_dict(self, sd):
         self.guard.load_state_dict(prefixed(sd, "guard."))
         self.reference.load_state_dict(prefixed(sd, "reference."))
+        self.ensemble.load_state_dict(prefixed(sd, "ensemble."))
