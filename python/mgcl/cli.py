@@ -454,6 +454,7 @@ def cmd_ablate(args) -> int:
 def cmd_run(args) -> int:
     from .cl.checkpoint import CheckpointError
     from .mgtil import report, run
+    from .retrieval import BankError
 
     try:
         cfg = run.load_config(args.config)
@@ -463,7 +464,7 @@ def cmd_run(args) -> int:
             print(f"{args.config}: OK ({d['benchmark']}, {d['model']['adapter']}, {d['strategy']['name']})")
             return 0
         res = run.run(cfg, resume=args.resume, progress=not args.no_progress, plot_format=args.format, dpi=args.dpi)
-    except (run.ConfigError, CheckpointError, OSError) as exc:
+    except (run.ConfigError, CheckpointError, BankError, OSError) as exc:  # a tampered bank: first read
         print(f"mgcl run: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(report.format_table(res))
