@@ -758,3 +758,15 @@ def test_db_query_escapes_control_characters(tmp_path):
     assert "evil \\x1b[2J\\x1b]0;pwned\\x07 caption" in out and "[x\\x1b[31m]" in out
     rc, out, _ = cli("db", "query", tmp_path / "b", "evil", "--json")
     assert "\x1b" not in out and json.loads(out)[0]["hits"][0]["caption"] == caps[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--scale", "-1"], "--scale must be a finite number > 0, got -1.0"),  # once ran the whole bench, exit 0
+    (["--scale", "nan"], "--scale must be"),
+    (["--repeats", "0"], "--repeats must be >= 1"),  # once a StatisticsError traceback after the bench
+    (["--json", "{r}"], "is a directory"),
+    (["--json", "{r}/file.txt/x.json"], "file.txt is a file"),
+], ids=["scale -1", "scale nan", "repeats 0", "json a folder", "json under a file"])
+def test_bench_bad_options_are_one_line_before_it_runs(small, argv, needle):
+    rc, out, err = cli("bench", "retrieval", *[a.format(r=small) for a in argv])
+    assert rc == 2 and out == "" and needle in one_line(err) and one_line(err).startswith("mgcl bench: ")
