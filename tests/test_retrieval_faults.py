@@ -224,6 +224,8 @@ def test_damaged_container_next_to_a_good_file(tmp_path, kind):
     b = MemoryBank.open(out).manifest["build"]
     f = next(x for x in b["files"] if x["path"] == str(bad))
     assert f["damaged"] and b["damaged_files"] == 1 and str(bad) in text
+    assert "\n" not in f["damaged"][0]["reason"]  # an empty tar's tarfile message spans four lines
+    assert [x for x in text.splitlines() if str(bad) in x and "DAMAGED" in x][0].endswith("records read)")
     if kind == "cut.jsonl.gz":  # the lines before the damage are kept
         assert f["kept"] == f["damaged"][0]["records_read"] > 100
         assert all(got[f"g{i}"] == f"gz caption {i}" for i in range(f["kept"]))
@@ -670,6 +672,23 @@ def test_offline_hub_names_fail_at_once(small, monkeypatch, argv):
     assert rc == 2 and "pass its folder" in one_line(err) and "HF_HUB_OFFLINE" in err
 
 
+def test_an_unknown_embedder_is_refused_before_sentence_transformers_loads(small, tmp_path):
+    """The hub check ran after importing sentence-transformers: 25.8 s inside
+    main() before the one line on a loaded 2-core VM, 1.2 s with the check first.
+    Nothing heavy is imported before the refusal."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mgcl.cli import main; "
+            f"rc = main(['db', 'build', {str(small / 'c.jsonl')!r}, '--out', {str(tmp_path / 'o')!r}, "
+            "'--embedder', 'no-such-org/no-model']); "
+            "print(rc, 'sentence_transformers' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.stdout.split() == ["2", "False", "False"], (r.stdout, r.stderr[-2000:])
+    assert "pass its folder" in one_line(r.stderr)
+
+
 # ---- 9. output hygiene ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
@@ -705,6 +724,32 @@ def test_atomic_write_fsyncs_the_directory(tmp_path, monkeypatch):
     assert (tmp_path / "x.bin").read_bytes() == b"data" and os.listdir(tmp_path) == ["x.bin"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_folders_published_and_detector_checkpoints_follow_the_umask(tmp_path, monkeypatch, mask):
+    """mkdtemp folders (the demo's assets, the synth and model caches) were 0700 or a
+    fixed 0755, and save_detector's safetensors file 0600."""
+    import tempfile
+
+    from mgcl import _io
+    from mgcl.retrieval.cleanse import save_detector
+
+    synced = []
+    real = _io.fsync_dir
+    monkeypatch.setattr(_io, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    old = os.umask(mask)
+    try:
+        tmp = tempfile.mkdtemp(dir=tmp_path)
+        os.makedirs(os.path.join(tmp, "sub"))
+        _io.publish_dir(tmp, str(tmp_path / "final"))
+        assert synced == [str(tmp_path)]  # the parent, after the rename
+        save_detector(torch.nn.Linear(2, 2), str(tmp_path / "det.safetensors"), arch="x", num_classes=2)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "final") == mode(tmp_path / "final" / "sub") == 0o777 & ~mask
+    assert mode(tmp_path / "det.safetensors") == 0o666 & ~mask
+
+
 def test_db_query_escapes_control_characters(tmp_path):
     caps = ["evil \x1b[2J\x1b]0;pwned\x07 caption", "plain caption"]
     write_bank(str(tmp_path / "b"), torch.eye(2, 8), caps, domains=["x\x1b[31m", ""], embedder="hashing:8")
@@ -713,3 +758,15 @@ def test_db_query_escapes_control_characters(tmp_path):
     assert "evil \\x1b[2J\\x1b]0;pwned\\x07 caption" in out and "[x\\x1b[31m]" in out
     rc, out, _ = cli("db", "query", tmp_path / "b", "evil", "--json")
     assert "\x1b" not in out and json.loads(out)[0]["hits"][0]["caption"] == caps[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--scale", "-1"], "--scale must be a finite number > 0, got -1.0"),  # once ran the whole bench, exit 0
+    (["--scale", "nan"], "--scale must be"),
+    (["--repeats", "0"], "--repeats must be >= 1"),  # once a StatisticsError traceback after the bench
+    (["--json", "{r}"], "is a directory"),
+    (["--json", "{r}/file.txt/x.json"], "file.txt is a file"),
+], ids=["scale -1", "scale nan", "repeats 0", "json a folder", "json under a file"])
+def test_bench_bad_options_are_one_line_before_it_runs(small, argv, needle):
+    rc, out, err = cli("bench", "retrieval", *[a.format(r=small) for a in argv])
+    assert rc == 2 and out == "" and needle in one_line(err) and one_line(err).startswith("mgcl bench: ")

@@ -467,3 +467,68 @@ def test_resume_through_the_cli_refuses_an_edited_checkpoint(world, tmp_path, ca
     rewrite_json(tmp_path / "out" / "runs" / "l2" / "checkpoint" / "latest.json",
                  lambda j: j.update(dir="../../../../../etc"))
     one_line_error(capsys, ["run", path, "--resume", "--no-progress"], "latest.json is not a checkpoint pointer")
+
+
+# ---- a bank that cannot give reference pairs: one line before the task trains ------------------------
+
+def _primed(cfg, out, bank, vlm):
+    return edit(cfg, output_dir=str(out), strategy={"name": "primed"},
+                retrieval={"bank": str(bank), "embedder": "hashing:64", "vlm": vlm, "pool_per_domain": 2,
+                           "siphon": {"a": 2, "b": 2, "c": 2, "n_general": 3}})
+
+
+@pytest.fixture(scope="module")
+def imageless_bank(tmp_path_factory):
+    """A bank built (exit 1, kept) from a corpus whose every image is missing."""
+    from mgcl.retrieval import build_bank
+
+    root = tmp_path_factory.mktemp("imageless")
+    with open(root / "c.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"id": f"m{i}", "caption": f"figure {i} of a parkinson spiral drawing",
+                                 "image": f"img/{i}.png"}) + "\n")
+    m = build_bank([str(root / "c.jsonl")], str(root / "bank"), embedder="hashing:64", progress=False)
+    assert m["build"]["unreadable_images"] == 40
+    return root / "bank"
+
+
+@pytest.mark.parametrize("vlm, needle", [("none", "none of the"), ("model", "the reference set is empty")])
+def test_primed_on_a_bank_without_readable_images(world, imageless_bank, tmp_path, capsys, vlm, needle):
+    """Issue 15: a PRIMED run on such a bank died mid-task ("reference pair ... cannot
+    open image", a traceback; with the model as VLM, "the reference set is empty"):
+    now one line naming the bank, exit 2, before the task trains."""
+    _, cfg = world
+    path = write(tmp_path / "c.yaml", _primed(cfg, tmp_path / "out", imageless_bank, vlm))
+    one_line_error(capsys, ["run", path, "--no-progress"], needle, str(imageless_bank))
+    assert not (tmp_path / "out" / "runs" / "primed" / "checkpoint" / "task-000").exists()
+
+
+def test_reference_pairs_without_a_readable_image_are_left_out(tmp_path):
+    from PIL import Image
+
+    from mgcl.cl.strategies.refdata import readable_pairs
+    from mgcl.retrieval import ReferenceSet
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [{"index": i, "id": f"r{i}", "caption": "c", "image": str(tmp_path / name), "domain": "x", "level": "domain",
+             "query": "q", "score": 1.0} for i, name in enumerate(["ok.png", "gone.png", "bad.png", "ok.png"])]
+    for workers in (0, 4):
+        kept, left_out = readable_pairs(ReferenceSet(rows), workers=workers)
+        assert [r["id"] for r in kept] == ["r0", "r3"]
+        assert len(left_out) == 2 and left_out[0].startswith("'r1' (bank index 1): image ")
+        assert "No such file" in left_out[0] and "not a readable image" in left_out[1]
+    whole = ReferenceSet(rows[:1])
+    assert readable_pairs(whole)[0] is whole
+
+
+def test_tampered_bank_through_mgcl_run(world, imageless_bank, tmp_path, capsys):
+    """`mgcl run` over a bank changed since its build: the BankError of its first read as one line, exit 2."""
+    import shutil
+
+    _, cfg = world
+    bank = tmp_path / "bank"
+    shutil.copytree(imageless_bank, bank)
+    flip(bank / "embeddings" / "shard-00000.safetensors", 0.9)
+    path = write(tmp_path / "c.yaml", _primed(cfg, tmp_path / "out", bank, "none"))
+    one_line_error(capsys, ["run", path, "--no-progress"], "shard-00000.safetensors' does not match its sha256")

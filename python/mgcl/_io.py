@@ -41,6 +41,16 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def publish_dir(tmp: str, final: str) -> None:
+    """Rename the folder ``tmp`` (a ``tempfile.mkdtemp``, mode 0700) to ``final``
+    with the mode the umask asks for (0755 under 022, as ``os.makedirs`` would
+    make it), then flush the parent directory. OSError from the rename is the
+    caller's (a racing writer that finished first)."""
+    os.chmod(tmp, 0o777 & ~umask())
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
 def is_temp(name: str, of: str | None = None) -> bool:
     """A temporary file left by an ``atomic_write`` killed before its rename
     (of a file called ``of``, when given)."""

@@ -79,6 +79,22 @@ def cmd_bench(args) -> int:
     except ModuleNotFoundError:
         print(f"mgcl bench: the {args.op!r} bench is not part of this build yet", file=sys.stderr)
         return 2
+    import os
+
+    from .cl.config import output_dir_problem
+
+    bad = None  # checked before the bench runs (minutes), not after
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        bad = f"--scale must be a finite number > 0, got {args.scale}"
+    elif args.repeats < 1:
+        bad = f"--repeats must be >= 1, got {args.repeats}"
+    elif args.json and os.path.isdir(args.json):
+        bad = f"--json {args.json}: is a directory"
+    elif args.json and output_dir_problem(os.path.dirname(os.path.abspath(args.json))):
+        bad = f"--json {args.json}: {output_dir_problem(os.path.dirname(os.path.abspath(args.json)))}"
+    if bad:
+        print(f"mgcl bench: {bad}", file=sys.stderr)
+        return 2
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -454,6 +470,7 @@ def cmd_ablate(args) -> int:
 def cmd_run(args) -> int:
     from .cl.checkpoint import CheckpointError
     from .mgtil import report, run
+    from .retrieval import BankError
 
     try:
         cfg = run.load_config(args.config)
@@ -463,7 +480,7 @@ def cmd_run(args) -> int:
             print(f"{args.config}: OK ({d['benchmark']}, {d['model']['adapter']}, {d['strategy']['name']})")
             return 0
         res = run.run(cfg, resume=args.resume, progress=not args.no_progress, plot_format=args.format, dpi=args.dpi)
-    except (run.ConfigError, CheckpointError, OSError) as exc:
+    except (run.ConfigError, CheckpointError, BankError, OSError) as exc:  # a tampered bank: first read
         print(f"mgcl run: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(report.format_table(res))

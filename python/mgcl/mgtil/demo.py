@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import _env
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, publish_dir
 from ..cl.config import ConfigError, output_dir_problem
 from . import report
 
@@ -324,13 +324,12 @@ def prepare(seed: int = 0, quick: bool = False, *, cache_dir=None, progress: boo
                 **({} if vit else {"distinct_captions_embedded": len(emb.cache)}),
                 "seconds": {"data": round(t_data, 2), "pretrain": round(t_pre, 2), "bank": round(t_bank, 2)}}
         (tmp / "assets.json").write_text(json.dumps(info, indent=1))
-        os.chmod(tmp, 0o755)
         if final.exists():                                 # stale (other settings / version): replace it
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / "x")
             shutil.rmtree(old, ignore_errors=True)
         try:
-            os.replace(tmp, final)
+            publish_dir(str(tmp), str(final))
         except OSError:
             if _valid(final, want) is None:                # not a concurrent build that finished first
                 raise

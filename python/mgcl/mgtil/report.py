@@ -19,7 +19,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .._io import atomic_write_bytes, atomic_write_json, fsync_dir
 from ..cl.results import FORMAT, METRICS, results, validate
 
 SEQUENCE_COLUMNS = ("ACC", "AUC", "BWT")
@@ -465,8 +465,11 @@ def render(res: dict, out_dir: str, *, plots: bool = True, fmt: str = "png", dpi
         for stem, fn in PLOTS:
             final = os.path.join(out_dir, f"{stem}.{fmt}")
             tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{stem}.{fmt}")
-            if fn(res, tmp, dpi):
+            if fn(res, tmp, dpi):  # (matplotlib picks the format from the name: not _io.atomic_write's)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
                 os.replace(tmp, final)
+                fsync_dir(out_dir)
                 out.append(final)
     return out
 

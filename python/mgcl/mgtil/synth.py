@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 
 from .._env import cache_dir as mgcl_cache_dir
-from .._io import atomic_write
+from .._io import atomic_write, publish_dir
 from .benchmarks import MGTIL_SYNTH, MGTIL_SYNTH_QUICK, SYNTH_NOTICE, SYNTH_SIZES, SYNTH_TASKS, BenchmarkDef
 from .data import load_benchmark, normalise_label
 from .synth_images import (H, SIZE, W, _acquire, render_ct, render_cytology, render_dermoscopy, render_endoscopy,
@@ -432,9 +432,8 @@ def build(cache_dir=None, seed: int = 0, quick: bool = False, *, progress: bool 
         try:
             manifest = _generate(tmp, seed, quick, progress)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            os.chmod(tmp, 0o755)
             try:
-                os.replace(tmp, root)            # atomic; also replaces an empty directory
+                publish_dir(str(tmp), str(root))  # atomic; also replaces an empty directory
             except OSError:
                 if not (root / "manifest.json").is_file():   # not a concurrent build that won the race
                     raise

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .._env import cache_dir
-from .._io import atomic_write_json
+from .._io import atomic_write_json, publish_dir
 from .images import as_image
 
 log = logging.getLogger("mgcl.models")
@@ -98,7 +98,7 @@ def _atomic_dir(final: str, fill: Callable[[str], None]) -> str:
     try:
         fill(tmp)
         try:
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
         except OSError:
             if not os.path.isdir(final):
                 raise

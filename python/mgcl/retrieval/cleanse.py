@@ -502,7 +502,7 @@ class TorchvisionDetector:
 def save_detector(model, path: str, *, arch: str, num_classes: int, score_threshold: Optional[float] = None,
                   label: Optional[int] = None, **model_kwargs) -> None:
     """Write ``model``'s state dict as a checkpoint ``TorchvisionDetector.from_checkpoint`` reads."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from .._io import atomic_write_tensors  # noqa: PLC0415
 
     meta = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": str(int(num_classes)),
             "kwargs": json.dumps(model_kwargs, sort_keys=True)}
@@ -510,7 +510,7 @@ def save_detector(model, path: str, *, arch: str, num_classes: int, score_thresh
         meta["score_threshold"] = repr(float(score_threshold))
     if label is not None:
         meta["label"] = str(int(label))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
+    atomic_write_tensors(path, model.state_dict(), metadata=meta)  # umask's mode (save_file alone makes 0600)
 
 
 # ---- captions -------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class Skipped:
     position: str
     reason: str
 
+    def __post_init__(self):  # one line in skipped.jsonl's readers and the build's summary
+        object.__setattr__(self, "reason", " ".join(self.reason.split()))
+
 
 @dataclass(frozen=True)
 class Damaged:
@@ -82,6 +85,9 @@ class Damaged:
     position: str          # where the damage starts ("byte 5120", "row group 2 (rows 513-768)", "line 90")
     reason: str
     records_read: int      # records (used or skipped) read from the file before it
+
+    def __post_init__(self):  # tarfile's and pyarrow's messages can span lines
+        object.__setattr__(self, "reason", " ".join(self.reason.split()))
 
 
 Item = Union[Record, Skipped, Damaged]

@@ -71,8 +71,6 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers model (by hub name or local path) on ``device``."""
 
     def __init__(self, name_or_path: str, device: str | None = None, name: str | None = None):
-        from sentence_transformers import SentenceTransformer  # noqa: PLC0415
-
         self.name = name or name_or_path
         if not os.path.isdir(name_or_path):
             from .._hub import check  # noqa: PLC0415
@@ -83,6 +81,8 @@ class SentenceTransformerEmbedder:
                                      "or use --embedder minilm (shipped) or hashing") or name_or_path
         if os.path.isdir(name_or_path):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - after the check: a long import
+
         self.model = SentenceTransformer(name_or_path, device=device or "cpu")
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())

@@ -29,7 +29,7 @@ import torch
 
 from ...guard import FisherGuard
 from .base import check_choice, check_lam, check_normalize, frozen_copy, kd_loss
-from .refdata import Prefetch, ReferencePairs, reference_batches
+from .refdata import Prefetch, ReferencePairs, readable_pairs, reference_batches
 
 TEACHERS = ("last", "initial", "avg")
 SOURCES = ("dynamic", "uniform")
@@ -139,6 +139,8 @@ class ReferenceDistillation:
         if self.source == "dynamic":
             self.refset = self.siphon.reference_set([task.finished() for task in trainer.tasks[:t]],
                                                     stages=self.stages)
+        if not isinstance(self.refset, torch.utils.data.Dataset):
+            self.refset = self._readable(trainer, t)
         pairs = self.refset if isinstance(self.refset, torch.utils.data.Dataset) else \
             ReferencePairs(self.refset, trainer.model.transform(False), self.level_weights)
         cached = self.cache_teacher and getattr(pairs, "deterministic", False) is True
@@ -149,6 +151,26 @@ class ReferenceDistillation:
         stream = reference_batches(pairs, trainer.model.tokenize, self.batch_size or trainer.train_config.batch_size,
                                    seed=trainer.task_seed(t))
         self.batches = Prefetch(stream, self.prefetch) if self.prefetch else stream
+
+    def _readable(self, trainer, t: int):
+        """The task's reference set less its pairs without a readable image (logged);
+        a BankError (one line, naming the bank) when none is left."""
+        from ...retrieval import BankError  # noqa: PLC0415
+
+        n = len(self.refset)
+        where = f"bank {getattr(self.siphon.bank, 'path', '?')!r}"
+        if n == 0:
+            raise BankError(f"{self.who}: task {t + 1}: the reference set is empty (nothing retrieved from {where}; "
+                            "a bank built with --vlm or reranked by a VLM serves only entries with a readable image)")
+        kept, left_out = readable_pairs(self.refset)
+        if left_out and not len(kept):
+            raise BankError(f"{self.who}: task {t + 1}: none of the {n} reference pairs retrieved from {where} has "
+                            f"a readable image (first: {left_out[0]}); rebuild the bank with `mgcl db build "
+                            "--missing-images skip` or make its images readable")
+        if left_out:
+            trainer.log(f"{self.who}: task {t + 1}: left out {len(left_out)} of {n} reference pairs without a "
+                        f"readable image (first: {left_out[0]})")
+        return kept
 
     def __call__(self, trainer, logits: torch.Tensor, labels: torch.Tensor):
         """The loss of one step (``mgcl.nn.PrimedLossOutput``): the task ``logits`` and

@@ -50,6 +50,27 @@ class ReferencePairs(torch.utils.data.Dataset):
         return image, r["caption"], float(self.level_weights.get(r["level"], 1.0))
 
 
+def readable_pairs(refset, workers: Optional[int] = None):
+    """``refset`` without its pairs whose image does not open (missing, unreadable
+    or over the pixel limit: a bank built with ``--missing-images keep``), and the
+    reasons of those left out, in order. Checked once, before the task trains,
+    so that no image fails mid-task."""
+    from ...retrieval import ReferenceSet  # noqa: PLC0415
+    from ...retrieval.images import check_image  # noqa: PLC0415
+
+    rows = list(refset)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if workers > 1 and len(rows) > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mgcl-refcheck") as pool:
+            why = list(pool.map(lambda r: check_image(r["image"]), rows))
+    else:
+        why = [check_image(r["image"]) for r in rows]
+    if not any(why):
+        return refset, []
+    return (ReferenceSet([r for r, w in zip(rows, why) if w is None]),
+            [f"{r['id']!r} (bank index {r['index']}): {w}" for r, w in zip(rows, why) if w is not None])
+
+
 def reference_batches(pairs, tokenize: Callable, batch_size: int, *, seed: int,
                       workers: Optional[int] = None) -> Iterator[RefBatch]:
     """Reshuffled passes over ``pairs`` (pass k ordered by ``randperm`` seeded
