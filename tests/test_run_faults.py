@@ -522,6 +522,25 @@ def test_reference_pairs_without_a_readable_image_are_left_out(tmp_path):
     assert readable_pairs(whole)[0] is whole
 
 
+def test_reference_images_are_checked_again_only_where_the_build_did_not_vouch(imageless_bank, tmp_path):
+    """A bank whose build opened every image (none unreadable or absent) needs no
+    second decode of its reference pairs; one that records otherwise, or nothing, does."""
+    from PIL import Image
+
+    from mgcl.cl.strategies.refdata import images_checked
+    from mgcl.retrieval import MemoryBank, build_bank
+
+    os.makedirs(tmp_path / "img")
+    with open(tmp_path / "c.jsonl", "w") as fh:
+        for i in range(6):
+            Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+            fh.write(json.dumps({"id": f"g{i}", "caption": f"figure {i}", "image": f"img/{i}.png"}) + "\n")
+    build_bank([str(tmp_path / "c.jsonl")], str(tmp_path / "bank"), embedder="hashing:64", progress=False)
+    assert images_checked(MemoryBank.open(str(tmp_path / "bank")))
+    assert not images_checked(MemoryBank.open(str(imageless_bank)))
+    assert not images_checked(object())  # no manifest: check
+
+
 def test_tampered_bank_through_mgcl_run(world, imageless_bank, tmp_path, capsys):
     """`mgcl run` over a bank changed since its build: the BankError of its first read as one line, exit 2."""
     import shutil

@@ -29,7 +29,7 @@ import torch
 
 from ...guard import FisherGuard
 from .base import check_choice, check_lam, check_normalize, frozen_copy, kd_loss
-from .refdata import Prefetch, ReferencePairs, readable_pairs, reference_batches
+from .refdata import Prefetch, ReferencePairs, images_checked, readable_pairs, reference_batches
 
 TEACHERS = ("last", "initial", "avg")
 SOURCES = ("dynamic", "uniform")
@@ -162,6 +162,8 @@ class ReferenceDistillation:
         if n == 0:
             raise BankError(f"{self.who}: task {t + 1}: the reference set is empty (nothing retrieved from {where}; "
                             "a bank built with --vlm or reranked by a VLM serves only entries with a readable image)")
+        if images_checked(self.siphon.bank):  # every image opened at build time: no second decode per task
+            return self.refset
         kept, left_out = readable_pairs(self.refset)
         if left_out and not len(kept):
             raise BankError(f"{self.who}: task {t + 1}: none of the {n} reference pairs retrieved from {where} has "

@@ -50,6 +50,15 @@ class ReferencePairs(torch.utils.data.Dataset):
         return image, r["caption"], float(self.level_weights.get(r["level"], 1.0))
 
 
+def images_checked(bank) -> bool:
+    """True when ``bank``'s builder opened every entry's image and found none
+    unreadable or absent (its manifest's build record says so): its reference
+    pairs need no second check. False for a bank that records otherwise, or
+    nothing (``write_bank``, a bank of an older mgcl)."""
+    build = (getattr(bank, "manifest", None) or {}).get("build") or {}
+    return build.get("unreadable_images") == 0 and build.get("without_image") == 0
+
+
 def readable_pairs(refset, workers: Optional[int] = None):
     """``refset`` without its pairs whose image does not open (missing, unreadable
     or over the pixel limit: a bank built with ``--missing-images keep``), and the
