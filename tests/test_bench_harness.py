@@ -1,6 +1,7 @@
 """The bench harness: the row loop survives a peer that raises, and the JSON is written."""
 import json
 
+import pytest
 import torch
 
 from mgcl.bench import harness
@@ -73,3 +74,25 @@ def test_fisher_guard_bench_prints_the_guard_host_cost(tmp_path):
     assert "allocated by a backward" in text
     harness.write_json(str(tmp_path / "fg.json"), result)
     assert json.loads((tmp_path / "fg.json").read_text())["host"]["tensors"] == 302
+
+
+@pytest.mark.slow
+def test_scale_bench_builds_and_serves_each_size_in_fresh_processes(tmp_path):
+    from mgcl.bench import scale
+    from mgcl.retrieval import MemoryBank, retrieve
+
+    row, faiss_row = scale.bench_size(2000, str(tmp_path), k=30, k_v=2, shard_size=1000)
+    assert faiss_row is None and row["entries"] == 2000
+    assert 0 < row["build_rss_before"] <= row["build_rss_peak"]
+    assert row["bytes_text_bank"] < row["bytes_on_disk"]
+    if row["rss_peak_serving_anon"] is not None:  # Linux: the split of the peak sample
+        assert row["rss_peak_serving_anon"] + row["rss_peak_serving_file"] <= row["rss_peak_serving"]
+    # the serving process's hits are those of serving the same bank here
+    queries, vlm_text = scale._queries()
+    bank = MemoryBank.open(str(tmp_path / "bank"))
+    assert row["hits_sha256"] == scale._hits_sha256(retrieve(bank, queries, 30, vlm=object(), k_v=2,
+                                                             vlm_text=vlm_text))
+    result = {"machine": {"device": "cpu", "cpu": "test", "torch_threads": 1},
+              "config": {"embedder": "hashing:384", "queries": len(queries), "k": 30, "k_v": 2, "project_to": 18e6},
+              "sizes": [row], "fit": {}, "faiss": None}
+    assert "2000" in scale.table(result)

@@ -568,6 +568,20 @@ def test_bm25_matches_rank_bm25(bank, k1, b):
         bank.bm25(k1=1.0, b=1.5)
 
 
+def test_bm25_cache_bytes_are_those_of_the_list_based_builder(tmp_path):
+    # sha256 of the files the list-based build_cache wrote for this corpus (before it kept ids in C arrays):
+    # the cache's bytes, so every bank's manifest hashes, are unchanged
+    from mgcl.retrieval.bm25 import build_cache
+
+    caps = [r["caption"] for r in make_records(3000, seed=5)] + ["", "Ünïcode café 10µm", "A a A a b", "123 456 123"]
+    entry = build_cache(caps, str(tmp_path))
+    assert entry["vocab"]["sha256"] == "af2b97d712036d538f02e12bb02c4ced85803d3b6b560418381b012a53fc768a"
+    assert entry["tokens"]["sha256"] == "60717f8f199983163845592567cce8e9908a2a28a0a4733c707cda7545921ba8"
+    assert entry["n_docs"] == 3004 and entry["n_terms"] == 98
+    empty = build_cache([], str(tmp_path / "empty"))
+    assert empty["n_docs"] == 0 and empty["n_terms"] == 0 and empty["avgdl"] == 0.0
+
+
 # ---- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_db_build_and_query(corpus, tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from array import array
 from collections import Counter
 
 import numpy as np
@@ -35,8 +36,9 @@ def build_cache(captions, out_dir: str, progress=None) -> dict:
 
     from .store import atomic_write_bytes, atomic_write_tensors, sha256_file  # noqa: PLC0415
 
+    # Term ids and counts go into C arrays (4 or 8 bytes an item), not lists of Python ints.
     ids: dict[str, int] = {}
-    terms, tfs, indptr, doc_len = [], [], [0], []
+    terms, tfs, indptr, doc_len = array("i"), array("i"), array("q", [0]), array("i")
     for cap in captions:
         toks = tokenize(cap)
         c = Counter(ids.setdefault(t, len(ids)) for t in toks)
@@ -51,20 +53,24 @@ def build_cache(captions, out_dir: str, progress=None) -> dict:
     remap = np.empty(len(ids), dtype=np.int32)
     for new, t in enumerate(vocab):
         remap[ids[t]] = new
-    terms = remap[np.asarray(terms, dtype=np.int64)] if terms else np.zeros(0, dtype=np.int32)
-    tfs = np.asarray(tfs, dtype=np.int32)
-    indptr = np.asarray(indptr, dtype=np.int64)
+    del ids
+    terms = remap[np.frombuffer(terms, dtype=np.intc)] if terms else np.zeros(0, dtype=np.int32)
+    tfs = np.frombuffer(tfs, dtype=np.intc).astype(np.int32)
+    indptr = np.frombuffer(indptr, dtype=np.longlong).astype(np.int64)
+    doc_len = np.frombuffer(doc_len, dtype=np.intc).astype(np.int32)
     # sort terms inside each document
     doc_of = np.repeat(np.arange(len(doc_len), dtype=np.int64), np.diff(indptr))
     order = np.lexsort((terms, doc_of))
-    terms, tfs = terms[order].astype(np.int32), tfs[order]
+    del doc_of
+    terms, tfs = terms[order], tfs[order]
+    del order
     df = np.bincount(terms, minlength=len(vocab)).astype(np.int64)
     os.makedirs(out_dir, exist_ok=True)
     vpath, tpath = os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "tokens.safetensors")
     atomic_write_bytes(vpath, json.dumps(vocab).encode())
     atomic_write_tensors(tpath, {
         "indptr": torch.from_numpy(indptr), "terms": torch.from_numpy(terms), "tf": torch.from_numpy(tfs),
-        "doc_len": torch.from_numpy(np.asarray(doc_len, dtype=np.int32)), "df": torch.from_numpy(df),
+        "doc_len": torch.from_numpy(doc_len), "df": torch.from_numpy(df),
     })
     n = len(doc_len)
     return {"tokenizer": TOKENIZER, "n_docs": n, "n_terms": len(vocab),
