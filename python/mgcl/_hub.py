@@ -21,6 +21,11 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: the hub is not to be asked."""
+    return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
+
+
 def check(repo_ids, *, what: str, how: str) -> str | None:
     """``repo_ids``: the name, or the names a loader would try in turn.
     ``what`` names the input in the message (e.g. ``--embedder 'x'``), ``how``
@@ -34,7 +39,7 @@ def check(repo_ids, *, what: str, how: str) -> str | None:
             return snapshot_download(rid, local_files_only=True)
         except (LocalEntryNotFoundError, OSError, ValueError):
             continue
-    if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
+    if offline():
         raise HubUnavailable(f"{what}: not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is "
                              f"set; {how}")
     missing = None

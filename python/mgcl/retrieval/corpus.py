@@ -44,7 +44,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from .. import _env
+from .. import _env, _hub
 from .images import parquet_ref, tar_ref, walk_tar
 
 CAPTION_KEYS = ("caption", "text", "txt", "caption_text", "figure_caption")
@@ -574,7 +574,7 @@ def _fetch_url(url: str) -> list[str]:
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
         if protocol in ("file", "local"):
             return [os.path.abspath(path)]
-        if protocol == "hf" and os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        if protocol == "hf" and _hub.offline():
             # offline, the hub's filesystem answers "does not exist" for everything
             raise OSError(f"corpus URL {url!r} cannot be read: HF_HUB_OFFLINE is set, so the hub is not asked "
                           "(unset it, or download the files and pass their local paths)")
