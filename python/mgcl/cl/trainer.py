@@ -90,6 +90,15 @@ class RankZeroSiphon:
             raise ValueError("RankZeroSiphon: rank 0 needs the Siphon")
         self.siphon, self.rank = siphon, rank
 
+    @property
+    def bank(self):
+        """The Siphon's bank on rank 0, None on the other ranks."""
+        return getattr(self.siphon, "bank", None)
+
+    def on_rank_zero(self, fn):
+        """``fn()`` on rank 0, its result broadcast (the reference pairs' image check)."""
+        return _from_rank_zero(fn, self.rank)
+
     def reference_set(self, finished, stages: str = "multi-stage"):
         return _from_rank_zero(lambda: self.siphon.reference_set(finished, stages=stages), self.rank)
 

@@ -43,6 +43,11 @@ def prefixed(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _here(fn):
+    """``fn()``, in a single-process run (a multi-process Siphon runs it on rank 0 and broadcasts)."""
+    return fn()
+
+
 class ReferenceDistillation:
     """Distillation on a reference set (module doc), for strategy ``who``.
 
@@ -154,17 +159,25 @@ class ReferenceDistillation:
 
     def _readable(self, trainer, t: int):
         """The task's reference set less its pairs without a readable image (logged);
-        a BankError (one line, naming the bank) when none is left."""
+        a BankError (one line, naming the bank) when none is left. In a run of
+        several processes the check runs on rank 0 (the Siphon's) and its answer
+        is broadcast, so every rank trains on one set."""
         from ...retrieval import BankError  # noqa: PLC0415
 
-        n = len(self.refset)
-        where = f"bank {getattr(self.siphon.bank, 'path', '?')!r}"
+        refset, bank = self.refset, getattr(self.siphon, "bank", None)
+
+        def check():  # (the pairs kept, or None for all; the reasons of those left out; the bank's name)
+            where = f"bank {getattr(bank, 'path', '?')!r}"
+            if len(refset) == 0 or images_checked(bank):  # every image opened at build time: no second decode
+                return None, [], where
+            kept, left_out = readable_pairs(refset)
+            return (kept if left_out else None), left_out, where
+
+        kept, left_out, where = getattr(self.siphon, "on_rank_zero", _here)(check)
+        n = len(refset)
         if n == 0:
             raise BankError(f"{self.who}: task {t + 1}: the reference set is empty (nothing retrieved from {where}; "
                             "a bank built with --vlm or reranked by a VLM serves only entries with a readable image)")
-        if images_checked(self.siphon.bank):  # every image opened at build time: no second decode per task
-            return self.refset
-        kept, left_out = readable_pairs(self.refset)
         if left_out and not len(kept):
             raise BankError(f"{self.who}: task {t + 1}: none of the {n} reference pairs retrieved from {where} has "
                             f"a readable image (first: {left_out[0]}); rebuild the bank with `mgcl db build "
@@ -172,7 +185,7 @@ class ReferenceDistillation:
         if left_out:
             trainer.log(f"{self.who}: task {t + 1}: left out {len(left_out)} of {n} reference pairs without a "
                         f"readable image (first: {left_out[0]})")
-        return kept
+        return refset if kept is None else kept
 
     def __call__(self, trainer, logits: torch.Tensor, labels: torch.Tensor):
         """The loss of one step (``mgcl.nn.PrimedLossOutput``): the task ``logits`` and
