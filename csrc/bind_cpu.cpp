@@ -23,6 +23,14 @@ void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t c
   mgcl::fisher_guard_cpu(p);
 }
 
+// fisher_guard_first_overlap: addresses of int64 host arrays (numpy's), tiny work: the GIL stays held.
+int64_t fisher_guard_first_overlap(uintptr_t start, uintptr_t nbytes, int64_t n, uintptr_t fixed_start,
+                                   uintptr_t fixed_end, int64_t m) {
+  return mgcl::fisher_guard_first_overlap(
+      reinterpret_cast<const int64_t*>(start), reinterpret_cast<const int64_t*>(nbytes), n,
+      reinterpret_cast<const int64_t*>(fixed_start), reinterpret_cast<const int64_t*>(fixed_end), m);
+}
+
 // similarity_topk: the params structs come in as dicts of integers (addresses
 // as uintptr_t), one key per struct field; a missing key is an error.
 template <typename T>
@@ -131,6 +139,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("fisher_guard", &fisher_guard, py::arg("meta"), py::arg("n_tensors"), py::arg("n_chunks"),
         py::arg("chunk_size"), py::arg("has_fisher"), py::arg("dtype"), py::arg("fisher_dtype"), py::arg("mode"),
         py::arg("lam"), py::arg("ema"), py::arg("normalize"), py::arg("penalty"));
+  m.def("fisher_guard_first_overlap", &fisher_guard_first_overlap, py::arg("start"), py::arg("nbytes"),
+        py::arg("n"), py::arg("fixed_start"), py::arg("fixed_end"), py::arg("m"));
   m.def("similarity_topk_quantize", &similarity_topk_quantize, py::arg("params"));
   m.def("similarity_topk_pack_queries", &similarity_topk_pack_queries, py::arg("codes"), py::arg("rows"),
         py::arg("d"), py::arg("packed"));

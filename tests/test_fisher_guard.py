@@ -1,9 +1,11 @@
 """fisher_guard: every available backend against the reference."""
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import HAS_GPU, available_backends
+from mgcl import _native
 from mgcl.ops.fisher_guard import BACKENDS, fisher_guard
 from mgcl.testing import TOLERANCES, assert_matches_reference, odd_shapes
 
@@ -302,7 +304,20 @@ def test_layouts_that_cannot_run_are_refused(backend):
 
 # ---- the prepared path (FisherGuard's): validated once, a pointer check per call -------------
 
-def test_prepared_matches_the_op_and_rechecks_new_grads():
+@pytest.fixture(params=["native", "numpy"])
+def overlap_check(request, monkeypatch):
+    """The re-check of new grads' overlap: the C++ loop (mgcl._C), or its numpy rule where _C is absent."""
+    from mgcl.ops.fisher_guard import native
+
+    if request.param == "native":
+        if native._first_overlap_c is None:
+            pytest.skip("mgcl._C not built")
+    else:
+        monkeypatch.setattr(native, "_first_overlap_c", None)
+    return request.param
+
+
+def test_prepared_matches_the_op_and_rechecks_new_grads(overlap_check):
     from mgcl.ops.fisher_guard import Prepared
 
     grads, params, anchors, fisher = make([(33,), (4, 5), (0,), (2, 3, 4)], torch.float32, "cpu", seed=5)
@@ -350,6 +365,47 @@ def test_address_comparison_fallback_agrees_with_torchs():
     for addresses in (ptrs, [ptrs[0] + 4, *ptrs[1:]], [*ptrs[:2], 0]):
         for indices in ([0, 1, 2], [1, 2], []):
             assert _addresses_equal(ts, addresses, indices) == _python_addresses_equal(ts, addresses, indices)
+
+
+def _first_overlap_by_pairs(start, nbytes, fixed):
+    """The overlap rule spelt out: every pair of sized spans, and every span against every fixed one;
+    the set of spans that overlap something."""
+    spans = [(s, s + b) for s, b in zip(start, nbytes)]
+    hits = set()
+    for i, (s, e) in enumerate(spans):
+        if s == e:
+            continue
+        if any(j != i and t < f and s < f and t < e for j, (t, f) in enumerate(spans)) or \
+                any(s < f and t < e for t, f in fixed):
+            hits.add(i)
+    return hits
+
+
+@pytest.mark.skipif(getattr(_native._C, "fisher_guard_first_overlap", None) is None, reason="mgcl._C not built")
+def test_overlap_recheck_native_equals_numpy_and_the_pairwise_rule():
+    """native.first_overlap (numpy) and the C++ loop return the same index on random
+    span sets (touching, nested, equal starts, empty spans, below / between / above
+    the fixed spans); -1 exactly when no pair overlaps, else a span that does."""
+    from mgcl.ops.fisher_guard import native
+
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        m = int(rng.integers(0, 5))
+        edges = np.sort(rng.choice(np.arange(0, 400, 2), size=2 * m, replace=False)).reshape(-1, 2) \
+            if m else np.zeros((0, 2), dtype=np.int64)
+        fs, fe = edges[:, 0].astype(np.int64).copy(), edges[:, 1].astype(np.int64).copy()
+        n = int(rng.integers(1, 9))
+        spread = 60 if trial % 2 else 420  # crowded (overlaps likely) or sparse
+        start = rng.integers(0, spread, size=n).astype(np.int64)
+        nbytes = rng.integers(0, 12, size=n).astype(np.int64) * (rng.random(n) > 0.15)
+        if trial % 3 == 0:  # spans that touch end to start: never an overlap
+            start = np.cumsum(np.concatenate([[int(rng.integers(0, 400))], nbytes[:-1]])).astype(np.int64)
+        got_c = _native._C.fisher_guard_first_overlap(start.ctypes.data, nbytes.ctypes.data, n, fs.ctypes.data,
+                                                      fe.ctypes.data, len(fs))
+        got_np = native.first_overlap(start, nbytes, fs, fe)
+        assert got_c == got_np, (trial, start, nbytes, edges)
+        hits = _first_overlap_by_pairs(start.tolist(), nbytes.tolist(), edges.tolist())
+        assert (got_c == -1) == (not hits) and (got_c == -1 or got_c in hits), (trial, start, nbytes, edges)
 
 
 def test_prepared_unchanged_path_repoints_when_a_param_or_a_grad_moves():

@@ -170,6 +170,30 @@ void run_fisher_dtype(const FisherGuardParams& p) {
 
 }  // namespace
 
+// The re-check of new grads (fisher_guard.h): sort the sized spans by start;
+// among themselves they are disjoint iff each sorted span ends at or before
+// the next one starts. Against the fixed spans (sorted, disjoint): the last
+// fixed span starting at or before a grad's start must end at or before it,
+// and the first one starting after it must start at or after the grad's end.
+int64_t fisher_guard_first_overlap(const int64_t* start, const int64_t* nbytes, int64_t n,
+                                   const int64_t* fixed_start, const int64_t* fixed_end, int64_t m) {
+  std::vector<int64_t> order;
+  order.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    if (nbytes[i] > 0) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return start[a] < start[b] || (start[a] == start[b] && a < b);
+  });
+  for (size_t j = 0; j < order.size(); ++j) {
+    const int64_t i = order[j], s = start[i], e = s + nbytes[i];
+    if (j + 1 < order.size() && e > start[order[j + 1]]) return i;
+    const int64_t k = std::upper_bound(fixed_start, fixed_start + m, s) - fixed_start;  // first fixed start > s
+    if (k > 0 && fixed_end[k - 1] > s) return i;
+    if (k < m && fixed_start[k] < e) return i;
+  }
+  return -1;
+}
+
 void fisher_guard_cpu(const FisherGuardParams& p) {
   if (p.penalty == nullptr) throw Error("fisher_guard: penalty output is null");
   if (p.chunk_size <= 0) throw Error("fisher_guard: chunk_size must be positive");

@@ -53,9 +53,9 @@ import torch
 
 from . import _backend
 from .ops.fisher_guard import BACKENDS, Prepared, check_settings, dense_layout, describe_layout, fisher_guard
+from .ops.fisher_guard.native import addresses
 
 _grad = operator.attrgetter("grad")
-_ptr = torch.Tensor.data_ptr
 
 
 class FisherGuard:
@@ -273,10 +273,10 @@ class FisherGuard:
             if penalty is not None:
                 return penalty
         try:  # every grad set: their addresses, which the prepared path needs anyway
-            gp = list(map(_ptr, grads))
+            ga = addresses(grads)
             key = self._all
         except TypeError:  # a grad is None
-            gp, key = None, tuple(i for i, g in enumerate(grads) if g is not None)
+            ga, key = None, tuple(i for i, g in enumerate(grads) if g is not None)
         groups = self._prepared.get(key)
         if groups is None:
             by: dict = {}
@@ -291,8 +291,8 @@ class FisherGuard:
             self._prepared[key] = groups
         if not groups:
             return torch.zeros((), dtype=torch.float32)
-        if len(groups) == 1 and gp is not None:
-            return groups[0][1](grads, lam, gp)
+        if len(groups) == 1 and ga is not None:
+            return groups[0][1](grads, lam, ga)
         pens = [run([grads[i] for i in idx], lam) for idx, run in groups]
         return sum(p.to(pens[0].device) for p in pens[1:]) if len(pens) > 1 else pens[0]
 

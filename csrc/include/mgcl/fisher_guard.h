@@ -123,6 +123,17 @@ inline FisherGuardParams fisher_guard_params(const int64_t* meta, int64_t n, int
 /// CPU implementation (OpenMP over the chunks of all tensors).
 void fisher_guard_cpu(const FisherGuardParams& p);
 
+/// The overlap re-check of a step's new grads (the kernel updates every grad
+/// in place, so no two may share memory, nor may a grad share memory with the
+/// fixed params, anchors or fisher). Span i is the bytes
+/// [start[i], start[i] + nbytes[i]); spans with nbytes 0 take no memory.
+/// fixed_start / fixed_end: m spans sorted by start and disjoint (the fixed
+/// tensors', packed once). Returns -1 when every span is disjoint from every
+/// other and from every fixed span (touching ends are disjoint), else the index
+/// of a span that overlaps. Host memory; O(n log n + n log m).
+int64_t fisher_guard_first_overlap(const int64_t* start, const int64_t* nbytes, int64_t n,
+                                   const int64_t* fixed_start, const int64_t* fixed_end, int64_t m);
+
 }  // namespace mgcl
 
 #ifdef MGCL_WITH_CUDA_DECLS

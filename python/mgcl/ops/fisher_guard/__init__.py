@@ -229,12 +229,14 @@ class Prepared:
     The first call validates everything (as :func:`fisher_guard`) and packs the
     native metadata. Later calls compare the grads' and params' addresses with
     the validated ones (two C-level loops, :meth:`if_unchanged`): equal
-    addresses cost nothing more; new grads (a loop
-    that sets grads to None allocates new ones) are re-checked for layout and
-    overlap in bulk and re-pointed. torch guarantees that ``p.grad`` has p's
-    shape, dtype and device, so those need no re-check. The settings (mode,
-    ema, normalize, and lam unless a call gives its own) are the object's;
-    the backend is selected again when MGCL_BACKEND changes.
+    addresses cost nothing more. New grads (a loop that sets grads to None
+    allocates new ones; ``FisherGuard.backward``'s g_kd is new every step) cost
+    one C-level pass for their addresses, one for their layout, and the
+    overlap re-check over the packed spans (``native.Spans``), then are
+    re-pointed. torch guarantees that ``p.grad`` has p's shape, dtype and
+    device, so those need no re-check. The settings (mode, ema, normalize, and
+    lam unless a call gives its own) are the object's; the backend is selected
+    again when MGCL_BACKEND changes.
     """
 
     def __init__(self, params, anchors, fisher, *, lam, mode, ema, normalize, backend=None):
@@ -242,28 +244,33 @@ class Prepared:
         self.params, self.anchors = list(params), list(anchors)
         self.fisher = list(fisher) if fisher is not None and (mode == "ewc" or ema > 0) else None
         self.lam, self.mode, self.ema, self.normalize, self.backend = float(lam), mode, float(ema), normalize, backend
-        self._gp = self._pp = None  # the validated grad and param addresses
+        self._gp = self._pp = None  # the validated grad and param addresses (lists, for _addresses_equal)
+        self._ga = None             # the validated grad addresses as the int64 array the kernel's metadata takes
         self._idx = list(range(len(self.params)))
         self._env = self._name = None
 
     def __call__(self, grads: list[torch.Tensor], lam: Optional[float] = None,
-                 gp: Optional[list[int]] = None) -> torch.Tensor:
+                 ga: Optional[np.ndarray] = None) -> torch.Tensor:
         """The op on ``grads``; ``lam`` for this call only (FisherGuard under a GradScaler);
-        ``gp``: the grads' addresses when the caller has just read them."""
+        ``ga``: the grads' addresses (``native.addresses``) when the caller has just read them."""
         lam = self.lam if lam is None else float(lam)
         if not self.params:
             return fisher_guard([], [], [], lam=lam, backend=self.backend)
-        if gp is None:
+        if ga is None:
             if self._unchanged(grads):
-                return self._run(grads, lam, self._gp)
+                return self._run(grads, lam, self._ga)
             try:
-                gp = list(map(native._ptr, grads))
+                ga = native.addresses(grads)
             except TypeError:
                 raise ValueError("fisher_guard: every grad must be a tensor (a grad is None)") from None
-        pp = list(map(native._ptr, self.params))
-        if gp != self._gp or pp != self._pp:
-            self._validate(grads, gp, pp)
-        return self._run(grads, lam, self._gp)
+        if self._pp is None or len(grads) != len(self.params) or \
+                not _addresses_equal(self.params, self._pp, self._idx):  # first call, or params moved
+            self._prepare(grads)
+        elif not self._grads_look_valid(grads, ga):
+            # something is off: the full check names it
+            _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
+        self._ga, self._gp = ga, ga.tolist()
+        return self._run(grads, lam, ga)
 
     def if_unchanged(self, grads: list, lam: Optional[float] = None) -> Optional[torch.Tensor]:
         """The op when every grad and param sits at its validated address (the
@@ -271,7 +278,7 @@ class Prepared:
         moved: call the object, which re-checks)."""
         if not self.params or not self._unchanged(grads):
             return None
-        return self._run(grads, self.lam if lam is None else float(lam), self._gp)
+        return self._run(grads, self.lam if lam is None else float(lam), self._ga)
 
     def _unchanged(self, grads: list) -> bool:
         """Two C-level sweeps (torch's own pointer comparison over a list) in
@@ -283,7 +290,7 @@ class Prepared:
         except (TypeError, RuntimeError):  # a grad is None (or not a tensor): the full path says so
             return False
 
-    def _run(self, grads, lam: float, gp: list[int]) -> torch.Tensor:
+    def _run(self, grads, lam: float, ga: np.ndarray) -> torch.Tensor:
         env = os.environ.get("MGCL_BACKEND")
         if self._name is None or env != self._env:
             p0 = self.params[0]
@@ -293,51 +300,30 @@ class Prepared:
         if self._name == "torch":
             return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize)
         return run(grads, self.params, self.anchors, self.fisher, lam, self.mode, self.ema, self.normalize,
-                   prepared=(self._meta, gp, self._rest))
+                   prepared=(self._meta, ga, self._rest))
 
-    def _validate(self, grads, gp, pp):
-        if pp != self._pp or len(gp) != len(self.params):  # first call, or params moved: everything
-            _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
-            fis = self.fisher
-            self._rest = native.pointers(self.params, self.anchors, fis)
-            self._meta = native.Meta([p.numel() for p in self.params], self.params[0].device)
-            # the fixed memory (params, anchors, fisher) as sorted disjoint spans, and
-            # each param's layout rule, for the cheap re-check of new grads
-            fixed = [t for ts in (self.params, self.anchors, fis or ()) for t in ts if t.numel()]
-            spans = np.array(sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in fixed),
-                             dtype=np.int64).reshape(-1, 2)
-            self._fixed_starts = spans[:, 0].copy()
-            lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-            self._fixed_ends_lo = np.concatenate([[lo], spans[:, 1]])      # [j]: the end of span j-1
-            self._fixed_starts_hi = np.concatenate([spans[:, 0], [hi]])    # [j]: the start of span j
-            self._nbytes = np.array([p.numel() * p.element_size() for p in self.params], dtype=np.int64)
-            self._sized = self._nbytes > 0
-            contiguous = [i for i, p in enumerate(self.params) if p.is_contiguous()]
-            self._contiguous = None if len(contiguous) == len(pp) else contiguous  # None: all
-            self._other = [(i, dense_layout(p)) for i, p in enumerate(self.params) if not p.is_contiguous()]
-        elif not self._grads_look_valid(grads, gp):
-            # something is off: the full check names it
-            _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
-        self._gp, self._pp = gp, pp
+    def _prepare(self, grads):
+        """Everything checked (as fisher_guard), and what later calls re-check against packed."""
+        _check(grads, self.params, self.anchors, self.fisher, self.lam, self.mode, self.ema, self.normalize)
+        self._pp = list(map(native._ptr, self.params))
+        self._rest = native.pointers(self.params, self.anchors, self.fisher)
+        self._meta = native.Meta([p.numel() for p in self.params], self.params[0].device)
+        # the fixed memory (params, anchors, fisher) as sorted disjoint spans, and each
+        # param's layout rule, for the cheap re-check of new grads
+        self._spans = native.Spans([t for ts in (self.params, self.anchors, self.fisher or ()) for t in ts],
+                                   [p.numel() * p.element_size() for p in self.params])
+        contiguous = [i for i, p in enumerate(self.params) if p.is_contiguous()]
+        self._contiguous = None if len(contiguous) == len(self.params) else contiguous  # None: all
+        self._other = [(i, dense_layout(p)) for i, p in enumerate(self.params) if not p.is_contiguous()]
 
-    def _grads_look_valid(self, grads, gp) -> bool:
+    def _grads_look_valid(self, grads, ga: np.ndarray) -> bool:
         """Layout and overlap of new grads, in bulk (False: let the full check say what is wrong)."""
         contiguous = grads if self._contiguous is None else [grads[i] for i in self._contiguous]
         if not all(map(torch.Tensor.is_contiguous, contiguous)):
             return False
         if any(dense_layout(grads[i]) != layout for i, layout in self._other):
             return False
-        starts = np.array(gp, dtype=np.int64)[self._sized]
-        order = np.argsort(starts)
-        s = starts[order]
-        e = s + self._nbytes[self._sized][order]
-        if (e[:-1] > s[1:]).any():  # grads among themselves
-            return False
-        # against the fixed spans: the last one starting at or before each grad must
-        # end before it, and the next one must start after the grad's end
-        # (fe, fs padded with -inf / +inf sentinels at prepare time: no branches here)
-        j = np.searchsorted(self._fixed_starts, s, side="right")
-        return not ((self._fixed_ends_lo[j] > s) | (self._fixed_starts_hi[j] < e)).any()
+        return self._spans.first_overlap(ga) < 0
 
 
 __all__ = ["fisher_guard", "Prepared", "BACKENDS", "MODES", "check_settings", "dense_layout", "describe_layout"]

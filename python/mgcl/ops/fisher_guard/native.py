@@ -9,6 +9,7 @@ address changes, so a step costs no repacking.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ... import _native
@@ -22,11 +23,64 @@ CHUNK = 1 << 16
 
 _ptr = torch.Tensor.data_ptr
 
+# the C++ overlap re-check of new grads where mgcl._C is built (else Spans uses first_overlap, below)
+_first_overlap_c = getattr(_native._C, "fisher_guard_first_overlap", None)
+
 
 def pointers(params, anchors, fisher) -> list[int]:
     """The param, anchor and fisher address sections (fisher addresses 0 when absent)."""
     fis = map(_ptr, fisher) if fisher is not None else [0] * len(anchors)
     return [*map(_ptr, params), *map(_ptr, anchors), *fis]
+
+
+def addresses(tensors) -> np.ndarray:
+    """The tensors' data addresses as an int64 array, in one C-level pass
+    (TypeError where an entry is not a tensor, e.g. a grad that is None)."""
+    return np.fromiter(map(_ptr, tensors), dtype=np.int64, count=len(tensors))
+
+
+class Spans:
+    """The fixed tensors' memory (params, anchors, fisher: disjoint, checked once)
+    as sorted spans, and the byte sizes of the grads, for :meth:`first_overlap`."""
+
+    def __init__(self, fixed, grad_nbytes: list[int]):
+        spans = sorted((_ptr(t), _ptr(t) + t.numel() * t.element_size()) for t in fixed if t.numel())
+        spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
+        self.start, self.end = spans[:, 0].copy(), spans[:, 1].copy()
+        self.nbytes = np.array(grad_nbytes, dtype=np.int64)
+        self._native = _first_overlap_c
+        # the arrays' addresses for the native check, taken once (the arrays live as long as this object)
+        self._args = (self.nbytes.ctypes.data, len(grad_nbytes), self.start.ctypes.data, self.end.ctypes.data,
+                      len(self.start))
+
+    def first_overlap(self, start: np.ndarray) -> int:
+        """-1 when the grads at ``start`` (int64, one per grad, sized as given)
+        overlap neither each other nor a fixed span; else the index of one that
+        does (csrc/include/mgcl/fisher_guard.h: the C++ loop where mgcl._C has it,
+        else :func:`first_overlap`, the same rule in numpy)."""
+        if self._native is not None:
+            b, n, fs, fe, m = self._args
+            return self._native(start.ctypes.data, b, n, fs, fe, m)
+        return first_overlap(start, self.nbytes, self.start, self.end)
+
+
+def first_overlap(start: np.ndarray, nbytes: np.ndarray, fixed_start: np.ndarray, fixed_end: np.ndarray) -> int:
+    """The rule of the native ``fisher_guard_first_overlap`` (fisher_guard.h) in
+    numpy: span i is bytes [start[i], start[i] + nbytes[i]) (none when nbytes[i]
+    is 0); -1 when all are disjoint from each other and from the sorted, disjoint
+    fixed spans, else the first index, in (start, index) order, that overlaps."""
+    sized = np.flatnonzero(nbytes > 0)
+    order = sized[np.argsort(start[sized], kind="stable")]
+    s, e = start[order], start[order] + nbytes[order]
+    bad = np.zeros(len(order), dtype=bool)
+    bad[:-1] = e[:-1] > s[1:]
+    # k: the first fixed span starting after s; the one before must end by s, it must start at or after e
+    # (the ends padded with -inf / +inf sentinels: no branches)
+    k = np.searchsorted(fixed_start, s, side="right")
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    bad |= (np.concatenate([[lo], fixed_end])[k] > s) | (np.concatenate([fixed_start, [hi]])[k] < e)
+    hit = np.flatnonzero(bad)
+    return int(order[hit[0]]) if len(hit) else -1
 
 
 class Meta:
@@ -57,13 +111,16 @@ class Meta:
         if device.type == "cuda":
             self.workspace = torch.empty(2 * self.n_chunks + n, dtype=torch.float32, device=device)
 
-    def point(self, grads: list[int], rest: list[int]) -> int:
-        """Set the grad addresses and the rest (``pointers()``); the address of the array to pass."""
+    def point(self, grads, rest: list[int]) -> int:
+        """Set the grad addresses (a list or an int64 array) and the rest
+        (``pointers()``); the address of the array to pass. An address section
+        is rewritten when a new object arrives (the caller's objects are not
+        changed in place)."""
         changed = False
         if rest is not self._rest:
             self._addresses[self.n:4 * self.n] = rest
             self._rest, changed = rest, True
-        if grads != self._grads:
+        if grads is not self._grads:
             self._addresses[:self.n] = grads
             self._grads, changed = grads, True
         if changed and self.device.type == "cuda":
