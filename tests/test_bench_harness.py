@@ -66,12 +66,12 @@ def test_fisher_guard_bench_prints_the_guard_host_cost(tmp_path):
     host = result["host"]
     assert host["tensors"] == 302 and host["same_grads_apply"] > 0 and host["new_grads_apply"] > 0
     # the host cost is each apply() less its own native call: positive, below the whole call
-    for case in ("same_grads", "new_grads", "zero_grad_loop"):
+    for case in ("same_grads", "new_grads", "zero_grad_loop", "zero_grad_loop_read"):
         assert 0 < host[f"{case}_host"] <= host[f"{case}_apply"]
     assert host["kernel"] > 0
     text = bench.table(result)
     assert "FisherGuard.apply() host cost over 302 tensors" in text and "new grads at new addresses every step" in text
-    assert "allocated by a backward" in text
+    assert "allocated by a backward" in text and "when they were read once before" in text
     harness.write_json(str(tmp_path / "fg.json"), result)
     assert json.loads((tmp_path / "fg.json").read_text())["host"]["tensors"] == 302
 
