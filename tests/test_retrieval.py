@@ -550,6 +550,28 @@ def test_faiss_ivfpq_rescored(tmp_path):
         build_index(b, "ivfpq", nlist=16, m=5, nbits=6)
 
 
+def test_faiss_ivfpq_default_sample_is_never_short(tmp_path, monkeypatch):
+    """The default k-means sample is DEFAULT_TRAIN_SIZE rows, or FAISS's 39 per
+    centroid where that is more (a 4M bank's 8,000 lists want 312,000): no
+    SmallBankWarning from the defaults; a train_size given short still warns."""
+    import warnings
+
+    pytest.importorskip("faiss")
+    import mgcl.retrieval.faiss_index as fi
+
+    monkeypatch.setattr(fi, "DEFAULT_TRAIN_SIZE", 500)  # the 200,000 scaled to a test bank
+    g = torch.Generator().manual_seed(2)
+    b = write_bank(str(tmp_path / "ivf"), torch.randn(3000, 16, generator=g), [f"c{i}" for i in range(3000)],
+                   shard_size=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fi.SmallBankWarning)
+        entry = build_index(b, "ivfpq", nlist=40, m=4, nbits=4)  # 40 centroids: 1,560 rows wanted
+    assert entry["train_size"] == 39 * 40
+    with pytest.warns(fi.SmallBankWarning, match="training on 500 vectors, fewer than the 1560"):
+        entry = build_index(b, "ivfpq", nlist=40, m=4, nbits=4, train_size=500)
+    assert entry["train_size"] == 500
+
+
 # ---- BM25 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k1,b", [(1.5, 0.75), (0.9, 0.4), (2.0, 1.0)])

@@ -23,6 +23,7 @@ from .ties import select
 
 KINDS = ("flat", "ivfpq")
 POINTS_PER_CENTROID = 39  # FAISS's own floor (ClusteringParameters.min_points_per_centroid)
+DEFAULT_TRAIN_SIZE = 200_000  # the k-means sample of ivfpq unless more rows are needed (build_index)
 
 
 class SmallBankWarning(UserWarning):
@@ -45,10 +46,16 @@ def _iter_rows(bank, chunk: int = 65536):
             yield s[i:i + chunk].float().numpy()
 
 
-def build_index(bank, kind: str = "flat", *, nlist=None, m=None, nbits: int = 8, train_size: int = 200_000,
+def build_index(bank, kind: str = "flat", *, nlist=None, m=None, nbits: int = 8, train_size=None,
                 seed: int = 0) -> dict:
     """Write ``index/faiss-<kind>.index`` (inner product) for ``bank`` and name it
-    in the manifest; returns the manifest entry."""
+    in the manifest; returns the manifest entry.
+
+    ivfpq: ``nlist`` defaults to 4 sqrt(N) (at most 65,536), ``m`` to the largest
+    divisor of the dimension up to d / 8; the k-means trains on ``train_size``
+    rows sampled without replacement (default: 200,000, or the
+    ``POINTS_PER_CENTROID`` rows per centroid FAISS wants where that is more,
+    so the default never trains short; at most the bank)."""
     faiss = _faiss()
     d, n = bank.dim, bank.count
     for name, v in (("nlist", nlist), ("m", m), ("nbits", nbits), ("train_size", train_size)):
@@ -82,8 +89,10 @@ def _build(faiss, bank, kind, d, n, nlist, m, nbits, train_size, seed) -> dict:
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFPQ(quantizer, d, nlist, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         want = POINTS_PER_CENTROID * need
+        if train_size is None:
+            train_size = max(DEFAULT_TRAIN_SIZE, want)
+        sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         if len(sample) < want:  # one warning here instead of FAISS's, printed by each of its m+1 k-means
             warnings.warn(f"ivfpq: training on {len(sample)} vectors, fewer than the {want} that FAISS's k-means "
                           f"wants for {need} centroids (nlist={nlist}, 2^nbits={2 ** nbits}); the index will be "
