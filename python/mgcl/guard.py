@@ -107,7 +107,9 @@ class FisherGuard:
         self.fisher: Optional[list[torch.Tensor]] = None
         if self.ema > 0:
             self.fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self._all = tuple(range(len(self.params)))
+        # the key of the prepared groups when every grad is set; a frozenset caches its hash
+        # (a 302-int tuple's is recomputed on each lookup, twice a step on the new-address path)
+        self._all = frozenset(range(len(self.params)))
         self._kd: Optional[list] = None         # this step's accumulated g_kd (guard.backward)
         self._versions: Optional[list] = None   # the params' versions at the step's first backward
         self.consolidate()
@@ -276,11 +278,11 @@ class FisherGuard:
             ga = addresses(grads)
             key = self._all
         except TypeError:  # a grad is None
-            ga, key = None, tuple(i for i, g in enumerate(grads) if g is not None)
+            ga, key = None, frozenset(i for i, g in enumerate(grads) if g is not None)
         groups = self._prepared.get(key)
         if groups is None:
             by: dict = {}
-            for i in key:
+            for i in sorted(key):
                 by.setdefault((grads[i].device, grads[i].dtype), []).append(i)
             groups = [(idx, Prepared([self.params[i] for i in idx], [self.anchors[i] for i in idx],
                                      None if fisher is None else [fisher[i] for i in idx], lam=self.lam,

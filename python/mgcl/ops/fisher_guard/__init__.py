@@ -286,8 +286,11 @@ class Prepared:
         if self._gp is None or len(grads) != len(self._gp):
             return False
         try:
-            return _addresses_equal(grads, self._gp, self._idx) and _addresses_equal(self.params, self._pp, self._idx)
-        except (TypeError, RuntimeError):  # a grad is None (or not a tensor): the full path says so
+            # the first grad alone first: where a backward allocated new grads, it moved too,
+            # and the answer costs no list conversion
+            return grads[0].data_ptr() == self._gp[0] and _addresses_equal(grads, self._gp, self._idx) and \
+                _addresses_equal(self.params, self._pp, self._idx)
+        except (TypeError, RuntimeError, AttributeError):  # a grad is None (or not a tensor): the full path says so
             return False
 
     def _run(self, grads, lam: float, ga: np.ndarray) -> torch.Tensor:
