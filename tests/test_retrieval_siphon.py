@@ -230,6 +230,31 @@ def test_stage_visual(staged):
     assert np.allclose(stored, img[out.index], atol=2e-3) and np.array_equal(out.dense, c.dense[out.index])
     with pytest.raises(ValueError, match="another VLM"):
         visual(bank, c, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="another VLM"):  # checked with no candidates too
+        visual(bank, c.take(np.zeros(0, dtype=np.int64)), torch.ones(2, 5))
+
+
+def test_stage_visual_in_blocks_equals_one_pass(staged, monkeypatch):
+    """The stored rows are gathered block by block of candidates: any block size
+    gives the same candidates and the same S_v, bit for bit (each S_v is one
+    row's float32 dot product, whichever block holds it)."""
+    import mgcl.retrieval.rerank as rr
+
+    bank, _, _ = staged
+    g = torch.Generator().manual_seed(3)
+    qid = np.sort(torch.randint(0, 3, (40,), generator=g).numpy())
+    rows = torch.randint(0, 12, (40,), generator=g).numpy()  # repeats, and the two rows without an image
+    c = rr.Candidates(qid, rows, np.linspace(1, 0, 40, dtype=np.float32), np.zeros(40, np.float32),
+                      np.full(40, np.nan))
+    text = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
+    whole = rr.visual(bank, c, text)
+    for block in (1, 7, 39):
+        monkeypatch.setattr(rr, "VISUAL_BLOCK", block)
+        timings: dict = {}
+        part = rr.visual(bank, c, text, timings=timings)
+        assert np.array_equal(part.index, whole.index) and np.array_equal(part.qid, whole.qid)
+        assert np.array_equal(part.sv, whole.sv) and set(timings) == {"vlm_image", "visual"}
+    assert not np.isin(whole.index, [3, 8]).any() and len(whole) == int((~np.isin(rows, [3, 8])).sum())
 
 
 def test_stage_group(staged):

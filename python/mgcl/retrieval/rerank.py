@@ -91,25 +91,45 @@ def dense(bank, q: torch.Tensor, k: int, backend: str = "exact") -> Candidates:
     return Candidates(qid, di, dv, dv.astype(np.float32), np.full(len(di), np.nan))
 
 
+# candidates per block of the S_v pass: the rows gathered for one block (float32, d_v wide) are the
+# stage's only memory that grows with the candidate count (64K x 512-d: 128 MiB)
+VISUAL_BLOCK = 1 << 16
+
+
 def visual(bank, c: Candidates, text: torch.Tensor, image_cache: dict | None = None,
            timings: dict | None = None, vlm=None) -> Candidates:
     """Stage 2: S_v = text[qid] . image(index); candidates without a usable image dropped.
     ``text``: the queries' unit VLM text embeddings [Q, d_v]; ``vlm`` encodes
-    the images when the bank stores none."""
-    with _timed(timings, "vlm_image"):
-        uniq, inv = np.unique(c.index, return_inverse=True)
-        img = image_features(bank, vlm, uniq, image_cache, text.shape[1])
-    with _timed(timings, "visual"):
-        if img.shape[1] != text.shape[1]:
-            raise ValueError(f"retrieve: VLM text features are {text.shape[1]}-d but image features "
-                             f"{img.shape[1]}-d (bank built with another VLM?)")
-        usable = (img.abs().sum(1) > 0).numpy()
-        sv = np.empty(len(c), dtype=np.float32)
-        for s in range(0, len(c), 1 << 16):  # pairwise dot products in chunks
-            sl = slice(s, s + (1 << 16))
-            sv[sl] = (text[torch.from_numpy(c.qid[sl])] * img[torch.from_numpy(inv[sl])]).sum(1).numpy()
-        out = Candidates(c.qid, c.index, c.dense, sv, c.bm25)
-        return out.take(np.nonzero(usable[inv])[0])
+    the images when the bank stores none. Stored image embeddings are gathered
+    block by block of candidates (``VISUAL_BLOCK``), so the pass holds one
+    block's rows, not every candidate's (millions at a 4M-entry bank)."""
+    if bank.has_vlm:
+        dim = int(bank.manifest["vlm"]["dim"])
+
+        def rows(sl):
+            return bank.image_embeddings(c.index[sl]).float()
+    else:  # encoded once per distinct entry (and cached): those features are held anyway
+        with _timed(timings, "vlm_image"):
+            uniq, inv = np.unique(c.index, return_inverse=True)
+            img = image_features(bank, vlm, uniq, image_cache, text.shape[1])
+        dim = img.shape[1]
+
+        def rows(sl):
+            return img[torch.from_numpy(inv[sl])]
+    if dim != text.shape[1]:
+        raise ValueError(f"retrieve: VLM text features are {text.shape[1]}-d but image features "
+                         f"{dim}-d (bank built with another VLM?)")
+    sv = np.empty(len(c), dtype=np.float32)
+    usable = np.empty(len(c), dtype=bool)
+    for s in range(0, len(c), VISUAL_BLOCK):  # pairwise dot products, one block at a time
+        sl = slice(s, s + VISUAL_BLOCK)
+        with _timed(timings, "vlm_image"):
+            r = rows(sl)
+        with _timed(timings, "visual"):
+            usable[sl] = (r.abs().sum(1) > 0).numpy()
+            sv[sl] = (text[torch.from_numpy(c.qid[sl])] * r).sum(1).numpy()
+    out = Candidates(c.qid, c.index, c.dense, sv, c.bm25)
+    return out.take(np.nonzero(usable)[0])
 
 
 def group(bank, c: Candidates, k_v: int) -> Candidates:
