@@ -23,9 +23,10 @@ void fisher_guard(uintptr_t meta, int64_t n_tensors, int64_t n_chunks, int64_t c
   mgcl::fisher_guard_cpu(p);
 }
 
-// fisher_guard_first_overlap: addresses of int64 host arrays (numpy's), tiny work: the GIL stays held.
+// fisher_guard_first_overlap: the addresses of int64 host arrays (numpy's).
 int64_t fisher_guard_first_overlap(uintptr_t start, uintptr_t nbytes, int64_t n, uintptr_t fixed_start,
                                    uintptr_t fixed_end, int64_t m) {
+  py::gil_scoped_release release;
   return mgcl::fisher_guard_first_overlap(
       reinterpret_cast<const int64_t*>(start), reinterpret_cast<const int64_t*>(nbytes), n,
       reinterpret_cast<const int64_t*>(fixed_start), reinterpret_cast<const int64_t*>(fixed_end), m);
