@@ -60,7 +60,9 @@ def benches(out: str) -> list[str]:
             lines.append(f"  FisherGuard.apply() host: same grads {1e6 * host['same_grads_host']:.0f} us, "
                          f"new grads {1e6 * host['new_grads_host']:.0f} us"
                          + (f", zero_grad loop {1e6 * host['zero_grad_loop_host']:.0f} us"
-                            if "zero_grad_loop_host" in host else ""))
+                            if "zero_grad_loop_host" in host else "")
+                         + (f" ({1e6 * host['zero_grad_loop_read_host']:.0f} us with the grads read first)"
+                            if "zero_grad_loop_read_host" in host else ""))
     return lines or ["benches: no bench JSON"]
 
 
