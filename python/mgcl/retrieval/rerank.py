@@ -106,8 +106,8 @@ def visual(bank, c: Candidates, text: torch.Tensor, image_cache: dict | None = N
     if bank.has_vlm:
         dim = int(bank.manifest["vlm"]["dim"])
 
-        def rows(sl):
-            return bank.image_embeddings(c.index[sl]).float()
+        def rows(sl):  # the stored rows need no cache
+            return image_features(bank, vlm, c.index[sl], None, dim)
     else:  # encoded once per distinct entry (and cached): those features are held anyway
         with _timed(timings, "vlm_image"):
             uniq, inv = np.unique(c.index, return_inverse=True)
